@@ -1,0 +1,1 @@
+"""Triton kernels and their autograd wrappers. Never imports transformers (DESIGN.md)."""

@@ -1,0 +1,134 @@
+"""The one place that decides, per call, whether an op runs its Triton kernel or the pure-PyTorch reference.
+
+Rules (DESIGN.md, Flow 3):
+- The Triton path runs on CUDA tensors of a supported dtype, or on CPU tensors when ``TRITON_INTERPRET=1``
+  (that is how CI executes every kernel without a GPU).
+- ``HF_FASTKERN_FORCE_REFERENCE=1`` forces the reference everywhere.
+- Every other case falls back to ``kernels/reference.py``, and each distinct reason warns exactly once.
+- Bad input is not a fallback: it raises ``ValueError``/``TypeError`` naming the argument and the expectation.
+
+Each kernel entry point calls ``kernel_available(op, *tensors)`` (or its own check returning ``(ok, reason)``
+passed to ``use_kernel``) and the ``check_*`` helpers below for argument validation.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def force_reference() -> bool:
+    return os.environ.get("HF_FASTKERN_FORCE_REFERENCE", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_importable() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError on macOS/Windows, or a broken install
+        return False, f"triton is not importable ({type(e).__name__}: {e})"
+    return True, ""
+
+
+_warned: set[str] = set()
+
+
+class FastKernFallbackWarning(UserWarning):
+    """Emitted once per distinct reason when an op falls back to its PyTorch reference."""
+
+
+def warn_once(key: str, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, FastKernFallbackWarning, stacklevel=3)
+
+
+def reset_warnings() -> None:
+    """Forget which fallbacks were already reported (tests use this)."""
+    _warned.clear()
+
+
+def device_check(tensors: Sequence[torch.Tensor | None],
+                 dtypes: Iterable[torch.dtype] = SUPPORTED_DTYPES) -> tuple[bool, str]:
+    """Can a Triton kernel run on these tensors? Returns ``(ok, reason)``; reason is empty when ok."""
+    if force_reference():
+        return False, "HF_FASTKERN_FORCE_REFERENCE=1 is set"
+    ok, why = triton_importable()
+    if not ok:
+        return False, why
+    dtypes = tuple(dtypes)
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and interpret_mode():
+            continue
+        return False, f"tensors on device '{t.device.type}' (Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    for t in tensors:
+        if t is not None and t.dtype not in dtypes:
+            return False, f"dtype {t.dtype} is not supported by the kernel (supported: {', '.join(map(str, dtypes))})"
+    return True, ""
+
+
+def use_kernel(op: str, check: tuple[bool, str]) -> bool:
+    """Turn an ``(ok, reason)`` check into a decision, warning once per (op, reason) on fallback."""
+    ok, reason = check
+    if not ok:
+        warn_once(f"{op}:{reason}", f"hf_fastkern: {op} falls back to the PyTorch reference: {reason}.")
+    return ok
+
+
+def kernel_available(op: str, *tensors: torch.Tensor | None,
+                     dtypes: Iterable[torch.dtype] = SUPPORTED_DTYPES) -> bool:
+    return use_kernel(op, device_check(tensors, dtypes))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument validation shared by every public entry point: raise, never fall back, on bad input
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16 or float16), got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        desc = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"tensors must be on one device, got {desc}")
+
+
+def check_shape(name: str, t: torch.Tensor | None, expected: tuple[int, ...]) -> None:
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_last_dim(name: str, t: torch.Tensor, expected: int, what: str = "hidden size") -> None:
+    if t.dim() == 0 or t.shape[-1] != expected:
+        raise ValueError(
+            f"{name} must have its last dimension equal to the {what} {expected}, got shape {tuple(t.shape)}")
+
+
+def check_same_shape(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.shape != first.shape:
+            raise ValueError(f"{name} must have the shape of {first_name} {tuple(first.shape)}, got {tuple(t.shape)}")

@@ -1,0 +1,1 @@
+"""Everything that touches transformers: attention registration, per-architecture recipes, the fused loss."""

@@ -1,0 +1,31 @@
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Every Triton kernel executes in the CPU interpreter when there is no GPU (CI, laptops).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests run: CUDA when present, else the CPU (kernels need TRITON_INTERPRET=1 there)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
