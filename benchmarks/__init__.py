@@ -1,0 +1,1 @@
+"""Benchmark scripts; installed as ``hf_fastkern.benchmarks`` (see pyproject.toml)."""

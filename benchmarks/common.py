@@ -1,0 +1,115 @@
+"""Shared benchmark machinery: environment record, timing, peak memory, tables and JSON.
+
+Every benchmark script builds rows (dicts) with ``Row``-style keys: ``bench``, ``impl``, the shape keys,
+``ms`` (median), a throughput (``GBps`` or ``TFLOPs``) with the formula it came from, ``peak_MiB``, and
+``error`` when a peer could not run. ``save`` writes ``{"env": ..., "command": ..., "rows": [...]}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for mod in ("triton", "transformers", "liger_kernel", "cut_cross_entropy", "peft", "accelerate"):
+        try:
+            m = __import__(mod)
+            env[mod] = getattr(m, "__version__", "installed")
+        except Exception:
+            env[mod] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_GiB=round(p.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda)
+    else:
+        env.update(gpu=None, note="no GPU: reference/interpreter path at small sizes; GPU numbers need a GPU")
+    return env
+
+
+def bench_ms(fn: Callable[[], object], grad_to_none=None, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn`` (CUDA events via triton.testing.do_bench; wall clock on CPU)."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+    times = []
+    fn()
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_mib(fn: Callable[[], object]) -> float | None:
+    """Peak extra CUDA memory (MiB) that one call of ``fn`` allocates above what was live before."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def ceilings() -> dict:
+    """Measured device ceilings: copy bandwidth (TB/s, read+write) and the bf16 matmul rate (TFLOP/s)."""
+    if not torch.cuda.is_available():
+        return {}
+    x = torch.randn(2**28, device="cuda")
+    y = torch.empty_like(x)
+    copy = 2 * x.numel() * 4 / bench_ms(lambda: y.copy_(x)) / 1e9
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    mm = 2 * 8192**3 / bench_ms(lambda: a @ b) / 1e9
+    return {"copy_TBps": copy, "bf16_mm_TFLOPs": mm}
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols] if rows else [len(c) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+    sys.stdout.flush()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def add_ratios(rows: list[dict], group_keys: list[str], metric: str = "ms", ours: str = "fastkern") -> None:
+    """Set ``vs_best_peer`` on our rows: best peer time / our time (> 1 means we are faster)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in group_keys), []).append(r)
+    for rs in groups.values():
+        peers = [r[metric] for r in rs if r.get("impl") != ours and r.get(metric)]
+        for r in rs:
+            if r.get("impl") == ours and r.get(metric) and peers:
+                r["vs_best_peer"] = min(peers) / r[metric]
+
+
+def save(path: str | None, rows: list[dict], extra: dict | None = None) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    doc = {"env": environment(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "rows": rows}
+    if extra:
+        doc.update(extra)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wrote {path}")
