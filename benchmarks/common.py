@@ -65,14 +65,19 @@ def ceilings() -> dict:
     """Measured device ceilings: copy bandwidth (TB/s, read+write) and the bf16 matmul rate (TFLOP/s)."""
     if not torch.cuda.is_available():
         return {}
-    x = torch.randn(2**28, device="cuda")
+    return {"copy_TBps": _copy_tbps(), "bf16_mm_TFLOPs": _mm_tflops()}
+
+
+def _copy_tbps(n: int = 2**28) -> float:
+    x = torch.randn(n, device="cuda")
     y = torch.empty_like(x)
-    copy = 2 * x.numel() * 4 / bench_ms(lambda: y.copy_(x)) / 1e9
-    del x, y
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * n * 4 / bench_ms(lambda: y.copy_(x)) / 1e9
+
+
+def _mm_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
-    mm = 2 * 8192**3 / bench_ms(lambda: a @ b) / 1e9
-    return {"copy_TBps": copy, "bf16_mm_TFLOPs": mm}
+    return 2 * n**3 / bench_ms(lambda: a @ b) / 1e9
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
