@@ -1,14 +1,271 @@
-"""PLACEHOLDER (being replaced by the kernel): activation entry points with their final signatures."""
+"""SwiGLU ``silu(gate) * up``, GeGLU ``gelu(gate) * up`` (erf or tanh GELU) and plain GELU in Triton.
+
+Semantics are exactly ``reference.swiglu/geglu/gelu``: computed in fp32, rounded once to the input dtype.
+Registered as ``hf_fastkern::glu_act_fwd`` / ``glu_act_bwd`` (one pair for the three ops, the activation is
+an integer argument) so torch.compile traces through them.
+
+Design: pure bandwidth. Each program handles ``BLOCK`` consecutive elements of the logical
+``[rows, cols]`` tensor. When gate/up are contiguous the address is the flat index (16-byte vector
+accesses); when they are strided row views, e.g. the two halves ``fused[..., :I]`` / ``fused[..., I:]`` of
+one gate_up projection, the row and column are recovered from the flat index and the row stride applied,
+so no copy is made. The output and the gradients are contiguous.
+The backward recomputes the activation from gate (never stores it): it reads gate, up, dy and writes
+dgate, dup, the traffic floor. Offsets are int64 (tokens * intermediate may exceed 2**31).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
 from hf_fastkern.kernels import reference
+from hf_fastkern.kernels._triton_utils import tune_configs
+from hf_fastkern.kernels.dispatch import (
+    check_floating,
+    check_same_device,
+    check_same_shape,
+    device_check,
+    use_kernel,
+)
+
+# Activation codes (constexpr in the kernels).
+SILU, GELU_ERF, GELU_TANH = 0, 1, 2
+_GELU_CODES = {"none": GELU_ERF, "tanh": GELU_TANH}
 
 
-def swiglu(gate, up):
-    return reference.swiglu(gate, up)
+def size_class(n: int) -> int:
+    """Autotune bucket for the element count: small tensors favour small blocks, large ones big blocks."""
+    return 0 if n < 2**20 else (1 if n < 2**24 else 2)
 
 
-def geglu(gate, up, approximate="none"):
-    return reference.geglu(gate, up, approximate)
+def prune_blocks(configs, named_args, **kwargs):
+    """Drop blocks larger than the whole tensor (they would only launch masked-off lanes)."""
+    n = named_args["n_elements"]
+    kept = [c for c in configs if c.kwargs["BLOCK"] <= max(triton.next_power_of_2(n), 1024)]
+    return kept or configs[:1]
 
 
-def gelu(x, approximate="none"):
-    return reference.gelu(x, approximate)
+ACT_CONFIGS = tune_configs(
+    [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)
+     if b // (32 * w) >= 8],
+    [triton.Config({"BLOCK": 1024}, num_warps=4), triton.Config({"BLOCK": 4096}, num_warps=8)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# jit helpers: activation and its derivative in fp32
+
+
+@triton.jit
+def _tanh_parts(z):
+    """(1 + tanh z, 1 - tanh(z)**2) without cancellation: through q = 1 / (exp(2|z|) + 1) in (0, 1/2],
+    1 + tanh z is 2 - 2q or 2q, and 1 - tanh**2 is 4q(1 - q). (tl has no tanh in every supported Triton.)"""
+    q = 1.0 / (tl.exp(2.0 * tl.abs(z)) + 1.0)
+    return tl.where(z >= 0, 2.0 - 2.0 * q, 2.0 * q), 4.0 * q * (1.0 - q)
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    if ACT == 0:
+        return g * tl.sigmoid(g)
+    elif ACT == 1:
+        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    else:
+        one_plus_t, _ = _tanh_parts(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        return 0.5 * g * one_plus_t
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """(act(g), d act / d g), fp32."""
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        return g * s, s * (1.0 + g * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * g * g)
+        return g * cdf, cdf + g * pdf
+    else:
+        one_plus_t, sech2 = _tanh_parts(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        dt = 0.7978845608028654 * (1.0 + 0.134145 * g * g) * sech2
+        return 0.5 * g * one_plus_t, 0.5 * one_plus_t + 0.5 * g * dt
+
+
+@triton.jit
+def _offsets(offs, n_cols, stride, CONTIG: tl.constexpr):
+    """Address of flat element ``offs`` of a [rows, cols] view whose rows are ``stride`` apart."""
+    if CONTIG:
+        return offs
+    else:
+        r = offs // n_cols
+        return r * stride + (offs - r * n_cols)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.autotune(configs=ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
+                 prune_configs_by={"early_config_prune": prune_blocks})
+@triton.jit(do_not_specialize=["n_elements", "n_cols"])
+def _glu_fwd_kernel(G, U, Y, n_elements, n_cols, n_size_class, stride_g, stride_u,
+                    ACT: tl.constexpr, HAS_UP: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] int64 flat index
+    mask = offs < n_elements
+    g = tl.load(G + _offsets(offs, n_cols, stride_g, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    y = _act(g, ACT)
+    if HAS_UP:
+        y = y * tl.load(U + _offsets(offs, n_cols, stride_u, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
+                 prune_configs_by={"early_config_prune": prune_blocks})
+@triton.jit(do_not_specialize=["n_elements", "n_cols"])
+def _glu_bwd_kernel(DY, G, U, DG, DU, n_elements, n_cols, n_size_class, stride_g, stride_u,
+                    ACT: tl.constexpr, HAS_UP: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + _offsets(offs, n_cols, stride_g, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    # recompute the activation instead of having saved it: free in a bandwidth-bound kernel
+    a, da = _act_and_grad(g, ACT)
+    if HAS_UP:
+        u = tl.load(U + _offsets(offs, n_cols, stride_u, CONTIG), mask=mask, other=0.0).to(tl.float32)
+        tl.store(DU + offs, (dy * a).to(DU.dtype.element_ty), mask=mask)
+        dg = dy * u * da
+    else:
+        dg = dy * da
+    tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers (torch.library custom ops)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A [rows, cols] view with unit column stride (copies only when that is impossible)."""
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+@torch.library.custom_op("hf_fastkern::glu_act_fwd", mutates_args=())
+def glu_act_fwd(gate: torch.Tensor, up: Optional[torch.Tensor], act: int) -> torch.Tensor:
+    """gate, up: [..., cols] one dtype (any row strides). Returns ``act(gate) * up`` (or ``act(gate)``) as a
+    contiguous tensor of gate's shape and dtype. act: 0 SiLU, 1 erf GELU, 2 tanh GELU."""
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    n = gate.numel()
+    if n == 0:
+        return out
+    g2 = _as_rows(gate)
+    u2 = _as_rows(up) if up is not None else g2
+    cols = g2.shape[1]
+    sg, su = _row_stride(g2), _row_stride(u2)
+    contig = sg == cols and su == cols
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+    _glu_fwd_kernel[grid](g2, u2, out, n, cols, size_class(n), sg, su,
+                          ACT=act, HAS_UP=up is not None, CONTIG=contig)
+    return out
+
+
+@glu_act_fwd.register_fake
+def _(gate, up, act):
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+@torch.library.custom_op("hf_fastkern::glu_act_bwd", mutates_args=())
+def glu_act_bwd(dy: torch.Tensor, gate: torch.Tensor, up: Optional[torch.Tensor],
+                act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy: [..., cols] like gate. Returns (dgate, dup) contiguous in gate's dtype; dup is empty without up."""
+    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    du = torch.empty(gate.shape if up is not None else (0,), dtype=gate.dtype, device=gate.device)
+    n = gate.numel()
+    if n == 0:
+        return dg, du
+    dy = dy.contiguous()
+    g2 = _as_rows(gate)
+    u2 = _as_rows(up) if up is not None else g2
+    cols = g2.shape[1]
+    sg, su = _row_stride(g2), _row_stride(u2)
+    contig = sg == cols and su == cols
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+    _glu_bwd_kernel[grid](dy, g2, u2, dg, du if up is not None else dg, n, cols, size_class(n), sg, su,
+                          ACT=act, HAS_UP=up is not None, CONTIG=contig)
+    return dg, du
+
+
+@glu_act_bwd.register_fake
+def _(dy, gate, up, act):
+    du = torch.empty(gate.shape if up is not None else (0,), dtype=gate.dtype, device=gate.device)
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device), du
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, act = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.act = act
+
+
+def _backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dg, du = glu_act_bwd(dy, gate, up, ctx.act)
+    return dg, (du if up is not None else None), None
+
+
+glu_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public entries
+
+
+def _check_pair(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
+    check_floating("gate", gate)
+    check_floating("up", up)
+    check_same_device(gate=gate, up=up)
+    check_same_shape(gate=gate, up=up)
+    if gate.dim() == 0:
+        raise ValueError(f"{op}: gate and up must have at least one dimension [..., intermediate], got 0-d")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"{op}: gate and up must have one dtype, got gate {gate.dtype} and up {up.dtype}")
+
+
+def _check_approximate(approximate: str) -> int:
+    if approximate not in _GELU_CODES:
+        raise ValueError(f"approximate must be 'none' (erf GELU) or 'tanh' (gelu_new), got {approximate!r}")
+    return _GELU_CODES[approximate]
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``. gate, up: [..., intermediate] of one shape and dtype (fp32/bf16/fp16), any row
+    strides (e.g. the halves of a fused gate_up projection). Returns a contiguous tensor, gate's dtype."""
+    _check_pair("swiglu", gate, up)
+    if not use_kernel("swiglu", device_check((gate, up))):
+        return reference.swiglu(gate, up)
+    return glu_act_fwd(gate, up, SILU)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``gelu(gate) * up``; ``approximate='none'`` is the erf GELU, ``'tanh'`` GPT-2's ``gelu_new``.
+    gate, up: [..., intermediate] of one shape and dtype. Returns gate's dtype."""
+    code = _check_approximate(approximate)
+    _check_pair("geglu", gate, up)
+    if not use_kernel("geglu", device_check((gate, up))):
+        return reference.geglu(gate, up, approximate)
+    return glu_act_fwd(gate, up, code)
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU of x: [...] fp32/bf16/fp16 (erf, or tanh with ``approximate='tanh'``). Returns x.dtype."""
+    code = _check_approximate(approximate)
+    check_floating("x", x)
+    if not use_kernel("gelu", device_check((x,))):
+        return reference.gelu(x, approximate)
+    if x.dim() == 0:
+        return glu_act_fwd(x.reshape(1), None, code).reshape(())
+    return glu_act_fwd(x, None, code)

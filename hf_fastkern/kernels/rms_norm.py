@@ -1,6 +1,296 @@
-"""PLACEHOLDER (being replaced by the kernel): RMSNorm entry point with its final signature."""
+"""RMSNorm: Triton forward + backward, registered as ``hf_fastkern::rms_norm_fwd`` / ``rms_norm_bwd``.
+
+Semantics are exactly ``reference.rms_norm``: statistics in fp32; Llama order (``cast_before_weight=True``)
+rounds the normalised row to ``x.dtype`` and then multiplies by ``offset + weight`` in the promoted dtype of
+x and weight (fp32 weights with bf16 x give fp32, as HF does); Gemma order multiplies in fp32 and rounds once.
+
+Design:
+- Forward: one tile of ``BLOCK_M`` rows x the whole padded row (``BLOCK_N = next_power_of_2(hidden)``) per
+  program, so x is read once and y written once (the memory-traffic floor). Several rows per program only for
+  narrow rows, to keep each program >= a few KiB of traffic.
+- Backward: a persistent grid of ``SMs x PROGS_PER_SM`` programs striding over row tiles. Each program keeps
+  its fp32 dW partial sum in registers and writes one row of ``dw_partial[n_programs, hidden]``; a torch sum
+  reduces it (deterministic: no atomics). The per-row rstd saved by the forward avoids a second reduction.
+- ``save_rstd_only=True`` (default) keeps x, weight and the fp32 rstd per row [rows] for backward (never the
+  normalised activation). ``save_rstd_only=False`` keeps only x and weight; the backward recomputes rstd
+  from x in registers (same memory traffic, one more row reduction, no [rows] buffer).
+Limits: hidden <= ``MAX_FUSED_HIDDEN`` (the whole row must sit in registers); wider rows fall back to the
+reference with a warning. x's last dimension must be contiguous (otherwise it is copied once); rows may have
+any stride. Offsets are int64, so tokens * hidden may exceed 2**31.
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
 from hf_fastkern.kernels import reference
+from hf_fastkern.kernels._triton_utils import device_props, tune_configs
+from hf_fastkern.kernels.dispatch import (
+    check_floating,
+    check_same_device,
+    check_shape,
+    device_check,
+    use_kernel,
+)
+
+# Widest row kept entirely in registers (fp32: 64 KiB per row across up to 32 warps).
+MAX_FUSED_HIDDEN = 65536
 
 
-def rms_norm(x, weight, eps=1e-6, offset=0.0, cast_before_weight=True, save_rstd_only=True):
-    return reference.rms_norm(x, weight, eps, offset, cast_before_weight)
+# ----------------------------------------------------------------------------------------------------------
+# launch configuration (shared with layer_norm.py)
+
+
+def row_tile(hidden: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for a row-wise norm: the whole row padded to a power of two, and enough rows per
+    tile that a program moves >= 4096 elements (narrow rows would otherwise launch tiny programs)."""
+    block_n = triton.next_power_of_2(max(hidden, 1))
+    block_m = max(1, min(16, 4096 // block_n))
+    return block_m, block_n
+
+
+def row_class(rows: int) -> int:
+    """Autotune bucket for the row count (few buckets, so varying sequence lengths do not retune)."""
+    return 0 if rows < 4096 else (1 if rows < 32768 else 2)
+
+
+def prune_by_elems_per_thread(configs, named_args, **kwargs):
+    """Keep configs whose threads each hold 4..64 elements of the tile: fewer wastes threads and breaks
+    16-byte vector accesses, more spills registers. Keeps the config closest to the range if none fits."""
+    elems = kwargs["BLOCK_M"] * kwargs["BLOCK_N"]
+    pps_ok = [c for c in configs if c.num_warps * c.kwargs.get("PROGS_PER_SM", 1) <= 64]
+    kept = [c for c in pps_ok if 4 <= elems // (32 * c.num_warps) <= 64]
+    if kept:
+        return kept
+    return [min(pps_ok or configs, key=lambda c: abs(math.log2(max(elems // (32 * c.num_warps), 1)) - 3))]
+
+
+FWD_CONFIGS = tune_configs([triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16, 32)],
+                           [triton.Config({}, num_warps=w) for w in (4, 8, 16)])
+
+# PROGS_PER_SM: programs resident per SM in the persistent backward (latency hiding vs dW partial size).
+BWD_CONFIGS = tune_configs(
+    [triton.Config({"PROGS_PER_SM": p}, num_warps=w) for w in (4, 8, 16) for p in (1, 2, 4, 8)],
+    [triton.Config({"PROGS_PER_SM": 2}, num_warps=w) for w in (4, 8, 16)])
+MAX_PROGS_PER_SM = 8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["n_cols", "n_rows_class"],
+                 prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
+@triton.jit(do_not_specialize=["n_rows", "eps", "offset"])
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, n_rows_class, stride_x, stride_y, eps, offset,
+                         HAS_W: tl.constexpr, CAST_BEFORE_W: tl.constexpr, ROUND_W: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] int64: rows * stride may exceed 2**31
+    cols = tl.arange(0, BLOCK_N)  # [BN]
+    rmask = rows < n_rows
+    cmask = cols < n_cols
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # [BM, BN]
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)  # [BM]
+    tl.store(RSTD + rows, rstd, mask=rmask)
+    y = x * rstd[:, None]
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+        if ROUND_W:
+            # Llama order adds the offset in the weight's dtype (``weight + offset``), so round like it.
+            w = w.to(W.dtype.element_ty).to(tl.float32)
+        if CAST_BEFORE_W:
+            # Llama order: the normalised row is rounded to x.dtype before the weight multiplies it.
+            y = y.to(X.dtype.element_ty).to(tl.float32)
+        y = y * w[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["n_cols", "n_rows_class"],
+                 prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
+@triton.jit(do_not_specialize=["n_rows", "eps", "offset"])
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, n_rows_class, stride_dy, stride_x,
+                         stride_dx, eps, offset,
+                         HAS_W: tl.constexpr, CAST_BEFORE_W: tl.constexpr, ROUND_W: tl.constexpr,
+                         RECOMPUTE_RSTD: tl.constexpr, COMPUTE_DW: tl.constexpr, PROGS_PER_SM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+        if ROUND_W:
+            w = w.to(W.dtype.element_ty).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    n_tiles = tl.cdiv(n_rows, BLOCK_M)
+    for tile in range(pid, n_tiles, n_prog):
+        # tile * BLOCK_M < n_rows fits int32; the int64 arange widens the sum before it multiplies a stride
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # [BM] int64
+        rmask = rows < n_rows
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if RECOMPUTE_RSTD:
+            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        else:
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        xhat = x * rstd[:, None]  # [BM, BN]
+        if HAS_W:
+            g = dy * w[None, :]
+            if COMPUTE_DW:
+                if CAST_BEFORE_W:
+                    # the forward multiplied the weight by the x.dtype-rounded row
+                    dw_acc += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+                else:
+                    dw_acc += dy * xhat
+        else:
+            g = dy
+        # d/dx of x * rstd(x): rstd * (g - xhat * mean(g * xhat))
+        c = tl.sum(g * xhat, axis=1) / n_cols  # [BM]
+        dx = (g - xhat * c[:, None]) * rstd[:, None]
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        if COMPUTE_DW:
+            tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers (torch.library custom ops, so torch.compile traces through them)
+
+
+def _out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], cast_before_weight: bool) -> torch.dtype:
+    if weight is None or not cast_before_weight:
+        return x.dtype
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """[rows, hidden] with a unit last stride (rows may keep any stride)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("hf_fastkern::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
+                 cast_before_weight: bool, save_rstd_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [rows, hidden] fp32/bf16/fp16 -> (y [rows, hidden] in the output dtype, rstd [rows] fp32)."""
+    rows, hidden = x.shape
+    y = torch.empty((rows, hidden), dtype=_out_dtype(x, weight, cast_before_weight), device=x.device)
+    rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return y, rstd
+    x = _rows_view(x)
+    block_m, block_n = row_tile(hidden)
+    round_w = weight is not None and cast_before_weight and offset != 0.0 and weight.dtype != torch.float32
+    grid = (triton.cdiv(rows, block_m),)
+    _rms_norm_fwd_kernel[grid](
+        x, weight if weight is not None else x, y, rstd, rows, hidden, row_class(rows), x.stride(0), y.stride(0),
+        eps, offset, HAS_W=weight is not None, CAST_BEFORE_W=cast_before_weight, ROUND_W=round_w,
+        BLOCK_M=block_m, BLOCK_N=block_n)
+    return y, rstd
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, eps, offset, cast_before_weight, save_rstd_only):
+    rows, hidden = x.shape
+    return (x.new_empty((rows, hidden), dtype=_out_dtype(x, weight, cast_before_weight)),
+            x.new_empty((rows,), dtype=torch.float32))
+
+
+@torch.library.custom_op("hf_fastkern::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: Optional[torch.Tensor],
+                 eps: float, offset: float, cast_before_weight: bool,
+                 compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy: [rows, hidden] (output dtype); x: [rows, hidden]; rstd: [rows] fp32, or None to recompute it.
+    Returns (dx [rows, hidden] x.dtype, dw [hidden] weight.dtype; an empty tensor when not computed)."""
+    rows, hidden = x.shape
+    dx = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+    want_dw = weight is not None and compute_dw
+    if not want_dw:
+        dw = x.new_empty((0,))
+    if rows == 0:
+        return dx, (torch.zeros_like(weight) if want_dw else dw)
+    x, dy = _rows_view(x), _rows_view(dy)
+    block_m, block_n = row_tile(hidden)
+    n_tiles = triton.cdiv(rows, block_m)
+    sms = device_props(x.device)["sms"]
+    max_progs = min(n_tiles, sms * MAX_PROGS_PER_SM)
+    dw_part = torch.empty((max_progs, hidden) if want_dw else (1,), dtype=torch.float32, device=x.device)
+    launched = [max_progs]
+
+    def grid(meta):
+        # Remember the grid of the launch that counts (the autotuner calls this for every candidate first).
+        launched[0] = min(n_tiles, sms * meta["PROGS_PER_SM"])
+        return (launched[0],)
+
+    round_w = weight is not None and cast_before_weight and offset != 0.0 and weight.dtype != torch.float32
+    _rms_norm_bwd_kernel[grid](
+        dy, x, weight if weight is not None else x, rstd if rstd is not None else x, dx, dw_part,
+        rows, hidden, row_class(rows), dy.stride(0), x.stride(0), dx.stride(0), eps, offset,
+        HAS_W=weight is not None, CAST_BEFORE_W=cast_before_weight, ROUND_W=round_w,
+        RECOMPUTE_RSTD=rstd is None, COMPUTE_DW=want_dw, BLOCK_M=block_m, BLOCK_N=block_n)
+    if want_dw:
+        dw = dw_part[: launched[0]].sum(0).to(weight.dtype)
+    return dx, dw
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, eps, offset, cast_before_weight, compute_dw):
+    dw = torch.empty_like(weight) if (weight is not None and compute_dw) else x.new_empty((0,))
+    return torch.empty_like(x), dw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, eps, offset, cast_before_weight, save_rstd_only = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(x, weight, rstd if save_rstd_only else None)
+    ctx.args = (eps, offset, cast_before_weight)
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    eps, offset, cast_before_weight = ctx.args
+    want_dw = weight is not None and ctx.needs_input_grad[1]
+    dx, dw = rms_norm_bwd(dy, x, weight, rstd, eps, offset, cast_before_weight, want_dw)
+    return dx, (dw if want_dw else None), None, None, None, None
+
+
+rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public entry
+
+
+def _kernel_check(x: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple[bool, str]:
+    ok, why = device_check((x, weight))
+    if ok and x.shape[-1] > MAX_FUSED_HIDDEN:
+        return False, f"hidden size {x.shape[-1]} > {MAX_FUSED_HIDDEN} does not fit the one-row-in-registers kernel"
+    return ok, why
+
+
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, offset: float = 0.0,
+             cast_before_weight: bool = True, save_rstd_only: bool = True) -> torch.Tensor:
+    """RMSNorm over the last dimension, exactly ``reference.rms_norm``.
+
+    x: [..., hidden] fp32/bf16/fp16 (any leading shape, any strides); weight: [hidden] or None.
+    Returns [..., hidden] in x.dtype, or the promoted dtype of x and weight in Llama order
+    (``cast_before_weight=True``). Gemma: ``offset=1.0, cast_before_weight=False``.
+    ``save_rstd_only``: keep only the per-row fp32 rstd for backward (True) or recompute it there (False).
+    """
+    check_floating("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension [..., hidden], got a 0-d tensor")
+    if weight is not None:
+        check_floating("weight", weight)
+        check_shape("weight", weight, (x.shape[-1],))
+        check_same_device(x=x, weight=weight)
+    if not use_kernel("rms_norm", _kernel_check(x, weight)):
+        return reference.rms_norm(x, weight, eps, offset, cast_before_weight)
+    y, _ = rms_norm_fwd(x.reshape(-1, x.shape[-1]), weight, float(eps), float(offset), bool(cast_before_weight),
+                        bool(save_rstd_only))
+    return y.view(*x.shape[:-1], x.shape[-1])

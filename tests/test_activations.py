@@ -1,0 +1,115 @@
+"""swiglu / geglu / gelu: forward and every gradient vs the fp64 oracle, both GELU forms, strided halves."""
+import pytest
+import torch
+
+from hf_fastkern.kernels import reference
+from hf_fastkern.kernels.activations import geglu, gelu, swiglu
+from tests.harness import check_op
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_IDS = ["fp32", "bf16", "fp16"]
+SHAPES = [(3, 1), (5, 127), (2, 3, 1000), (1, 4097)]
+SHAPE_IDS = ["3x1", "5x127", "2x3x1000", "1x4097"]
+
+OPS = {
+    "swiglu": (swiglu, reference.swiglu),
+    "geglu_erf": (lambda g, u: geglu(g, u, "none"), lambda g, u: reference.geglu(g, u, "none")),
+    "geglu_tanh": (lambda g, u: geglu(g, u, "tanh"), lambda g, u: reference.geglu(g, u, "tanh")),
+}
+
+
+def _t(shape, dtype, device, scale=2.0):
+    # scale 2: reaches the tails of silu/gelu where their derivatives turn over
+    return (scale * torch.randn(shape, device=device)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("op", list(OPS))
+def test_glu_matches_reference(op, shape, dtype, device):
+    fn, ref = OPS[op]
+    check_op(fn, ref, [_t(shape, dtype, device), _t(shape, dtype, device)], dtype, op)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_matches_reference(approximate, shape, dtype, device):
+    check_op(lambda x: gelu(x, approximate), lambda x: reference.gelu(x, approximate), [_t(shape, dtype, device)],
+             dtype, f"gelu[{approximate}]")
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_glu_fused_halves(op, dtype, device):
+    """gate/up as the two halves of one fused gate_up projection: strided rows, read without a copy."""
+    fn, ref = OPS[op]
+    inter = 100
+    fused = _t((2, 3, 2 * inter), dtype, device).requires_grad_()
+
+    def split(f, impl):
+        return impl(f[..., :inter], f[..., inter:])
+
+    check_op(lambda f: split(f, fn), lambda f: split(f, ref), [fused.detach()], dtype, f"{op}[fused halves]")
+
+
+def test_glu_mixed_layouts(device):
+    """gate contiguous, up a transposed (last-dim strided) view, and 0-d-like edge of a single row."""
+    gate = _t((8, 5), torch.float32, device)
+    up = _t((5, 8), torch.float32, device).t()
+    check_op(swiglu, reference.swiglu, [gate, up], torch.float32, "swiglu[mixed layouts]")
+    check_op(lambda x: gelu(x), lambda x: reference.gelu(x), [_t((), torch.float32, device)], torch.float32,
+             "gelu[0-d]")
+
+
+@pytest.mark.parametrize("op", ["swiglu", "geglu_tanh", "gelu"])
+def test_activation_zero_elements(op, device):
+    g = torch.randn(0, 3, 64, device=device, requires_grad=True)
+    u = torch.randn(0, 3, 64, device=device, requires_grad=True)
+    y = gelu(g) if op == "gelu" else OPS[op][0](g, u)
+    assert y.shape == g.shape
+    y.sum().backward()
+    assert g.grad.shape == g.shape
+
+
+def test_activation_bad_input(device):
+    g = torch.randn(4, 64, device=device)
+    with pytest.raises(ValueError, match=r"up must have the shape of gate \(4, 64\)"):
+        swiglu(g, torch.randn(4, 63, device=device))
+    with pytest.raises(TypeError, match="up must be a floating-point tensor"):
+        geglu(g, torch.ones(4, 64, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="one dtype"):
+        swiglu(g, g.half())
+    with pytest.raises(ValueError, match="approximate must be"):
+        gelu(g, "sigmoid")
+    with pytest.raises(ValueError, match="one device"):
+        swiglu(g, torch.randn(4, 64, device="meta"))
+
+
+def test_swiglu_torch_compile_fullgraph(device):
+    g = _t((4, 64), torch.float32, device).requires_grad_()
+    u = _t((4, 64), torch.float32, device).requires_grad_()
+    fn = torch.compile(lambda g, u: swiglu(g, u) + 1.0, fullgraph=True, backend="aot_eager")
+    y = fn(g, u)
+    torch.testing.assert_close(y, reference.swiglu(g.detach(), u.detach()) + 1.0, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert g.grad is not None and u.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("shape", [(4096, 14336), (16384, 8192)], ids=["4096x14336", "16384x8192"])
+def test_glu_gpu(shape, op, dtype):
+    fn, ref = OPS[op]
+    check_op(fn, ref, [_t(shape, dtype, "cuda"), _t(shape, dtype, "cuda")], dtype, f"{op}[gpu]")
+
+
+@pytest.mark.gpu
+def test_glu_gpu_fused_halves_large():
+    """tokens * intermediate > 2**31 elements in the fused tensor: int64 offsets in the strided path."""
+    t, inter = 2**31 // (2 * 8192) + 5, 8192
+    fused = torch.randn(t, 2 * inter, device="cuda", dtype=torch.bfloat16)
+    y = swiglu(fused[:, :inter], fused[:, inter:])
+    for r in (0, t - 1):
+        torch.testing.assert_close(y[r], reference.swiglu(fused[r, :inter], fused[r, inter:]), rtol=0, atol=0)

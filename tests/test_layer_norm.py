@@ -1,0 +1,104 @@
+"""layer_norm: forward and the x / weight / bias gradients vs the fp64 oracle, optional weight and bias."""
+import pytest
+import torch
+
+from hf_fastkern.kernels import reference
+from hf_fastkern.kernels.layer_norm import layer_norm
+from tests.harness import check_op
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_IDS = ["fp32", "bf16", "fp16"]
+
+
+def _x(shape, dtype, device):
+    # an offset mean, as residual streams have, so the mean subtraction matters
+    return (torch.randn(shape, device=device) + 0.5).to(dtype)
+
+
+def _p(hidden, dtype, device, centre):
+    return (centre + 0.5 * torch.randn(hidden, device=device)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(3, 1), (5, 127), (2, 3, 1000), (2, 4097)], ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_matches_reference(shape, dtype, device):
+    h = shape[-1]
+    check_op(lambda x, w, b: layer_norm(x, w, b, 1e-5), lambda x, w, b: reference.layer_norm(x, w, b, 1e-5),
+             [_x(shape, dtype, device), _p(h, dtype, device, 1.0), _p(h, dtype, device, 0.0)], dtype, "layer_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("has_w", [True, False], ids=["w", "no_w"])
+@pytest.mark.parametrize("has_b", [True, False], ids=["b", "no_b"])
+def test_layer_norm_optional_affine(has_w, has_b, dtype, device):
+    h = 96
+    ins = [_x((2, 5, h), dtype, device)]
+    if has_w:
+        ins.append(_p(h, dtype, device, 1.0))
+    if has_b:
+        ins.append(_p(h, dtype, device, 0.0))
+
+    def split(args):
+        it = iter(args[1:])
+        return args[0], (next(it) if has_w else None), (next(it) if has_b else None)
+
+    check_op(lambda *a: layer_norm(*split(a)), lambda *a: reference.layer_norm(*split(a)), ins, dtype, "layer_norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_layer_norm_fp32_params_low_precision_input(dtype, device):
+    x = _x((6, 200), dtype, device)
+    w, b = _p(200, torch.float32, device, 1.0), _p(200, torch.float32, device, 0.0)
+    assert layer_norm(x, w, b).dtype == dtype
+    check_op(layer_norm, reference.layer_norm, [x, w, b], dtype, "layer_norm[fp32 params]")
+
+
+def test_layer_norm_non_contiguous(device):
+    x = _x((4, 6, 130), torch.float32, device).transpose(0, 1)[..., :100]
+    w, b = _p(100, torch.float32, device, 1.0), _p(100, torch.float32, device, 0.0)
+    check_op(layer_norm, reference.layer_norm, [x, w, b], torch.float32, "layer_norm[non-contiguous]")
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (3, 0, 64)], ids=["2d", "3d"])
+def test_layer_norm_zero_tokens(shape, device):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.ones(64, device=device, requires_grad=True)
+    b = torch.zeros(64, device=device, requires_grad=True)
+    y = layer_norm(x, w, b)
+    assert y.shape == shape
+    y.sum().backward()
+    assert x.grad.shape == shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_layer_norm_bad_input(device):
+    x = torch.randn(4, 64, device=device)
+    with pytest.raises(ValueError, match=r"bias must have shape \(64,\)"):
+        layer_norm(x, torch.ones(64, device=device), torch.zeros(65, device=device))
+    with pytest.raises(ValueError, match=r"weight must have shape \(64,\)"):
+        layer_norm(x, torch.ones(2, 64, device=device), None)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        layer_norm(torch.ones(4, 64, dtype=torch.int64, device=device), None, None)
+    with pytest.raises(ValueError, match="one device"):
+        layer_norm(x, torch.ones(64, device="meta"), None)
+
+
+def test_layer_norm_torch_compile_fullgraph(device):
+    x = _x((4, 64), torch.float32, device).requires_grad_()
+    w, b = _p(64, torch.float32, device, 1.0).requires_grad_(), _p(64, torch.float32, device, 0.0).requires_grad_()
+    fn = torch.compile(lambda x, w, b: layer_norm(x, w, b), fullgraph=True, backend="aot_eager")
+    y = fn(x, w, b)
+    torch.testing.assert_close(y, reference.layer_norm(x.detach(), w.detach(), b.detach()), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert b.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("hidden", [2048, 4096, 8192])
+@pytest.mark.parametrize("tokens", [4096, 65536])
+def test_layer_norm_gpu(tokens, hidden, dtype):
+    if tokens * hidden > 2**28 and dtype == torch.float32:
+        tokens //= 4
+    ins = [_x((tokens, hidden), dtype, "cuda"), _p(hidden, dtype, "cuda", 1.0), _p(hidden, dtype, "cuda", 0.0)]
+    check_op(layer_norm, reference.layer_norm, ins, dtype, "layer_norm[gpu]")

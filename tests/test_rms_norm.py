@@ -1,0 +1,163 @@
+"""rms_norm: forward and every gradient vs the fp64 oracle (tests/harness.check_op), flags both ways."""
+import pytest
+import torch
+
+from hf_fastkern.kernels import reference
+from hf_fastkern.kernels.rms_norm import rms_norm
+from tests.harness import check_op
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_IDS = ["fp32", "bf16", "fp16"]
+
+
+def _x(shape, dtype, device):
+    return torch.randn(shape, device=device).to(dtype)
+
+
+def _w(hidden, dtype, device):
+    # around 1, as trained norm weights are; random so dW errors are visible
+    return (1.0 + 0.5 * torch.randn(hidden, device=device)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(3, 1), (5, 127), (2, 3, 1000), (2, 4097)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["llama", "gemma"])
+def test_rms_norm_matches_reference(shape, dtype, mode, device):
+    offset, cbw = (0.0, True) if mode == "llama" else (1.0, False)
+    x, w = _x(shape, dtype, device), _w(shape[-1], dtype, device)
+    check_op(lambda x, w: rms_norm(x, w, 1e-6, offset, cbw),
+             lambda x, w: reference.rms_norm(x, w, 1e-6, offset, cbw), [x, w], dtype, f"rms_norm[{mode}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("cast_before_weight", [True, False], ids=["cast_first", "weight_first"])
+@pytest.mark.parametrize("save_rstd_only", [True, False], ids=["save_rstd", "recompute_rstd"])
+def test_rms_norm_flags(offset, cast_before_weight, save_rstd_only, dtype, device):
+    x, w = _x((2, 3, 96), dtype, device), _w(96, dtype, device)
+    check_op(lambda x, w: rms_norm(x, w, 1e-5, offset, cast_before_weight, save_rstd_only),
+             lambda x, w: reference.rms_norm(x, w, 1e-5, offset, cast_before_weight), [x, w], dtype, "rms_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("hidden", [1, 127])
+def test_rms_norm_no_weight(hidden, dtype, device):
+    check_op(lambda x: rms_norm(x, None), lambda x: reference.rms_norm(x, None), [_x((4, hidden), dtype, device)],
+             dtype, "rms_norm[no weight]")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cast_before_weight", [True, False], ids=["cast_first", "weight_first"])
+def test_rms_norm_fp32_weight_low_precision_input(dtype, cast_before_weight, device):
+    """HF keeps fp32 norm weights under autocast: Llama order then returns fp32, Gemma order x.dtype."""
+    x, w = _x((6, 200), dtype, device), _w(200, torch.float32, device)
+    out = rms_norm(x, w, cast_before_weight=cast_before_weight)
+    assert out.dtype == (torch.float32 if cast_before_weight else dtype)
+    # Tolerances are judged at the input precision (the fp32 output carries x.dtype's rounding of x_hat).
+    check_op(lambda x, w: rms_norm(x, w, 1e-6, 0.0, cast_before_weight),
+             lambda x, w: reference.rms_norm(x, w, 1e-6, 0.0, cast_before_weight), [x, w], dtype, "rms_norm[fp32 w]")
+
+
+def test_rms_norm_non_contiguous(device):
+    base = _x((4, 6, 130), torch.float32, device)
+    x = base.transpose(0, 1)[..., :100]  # strided rows and a non-viewable leading layout
+    assert not x.is_contiguous()
+    w = _w(100, torch.float32, device)
+    check_op(lambda x, w: rms_norm(x, w), lambda x, w: reference.rms_norm(x, w), [x, w], torch.float32,
+             "rms_norm[non-contiguous]")
+    xs = _x((64, 3), torch.float32, device).t()  # last-dim stride != 1
+    check_op(lambda x: rms_norm(x, None), lambda x: reference.rms_norm(x, None), [xs], torch.float32,
+             "rms_norm[transposed]")
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64)], ids=["2d", "3d"])
+def test_rms_norm_zero_tokens(shape, device):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.ones(64, device=device, requires_grad=True)
+    y = rms_norm(x, w)
+    assert y.shape == shape
+    y.sum().backward()
+    assert x.grad.shape == shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_rms_norm_weight_without_grad(device):
+    """Frozen weight (LoRA fine-tuning): only dx is computed, and it is still right."""
+    x, w = _x((5, 64), torch.float32, device), _w(64, torch.float32, device)
+    xk = x.clone().requires_grad_()
+    rms_norm(xk, w).sum().backward()
+    xr = x.double().requires_grad_()
+    reference.rms_norm(xr, w.double()).sum().backward()
+    torch.testing.assert_close(xk.grad.double(), xr.grad, rtol=0, atol=1e-5)
+
+
+def test_rms_norm_bad_input(device):
+    x = torch.randn(4, 64, device=device)
+    with pytest.raises(ValueError, match=r"weight must have shape \(64,\)"):
+        rms_norm(x, torch.ones(63, device=device))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        rms_norm(torch.ones(4, 64, dtype=torch.int32, device=device), None)
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        rms_norm(x, torch.ones(64, dtype=torch.int64, device=device))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="one device"):
+            rms_norm(x.cuda(), torch.ones(64))
+    else:
+        with pytest.raises(ValueError, match="one device"):
+            rms_norm(x, torch.ones(64, device="meta"))
+
+
+def test_rms_norm_torch_compile_fullgraph(device):
+    """The custom op traces under torch.compile(fullgraph=True): forward and backward through it."""
+    x = _x((4, 64), torch.float32, device).requires_grad_()
+    w = _w(64, torch.float32, device).requires_grad_()
+    fn = torch.compile(lambda x, w: rms_norm(x, w) * 2.0, fullgraph=True, backend="aot_eager")
+    y = fn(x, w)
+    torch.testing.assert_close(y, 2.0 * reference.rms_norm(x.detach(), w.detach()), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: real sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("hidden", [2048, 4096, 8192])
+@pytest.mark.parametrize("tokens", [4096, 65536])
+def test_rms_norm_gpu(tokens, hidden, dtype):
+    if tokens * hidden > 2**28 and dtype == torch.float32:
+        tokens //= 4  # keep the fp64 oracle within memory
+    x, w = _x((tokens, hidden), dtype, "cuda"), _w(hidden, dtype, "cuda")
+    check_op(lambda x, w: rms_norm(x, w), lambda x, w: reference.rms_norm(x, w), [x, w], dtype, "rms_norm[gpu]")
+
+
+@pytest.mark.gpu
+def test_rms_norm_gpu_gemma_and_compile():
+    x, w = _x((8192, 4096), torch.bfloat16, "cuda"), _w(4096, torch.bfloat16, "cuda")
+    check_op(lambda x, w: rms_norm(x, w, 1e-6, 1.0, False), lambda x, w: reference.rms_norm(x, w, 1e-6, 1.0, False),
+             [x, w], torch.bfloat16, "rms_norm[gpu gemma]")
+    fn = torch.compile(lambda x, w: rms_norm(x, w), fullgraph=True)
+    torch.testing.assert_close(fn(x, w), rms_norm(x, w), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_rms_norm_gpu_int64_offsets():
+    """tokens * hidden > 2**31: row offsets must be int64 (bf16, ~4.3 GB)."""
+    hidden = 4096
+    tokens = 2**31 // hidden + 3
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = rms_norm(x, w)
+    for r in (0, tokens // 2, tokens - 1):
+        torch.testing.assert_close(y[r], reference.rms_norm(x[r:r + 1], w.detach())[0], rtol=0, atol=0)
+    x.requires_grad_()
+    y = rms_norm(x, w)
+    dy = torch.zeros_like(y)
+    dy[-1] = 1.0
+    y.backward(dy)
+    xr = x[-1:].detach().double().requires_grad_()
+    reference.rms_norm(xr, w.detach().double()).backward(dy[-1:].double())
+    torch.testing.assert_close(x.grad[-1].double(), xr.grad[0], rtol=0, atol=2e-2)
+    assert x.grad[0].abs().max().item() == 0.0
