@@ -1,0 +1,336 @@
+"""cross_entropy and fused_linear_cross_entropy vs reference.cross_entropy / reference.linear_cross_entropy.
+
+CPU: the Triton kernels run in the interpreter at tiny sizes (odd token counts, vocabularies 1000 and 32001,
+chunks that do not divide the tokens). GPU (``-m gpu``): real sizes, including tokens x vocab > 2**31.
+Tolerances come from tests/tolerances.py; PyTorch's same-dtype baseline is what HF does: logits from a
+``dtype`` matmul, then the loss in fp32.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_fastkern.kernels import reference
+from hf_fastkern.kernels.cross_entropy import cross_entropy, default_chunk, fused_linear_cross_entropy
+from tests.harness import check_op
+from tests.tolerances import assert_close
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+# (id, options, bias)
+CASES = [
+    ("mean", {}, False),
+    ("sum", {"reduction": "sum"}, False),
+    ("none", {"reduction": "none"}, False),
+    ("ignore_index_7", {"ignore_index": 7, "reduction": "none"}, False),
+    ("label_smoothing", {"label_smoothing": 0.1}, False),
+    ("z_loss", {"z_loss": 1e-2, "reduction": "sum"}, False),
+    ("softcap", {"softcap": 3.0}, False),
+    ("bias", {}, True),
+    ("num_items_in_batch", {"num_items_in_batch": 50}, False),
+    ("all_options_none", {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 5.0, "reduction": "none"}, True),
+]
+
+
+def _labels(n, vocab, ignore_index=-100, every=5):
+    y = torch.randint(0, vocab, (n,))
+    y[::every] = ignore_index
+    return y
+
+
+def _baseline_linear(y, opts):
+    """PyTorch's same-dtype path (what HF's ForCausalLMLoss does): dtype logits, fp32 loss."""
+    return lambda h, w, b=None: reference.cross_entropy(F.linear(h, w, b), y, **opts)
+
+
+def _flce_inputs(n, hdim, vocab, dtype, bias, device):
+    h = torch.randn(n, hdim, device=device).to(dtype)
+    # logits of order 1-3, like a trained head
+    w = (torch.randn(vocab, hdim, device=device) / hdim**0.5 * 2).to(dtype)
+    b = (torch.randn(vocab, device=device) * 0.5).to(dtype) if bias else None
+    return h, w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,opts,bias", [pytest.param(*c, id=c[0]) for c in CASES])
+def test_fused_linear_cross_entropy(case, opts, bias, dtype, device):
+    n, hdim, vocab = 37, 24, 1000
+    y = _labels(n, vocab, opts.get("ignore_index", -100)).to(device)
+    h, w, b = _flce_inputs(n, hdim, vocab, dtype, bias, device)
+    # chunk 16 does not divide 37 tokens: the last chunk is partial
+    kern = lambda h, w, b=None: fused_linear_cross_entropy(h, w, y, b, chunk_size=16, **opts)
+    ref = lambda h, w, b=None: reference.linear_cross_entropy(h, w, y, b, **opts)
+    inputs = [h, w] + ([b] if bias else [])
+    check_op(kern, ref, inputs, dtype, f"flce[{case}]", baseline_fn=_baseline_linear(y, opts))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1000, 32001])
+def test_fused_linear_cross_entropy_vocab_sizes(vocab, dtype, device):
+    n, hdim = 9, 16
+    y = _labels(n, vocab, every=4).to(device)
+    h, w, _ = _flce_inputs(n, hdim, vocab, dtype, False, device)
+    kern = lambda h, w: fused_linear_cross_entropy(h, w, y, chunk_size=4)
+    ref = lambda h, w: reference.linear_cross_entropy(h, w, y)
+    check_op(kern, ref, [h, w], dtype, f"flce[V={vocab}]", baseline_fn=_baseline_linear(y, {}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,opts,bias", [pytest.param(*c, id=c[0]) for c in CASES if not c[2]])
+def test_cross_entropy(case, opts, bias, dtype, device):
+    n, vocab = 21, 1000
+    y = _labels(n, vocab, opts.get("ignore_index", -100)).to(device)
+    logits = (torch.randn(n, vocab, device=device) * 2).to(dtype)
+    check_op(lambda z: cross_entropy(z, y, **opts), lambda z: reference.cross_entropy(z, y, **opts), [logits],
+             dtype, f"ce[{case}]")
+
+
+def test_cross_entropy_leading_dims(device):
+    logits = torch.randn(2, 5, 300, device=device)
+    y = torch.randint(0, 300, (2, 5), device=device)
+    out = cross_entropy(logits, y, reduction="none")
+    assert out.shape == (2, 5)
+    assert_close(out, reference.cross_entropy(logits.reshape(10, 300).double(), y.reshape(10),
+                                              reduction="none").reshape(2, 5), None, torch.float32)
+
+
+def test_fused_linear_cross_entropy_leading_dims(device):
+    h, w, _ = _flce_inputs(6, 8, 100, torch.float32, False, device)
+    y = torch.randint(0, 100, (6,), device=device)
+    out = fused_linear_cross_entropy(h.reshape(2, 3, 8), w, y.reshape(2, 3), reduction="none")
+    assert out.shape == (2, 3)
+    ref = reference.linear_cross_entropy(h.double(), w.double(), y, reduction="none")
+    assert_close(out.reshape(6), ref, None, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_matches_torch(reduction, device):
+    """A batch whose labels are all ignored: 'mean' is NaN (0/0) like torch, 'sum' 0; gradients are zero."""
+    n, hdim, vocab = 8, 16, 200
+    y = torch.full((n,), -100, device=device)
+    h, w, _ = _flce_inputs(n, hdim, vocab, torch.float32, False, device)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    out = fused_linear_cross_entropy(h, w, y, reduction=reduction)
+    ht, wt = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    expect = F.cross_entropy(ht @ wt.t(), y, reduction=reduction)
+    assert torch.equal(torch.isnan(out), torch.isnan(expect))
+    assert torch.equal(out.nan_to_num(), expect.nan_to_num())
+    g = torch.ones_like(out)
+    out.backward(g)
+    expect.backward(g)
+    for a, b in ((h.grad, ht.grad), (w.grad, wt.grad)):
+        assert not torch.isnan(a).any()
+        assert torch.equal(a, torch.zeros_like(a)) and torch.equal(b.nan_to_num(), torch.zeros_like(b))
+    z = (ht @ wt.t()).detach().requires_grad_()
+    out_ce = cross_entropy(z, y, reduction=reduction)
+    assert torch.equal(out_ce.nan_to_num(), expect.nan_to_num()) and torch.equal(out_ce.isnan(), expect.isnan())
+    out_ce.backward(g)
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("fn", ["flce", "ce"])
+def test_label_out_of_range_raises(fn, device):
+    n, hdim, vocab = 6, 8, 50
+    h, w, _ = _flce_inputs(n, hdim, vocab, torch.float32, False, device)
+    y = torch.randint(0, vocab, (2, 3), device=device)
+    y[0, 0] = -100
+    y[1, 2] = vocab  # one past the end
+    call = ((lambda y: fused_linear_cross_entropy(h.reshape(2, 3, hdim), w, y)) if fn == "flce"
+            else (lambda y: cross_entropy((h @ w.t()).reshape(2, 3, vocab), y)))
+    with pytest.raises(ValueError, match=r"labels\[1, 2\] = 50 is out of range"):
+        call(y)
+    y[1, 2] = -3
+    with pytest.raises(ValueError, match=r"labels\[1, 2\] = -3"):
+        call(y)
+
+
+def test_label_out_of_range_unchecked_is_nan(device, monkeypatch):
+    """With the check skipped, a bad label never reads out of bounds: its loss is NaN."""
+    monkeypatch.setenv("HF_FASTKERN_SKIP_LABEL_CHECK", "1")
+    h, w, _ = _flce_inputs(4, 8, 50, torch.float32, False, device)
+    y = torch.tensor([1, 2, 999, 3], device=device)
+    out = fused_linear_cross_entropy(h, w, y, reduction="none")
+    assert torch.isnan(out[2]) and not torch.isnan(out[[0, 1, 3]]).any()
+
+
+def test_bad_input_raises(device):
+    h, w, b = _flce_inputs(6, 8, 50, torch.float32, True, device)
+    y = torch.randint(0, 50, (6,), device=device)
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        fused_linear_cross_entropy(h[:, :7], w, y)
+    with pytest.raises(ValueError, match="one label per token"):
+        fused_linear_cross_entropy(h, w, y[:5])
+    with pytest.raises(ValueError, match="must have one dtype"):
+        fused_linear_cross_entropy(h, w.to(torch.bfloat16), y)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fused_linear_cross_entropy(h, w, y, b[:10])
+    with pytest.raises(ValueError, match="integer tensor"):
+        fused_linear_cross_entropy(h, w, y.float())
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fused_linear_cross_entropy(h, w[None], y)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(h, w, y, reduction="avg")
+    with pytest.raises(ValueError, match="one label per token"):
+        cross_entropy(h @ w.t(), y[:5])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_accumulation_equals_full_batch(dtype, device):
+    """Two micro-batches with num_items_in_batch = all valid tokens give the full batch's loss and grads."""
+    n, hdim, vocab = 30, 16, 500
+    y = _labels(n, vocab, every=3).to(device)
+    h, w, _ = _flce_inputs(n, hdim, vocab, dtype, False, device)
+    # oracle: the full batch in fp64; baseline: PyTorch's same-dtype full batch
+    ho, wo = h.double().requires_grad_(), w.double().requires_grad_()
+    oracle = reference.linear_cross_entropy(ho, wo, y)
+    oracle.backward()
+    hb, wb = h.clone().requires_grad_(), w.clone().requires_grad_()
+    base = _baseline_linear(y, {})(hb, wb)
+    base.backward()
+    n_items = int((y != -100).sum())
+    ha, wa = h.clone().requires_grad_(), w.clone().requires_grad_()
+    total = 0.0
+    for sl in (slice(0, 13), slice(13, n)):
+        part = fused_linear_cross_entropy(ha[sl], wa, y[sl], num_items_in_batch=torch.tensor(n_items))
+        part.backward()
+        total = total + part.detach()
+    assert_close(total, oracle.detach(), base.detach(), dtype, "output", "accumulated loss")
+    assert_close(ha.grad, ho.grad, hb.grad, dtype, "grad", "accumulated d_hidden")
+    assert_close(wa.grad, wo.grad, wb.grad, dtype, "grad", "accumulated d_weight")
+
+
+def test_frozen_weight_and_no_grad(device):
+    """Only the requested gradients are computed; under no_grad nothing is."""
+    h, w, _ = _flce_inputs(10, 8, 64, torch.float32, False, device)
+    y = torch.randint(0, 64, (10,), device=device)
+    h.requires_grad_(True)
+    fused_linear_cross_entropy(h, w, y).backward()
+    assert h.grad is not None and w.grad is None
+    with torch.no_grad():
+        out = fused_linear_cross_entropy(h, w, y)
+    assert out.grad_fn is None
+    assert_close(out, reference.linear_cross_entropy(h.double(), w.double(), y), None, torch.float32)
+
+
+def test_retain_graph_double_backward_refused(device):
+    h, w, _ = _flce_inputs(4, 8, 32, torch.float32, False, device)
+    h.requires_grad_(True)
+    loss = fused_linear_cross_entropy(h, w, torch.randint(0, 32, (4,), device=device))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
+
+
+def test_torch_compile_traces_custom_ops(device):
+    """fullgraph compile (aot_eager: fake + autograd registrations, no Inductor build on the CPU)."""
+    h, w, b = _flce_inputs(12, 8, 40, torch.float32, True, device)
+    y = _labels(12, 40).to(device)
+    fn = torch.compile(lambda h, w, b: fused_linear_cross_entropy(h, w, y, b, label_smoothing=0.1) +
+                       cross_entropy(h @ w.t(), y, reduction="sum") * 0.5, backend="aot_eager", fullgraph=True)
+    ref = lambda h, w, b: (reference.linear_cross_entropy(h, w, y, b, label_smoothing=0.1) +
+                           reference.linear_cross_entropy(h, w, y, reduction="sum") * 0.5)
+    check_op(fn, ref, [h, w, b], torch.float32, "compiled")
+
+
+def test_opcheck_custom_ops(device):
+    logits = torch.randn(5, 70, device=device, requires_grad=True)
+    y = torch.randint(0, 70, (5,), device=device)
+    torch.library.opcheck(torch.ops.hf_fastkern.ce_fwd, (logits, y, -100, 0.1, 1e-3, 0.0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    h = torch.randn(5, 8, device=device, requires_grad=True)
+    w = torch.randn(70, 8, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.hf_fastkern.flce_fwd,
+                          (h, w, None, y, torch.tensor(5.0), -100, 0.0, 0.0, 0.0, True, True, True, False, 4),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_default_chunk():
+    assert default_chunk(8192, 128256, 2) == 512
+    assert default_chunk(100, 128256, 2) == 100
+    assert default_chunk(10**6, 32000, 4) == 1024
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU, real sizes
+
+
+def _chunked_oracle(h, w, y, chunk, dtype_logits):
+    """Loss and gradients of mean CE, chunked so [tokens, vocab] never exists.
+
+    dtype_logits=float32: the fp32 oracle (fp32 logits). dtype_logits=bf16: PyTorch's same-dtype baseline
+    (bf16 logits from a bf16 matmul, loss in fp32), gradients rounded once to bf16 at the end.
+    """
+    n = h.shape[0]
+    valid = (y != -100).sum().double()
+    hf, wf = (h.float(), w.float()) if dtype_logits == torch.float32 else (h, w)
+    dh = torch.empty(h.shape, device=h.device, dtype=torch.float32)
+    dw = torch.zeros(w.shape, device=h.device, dtype=torch.float32)
+    total = torch.zeros((), device=h.device, dtype=torch.float64)
+    for s in range(0, n, chunk):
+        z = (hf[s:s + chunk] @ wf.t()).float().requires_grad_()
+        loss = F.cross_entropy(z, y[s:s + chunk], ignore_index=-100, reduction="sum")
+        (g,) = torch.autograd.grad(loss, z)
+        total += loss.double()
+        g = (g / valid).to(hf.dtype)
+        dh[s:s + chunk] = (g @ wf).float()
+        dw += (g.t() @ hf[s:s + chunk]).float()
+        del z, g
+    out = (total / valid).float()
+    if dtype_logits != torch.float32:
+        return out, dh.to(h.dtype), dw.to(w.dtype)
+    return out, dh, dw
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_tok", [8192, 32768])
+def test_fused_linear_cross_entropy_gpu_real_size(n_tok):
+    """bf16 8192 / 32768 tokens x hidden 4096 x vocab 128256 (tokens x vocab > 2**31 for 32768)."""
+    torch.cuda.empty_cache()
+    hdim, vocab = 4096, 128256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(n_tok, hdim, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = (torch.randn(vocab, hdim, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02)
+    y = torch.randint(0, vocab, (n_tok,), device="cuda", generator=g)
+    y[::7] = -100
+    hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hk, wk, y)
+    loss.backward()
+    ref, dh_ref, dw_ref = _chunked_oracle(h, w, y, 2048, torch.float32)
+    rel = abs(loss.item() - ref.item()) / abs(ref.item())
+    assert rel <= 1e-4, f"loss {loss.item()} vs fp32 reference {ref.item()}: relative error {rel:.2e}"
+    _, dh_base, dw_base = _chunked_oracle(h, w, y, 2048, torch.bfloat16)
+    assert_close(hk.grad, dh_ref, dh_base, torch.bfloat16, "grad", "d_hidden")
+    assert_close(wk.grad, dw_ref, dw_base, torch.bfloat16, "grad", "d_weight")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_linear_cross_entropy_gpu_options(dtype):
+    n, hdim, vocab = 1025, 512, 32001
+    y = _labels(n, vocab).cuda()
+    for opts, bias in [({}, False), ({"reduction": "none", "label_smoothing": 0.1}, True),
+                       ({"z_loss": 1e-4, "softcap": 30.0, "reduction": "sum"}, False)]:
+        h, w, b = _flce_inputs(n, hdim, vocab, dtype, bias, "cuda")
+        kern = lambda h, w, b=None, o=opts: fused_linear_cross_entropy(h, w, y, b, chunk_size=256, **o)
+        ref = lambda h, w, b=None, o=opts: reference.linear_cross_entropy(h, w, y, b, **o)
+        check_op(kern, ref, [h, w] + ([b] if bias else []), dtype, f"flce-gpu{opts}",
+                 baseline_fn=_baseline_linear(y, opts))
+
+
+@pytest.mark.gpu
+def test_cross_entropy_gpu_large():
+    n, vocab = 4096, 128256
+    y = _labels(n, vocab).cuda()
+    logits = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16) * 3
+    check_op(lambda z: cross_entropy(z, y, label_smoothing=0.05),
+             lambda z: reference.cross_entropy(z, y, label_smoothing=0.05), [logits], torch.bfloat16, "ce-gpu")
+
+
+@pytest.mark.gpu
+def test_fused_linear_cross_entropy_gpu_compile():
+    h, w, _ = _flce_inputs(512, 256, 5000, torch.bfloat16, False, "cuda")
+    y = _labels(512, 5000).cuda()
+    fn = torch.compile(lambda h, w: fused_linear_cross_entropy(h, w, y), fullgraph=True)
+    check_op(fn, lambda h, w: reference.linear_cross_entropy(h, w, y), [h, w], torch.bfloat16, "flce-compiled",
+             baseline_fn=_baseline_linear(y, {}))
+
