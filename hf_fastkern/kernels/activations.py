@@ -27,6 +27,7 @@ from hf_fastkern.kernels.dispatch import (
     device_check,
     use_kernel,
 )
+from hf_fastkern.kernels.rms_norm import round_to
 
 # Activation codes (constexpr in the kernels).
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2
@@ -58,8 +59,10 @@ ACT_CONFIGS = tune_configs(
 @triton.jit
 def _tanh_parts(z):
     """(1 + tanh z, 1 - tanh(z)**2) without cancellation: through q = 1 / (exp(2|z|) + 1) in (0, 1/2],
-    1 + tanh z is 2 - 2q or 2q, and 1 - tanh**2 is 4q(1 - q). (tl has no tanh in every supported Triton.)"""
-    q = 1.0 / (tl.exp(2.0 * tl.abs(z)) + 1.0)
+    1 + tanh z is 2 - 2q or 2q, and 1 - tanh**2 is 4q(1 - q). (tl has no tanh in every supported Triton.)
+    exp(-2|z|) only underflows, never overflows."""
+    e = tl.exp(-2.0 * tl.abs(z))
+    q = e / (1.0 + e)
     return tl.where(z >= 0, 2.0 - 2.0 * q, 2.0 * q), 4.0 * q * (1.0 - q)
 
 
@@ -116,7 +119,7 @@ def _glu_fwd_kernel(G, U, Y, n_elements, n_cols, n_size_class, stride_g, stride_
     y = _act(g, ACT)
     if HAS_UP:
         y = y * tl.load(U + _offsets(offs, n_cols, stride_u, CONTIG), mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
@@ -133,11 +136,11 @@ def _glu_bwd_kernel(DY, G, U, DG, DU, n_elements, n_cols, n_size_class, stride_g
     a, da = _act_and_grad(g, ACT)
     if HAS_UP:
         u = tl.load(U + _offsets(offs, n_cols, stride_u, CONTIG), mask=mask, other=0.0).to(tl.float32)
-        tl.store(DU + offs, (dy * a).to(DU.dtype.element_ty), mask=mask)
+        tl.store(DU + offs, round_to(dy * a, DU.dtype.element_ty), mask=mask)
         dg = dy * u * da
     else:
         dg = dy * da
-    tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DG + offs, round_to(dg, DG.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from hf_fastkern.kernels.rms_norm import (
     MAX_FUSED_HIDDEN,
     MAX_PROGS_PER_SM,
     prune_by_elems_per_thread,
+    round_to,
     row_class,
     row_tile,
 )
@@ -64,7 +65,7 @@ def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, n_rows, n_cols, n_rows_class,
         y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
         y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=["n_cols", "n_rows_class"],
@@ -105,7 +106,7 @@ def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, n_rows, n
         c1 = tl.sum(g * xhat, axis=1) / n_cols
         c2 = tl.sum(g, axis=1) / n_cols
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], round_to(dx, DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW:
         tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cmask)
     if COMPUTE_DB:

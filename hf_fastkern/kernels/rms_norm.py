@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels._triton_utils import device_props, tune_configs
+from hf_fastkern.kernels._triton_utils import IS_INTERPRET, device_props, tune_configs
 from hf_fastkern.kernels.dispatch import (
     check_floating,
     check_same_device,
@@ -81,6 +81,19 @@ MAX_PROGS_PER_SM = 8
 # kernels
 
 
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 -> dtype, round-to-nearest-even. On the GPU that is ``x.to(dtype)``; Triton's CPU interpreter
+    truncates fp32 -> bf16 instead (triton 3.9), so there the rounding is done on the bits first and the
+    truncating cast is then exact. Keeps the interpreter's bf16 results equal to PyTorch's."""
+    if IS_INTERPRET:
+        if dtype == tl.bfloat16:
+            b = x.to(tl.uint32, bitcast=True)
+            b = b + 0x7FFF + ((b >> 16) & 1)
+            x = ((b >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
 @triton.autotune(configs=FWD_CONFIGS, key=["n_cols", "n_rows_class"],
                  prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
 @triton.jit(do_not_specialize=["n_rows", "eps", "offset"])
@@ -101,12 +114,12 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, n_rows_class, stride_x, 
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
         if ROUND_W:
             # Llama order adds the offset in the weight's dtype (``weight + offset``), so round like it.
-            w = w.to(W.dtype.element_ty).to(tl.float32)
+            w = round_to(w, W.dtype.element_ty).to(tl.float32)
         if CAST_BEFORE_W:
             # Llama order: the normalised row is rounded to x.dtype before the weight multiplies it.
-            y = y.to(X.dtype.element_ty).to(tl.float32)
+            y = round_to(y, X.dtype.element_ty).to(tl.float32)
         y = y * w[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=["n_cols", "n_rows_class"],
@@ -124,7 +137,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, n_rows_cla
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
         if ROUND_W:
-            w = w.to(W.dtype.element_ty).to(tl.float32)
+            w = round_to(w, W.dtype.element_ty).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_tiles = tl.cdiv(n_rows, BLOCK_M)
     for tile in range(pid, n_tiles, n_prog):
@@ -144,7 +157,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, n_rows_cla
             if COMPUTE_DW:
                 if CAST_BEFORE_W:
                     # the forward multiplied the weight by the x.dtype-rounded row
-                    dw_acc += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+                    dw_acc += dy * round_to(xhat, X.dtype.element_ty).to(tl.float32)
                 else:
                     dw_acc += dy * xhat
         else:
@@ -152,7 +165,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, n_rows_cla
         # d/dx of x * rstd(x): rstd * (g - xhat * mean(g * xhat))
         c = tl.sum(g * xhat, axis=1) / n_cols  # [BM]
         dx = (g - xhat * c[:, None]) * rstd[:, None]
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], round_to(dx, DX.dtype.element_ty), mask=mask)
     if HAS_W:
         if COMPUTE_DW:
             tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cmask)
