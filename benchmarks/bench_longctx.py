@@ -1,0 +1,234 @@
+"""Longest trainable sequence at batch 1 for the ~1.5B Llama (see bench_e2e.py), per variant, with and without
+gradient checkpointing.
+
+Method (the same as /work/shared/anchors/gpu_anchors.py `longctx`, so results compare with the anchors): a
+trial is ONE subprocess that builds the random-init model on the GPU (fp32 weights), runs one forward+backward
+under bf16 autocast with labels = input_ids (no optimizer), and prints OK or OOM. The search doubles from a
+start length until a trial fails, then bisects on multiples of 1024 until ``hi - lo <= max(1024, lo / 8)``;
+the reported ``max_seq`` is the longest length that trained.
+
+Variants: ``sdpa``, ``sdpa+liger``, ``fastkern``; suffix ``_gc`` = gradient checkpointing (non-reentrant, as the
+anchors), ``_gc_offload`` = reentrant checkpointing with the checkpointed layer inputs saved to pinned host
+memory (torch.autograd.graph.save_on_cpu).
+
+Time: one trial near the limit is one long step (a 250k-token causal step is ~3e16 attention FLOPs, about a
+minute), so the search has a total ``--time-budget``; when it runs out, the row says ``exact: false`` and
+``max_seq`` is a lower bound. ``--start auto`` starts each search at the anchors' result (peers) or at the
+target, 1.5x Liger's anchor (fastkern), which saves most of the doubling trials.
+
+    PYTHONPATH=. python benchmarks/bench_longctx.py --variants fastkern,fastkern_gc --json results/h100/longctx.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+try:
+    from hf_fastkern.benchmarks.common import print_table, save
+except ImportError:  # run as a script from a source checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.common import print_table, save
+
+VARIANTS = ("sdpa", "sdpa+liger", "fastkern", "sdpa_gc", "sdpa+liger_gc", "fastkern_gc")
+# /work/shared/anchors/anchors_h100.jsonl 'longctx' rows (H100 80GB, torch 2.11, transformers 5.17)
+ANCHORS = {"sdpa": 18432, "sdpa+liger": 45056, "sdpa_gc": 36864, "sdpa+liger_gc": 245760}
+TARGET_VS_LIGER = 1.5
+COLS = ["bench", "impl", "grad_ckpt", "max_seq", "exact", "first_fail", "peak_GiB", "step_s", "anchor",
+        "vs_liger", "trials", "secs", "error"]
+RESULT_TAG = "RESULT "
+
+
+def parse_variant(v: str) -> tuple[str, bool, bool]:
+    """'fastkern_gc_offload' -> ('fastkern', True, True)."""
+    offload = v.endswith("_offload")
+    base = v[: -len("_offload")] if offload else v
+    gc = base.endswith("_gc")
+    base = base[: -len("_gc")] if gc else base
+    if offload and not gc:
+        raise ValueError(f"{v}: _offload needs gradient checkpointing (_gc_offload)")
+    return base, gc, offload
+
+
+def auto_start(v: str) -> int:
+    if v in ANCHORS:
+        return ANCHORS[v]
+    base, gc, _ = parse_variant(v)
+    liger = ANCHORS["sdpa+liger_gc" if gc else "sdpa+liger"]
+    return int(TARGET_VS_LIGER * liger) // 1024 * 1024
+
+
+def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
+    """One forward+backward at batch 1, length ``seq``, in this process."""
+    try:
+        from hf_fastkern.benchmarks.bench_e2e import LLAMA_1B5, TINY, _forward_backward, build_model
+    except ImportError:
+        from benchmarks.bench_e2e import LLAMA_1B5, TINY, _forward_backward, build_model
+    base, gc, offload = parse_variant(variant)
+    cfg = dict(TINY if tiny else LLAMA_1B5, max_position_embeddings=max(seq, 8192))
+    model, _ = build_model(base, cfg, "cuda", gc, offload)
+    ids = torch.randint(0, cfg["vocab_size"], (1, seq), device="cuda")
+    try:
+        t0 = time.perf_counter()
+        _forward_backward(model, ids, "cuda", offload)
+        torch.cuda.synchronize()
+        return dict(ok=True, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, step_s=time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        return dict(ok=False, oom=True)
+
+
+def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--trial", variant, str(seq)] + (["--tiny"] if tiny else [])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        return dict(ok=False, timeout=True)
+    for line in r.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    err = r.stderr.strip().splitlines()[-2:]
+    # an OOM raised outside the guarded step (e.g. building the model) is still an OOM
+    oom = "OutOfMemoryError" in r.stderr or "out of memory" in r.stderr
+    return dict(ok=False, oom=oom, error=None if oom else " | ".join(err)[-300:])
+
+
+def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float = 600, trial_timeout: float = 420,
+           tiny: bool = False, log=print) -> dict:
+    """Doubling then bisection (multiples of 1024, to 1/8 of the result) under a time budget."""
+    t0 = time.time()
+    lo, hi, best, trials = 0, None, {}, []
+
+    def ok(seq: int) -> bool | None:
+        left = budget_s - (time.time() - t0)
+        if left <= 0:
+            return None
+        res = _trial(variant, seq, min(trial_timeout, left), tiny)
+        trials.append([seq, "ok" if res.get("ok") else ("timeout" if res.get("timeout") else "fail")])
+        log(f"  {variant} S={seq}: {trials[-1][1]}" + (f" ({res['error']})" if res.get("error") else ""))
+        if res.get("error"):
+            raise RuntimeError(res["error"])
+        if res.get("timeout"):
+            return None
+        if res.get("ok"):
+            best.clear()
+            best.update(res)
+        return bool(res.get("ok"))
+
+    row = dict(bench="longctx", impl=parse_variant(variant)[0], variant=variant, grad_ckpt=parse_variant(variant)[1],
+               offload=parse_variant(variant)[2], B=1)
+    try:
+        s = max(1024, start // 1024 * 1024)
+        r = ok(s)
+        if r:
+            lo = s
+            while r and lo < cap:
+                r = ok(min(lo * 2, cap))
+                if r:
+                    lo = min(lo * 2, cap)
+                elif r is False:
+                    hi = min(lo * 2, cap)
+        elif r is False:
+            hi = s
+            while r is False and hi > 1024:
+                r = ok(hi // 2 // 1024 * 1024)
+                if r:
+                    lo = hi // 2 // 1024 * 1024
+                elif r is False:
+                    hi = hi // 2 // 1024 * 1024
+        exact = hi is not None or lo >= cap
+        while hi is not None and hi - lo > max(1024, lo // 8):
+            mid = (lo + hi) // 2 // 1024 * 1024
+            r = ok(mid)
+            if r is None:
+                exact = False
+                break
+            if r:
+                lo = mid
+            else:
+                hi = mid
+        if hi is None and lo < cap:
+            exact = False
+        row.update(max_seq=lo, exact=exact, first_fail=hi, trials=trials, **best)
+    except RuntimeError as e:
+        row.update(max_seq=lo or None, exact=False, trials=trials, error=str(e))
+    row["secs"] = round(time.time() - t0)
+    row.pop("ok", None)
+    anchor = ANCHORS.get(variant)
+    if anchor:
+        row["anchor"] = anchor
+    return row
+
+
+def add_longctx_ratios(rows: list[dict]) -> None:
+    """vs_liger: max_seq / Liger's (same run when measured, else the anchor) for the same checkpointing mode."""
+    for r in rows:
+        key = "sdpa+liger_gc" if r.get("grad_ckpt") else "sdpa+liger"
+        same_run = [x for x in rows if x.get("variant") == key and x.get("max_seq")]
+        liger = same_run[0]["max_seq"] if same_run else ANCHORS[key]
+        if r.get("max_seq"):
+            r["vs_liger"] = r["max_seq"] / liger
+            r["liger_ref"] = "same run" if same_run else "anchor"
+            if r.get("impl") == "fastkern":
+                r["vs_best_peer"] = r["vs_liger"]
+
+
+def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS, budget_s: float | None = None,
+        progress=None) -> list[dict]:
+    """Rows per variant. Without CUDA: nothing can run out of GPU memory, so one row says so."""
+    if not torch.cuda.is_available():
+        return [dict(bench="longctx", impl="-", error="needs a CUDA GPU (the search runs until the GPU is full)")]
+    if quick:
+        variants = tuple(v for v in variants if v.startswith("fastkern")) or variants
+    budget = budget_s if budget_s is not None else (240 if quick else 500)
+    rows = []
+    for i, v in enumerate(variants):
+        per = (budget - sum(r["secs"] for r in rows)) / (len(variants) - i)
+        rows.append(search(v, start=auto_start(v), budget_s=per))
+        if progress is not None:
+            progress(v)
+    add_longctx_ratios(rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--start", default="auto", help="'auto' (anchors/target) or a length to start the search at")
+    ap.add_argument("--cap", type=int, default=1 << 20, help="stop doubling here")
+    ap.add_argument("--time-budget", type=float, default=500, help="seconds for all variants together")
+    ap.add_argument("--trial-timeout", type=float, default=420)
+    ap.add_argument("--tiny", action="store_true", help="2-layer model (harness smoke test)")
+    ap.add_argument("--trial", nargs=2, metavar=("VARIANT", "SEQ"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.trial:
+        res = trial_worker(args.trial[0], int(args.trial[1]), args.tiny)
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+    if not torch.cuda.is_available():
+        print("no CUDA device: the longest-sequence search needs a GPU (nothing to measure here)")
+        rows = run()
+    else:
+        variants = args.variants.split(",")
+        for v in variants:
+            parse_variant(v)
+        rows, t0 = [], time.time()
+        for i, v in enumerate(variants):
+            per = (args.time_budget - (time.time() - t0)) / (len(variants) - i)
+            start = auto_start(v) if args.start == "auto" else int(args.start)
+            rows.append(search(v, start=start, cap=args.cap, budget_s=per, trial_timeout=args.trial_timeout,
+                               tiny=args.tiny))
+            print_table(rows[-1:], COLS)
+        add_longctx_ratios(rows)
+    print_table(rows, COLS)
+    save(args.json, rows, {"anchors": ANCHORS})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""benchmarks/report.py: README results block rendered from JSON, --check, plots."""
+import json
+
+import pytest
+from hf_fastkern.benchmarks import report
+
+ENV = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "transformers": "5.17.0",
+       "liger_kernel": "0.8.5"}
+E2E = [
+    {"bench": "e2e", "impl": "sdpa", "B": 4, "S": 2048, "step_ms": 206.3, "tok_per_s": 39704.5, "mfu": 0.33,
+     "peak_GiB": 49.23, "loss": 0.021},
+    {"bench": "e2e", "impl": "sdpa+liger", "B": 4, "S": 2048, "step_ms": 196.8, "tok_per_s": 41626.5, "mfu": 0.345,
+     "peak_GiB": 32.6, "loss": 0.021},
+    {"bench": "e2e", "impl": "fastkern", "B": 4, "S": 2048, "step_ms": 160.0, "tok_per_s": 51200.0, "mfu": 0.42,
+     "peak_GiB": 28.5, "loss": 0.021, "vs_sdpa": 1.2896, "mem_vs_sdpa": 0.5789, "vs_best_peer": 1.23},
+]
+LONGCTX = [
+    {"bench": "longctx", "impl": "sdpa+liger", "variant": "sdpa+liger_gc", "grad_ckpt": True, "max_seq": 245760,
+     "exact": True, "trials": [[245760, "ok"]]},
+    {"bench": "longctx", "impl": "fastkern", "variant": "fastkern_gc", "grad_ckpt": True, "max_seq": 376832,
+     "exact": False, "vs_liger": 1.5333},
+]
+OPS = [
+    {"bench": "rms_norm", "impl": "liger", "T": 16384, "H": 4096, "ms": 1.04, "GBps": 646.1},
+    {"bench": "rms_norm", "impl": "fastkern", "T": 16384, "H": 4096, "ms": 0.80, "GBps": 840.0, "vs_best_peer": 1.3},
+]
+
+EXPECTED_HEADLINE = """| result | hf_fastkern / peer | ratio |
+|---|---|---|
+| e2e Llama 1.5B B4x2048: sdpa | 39,704 tok/s, 49.2 GiB, MFU 0.33 |  |
+| e2e Llama 1.5B B4x2048: sdpa+liger | 41,626 tok/s, 32.6 GiB, MFU 0.345 |  |
+| e2e Llama 1.5B B4x2048: fastkern | 51,200 tok/s, 28.5 GiB, MFU 0.42 | 1.29x sdpa tok/s, 0.579x sdpa memory |
+| longest seq, B1, with checkpointing: sdpa+liger_gc | 245,760 tokens |  |
+| longest seq, B1, with checkpointing: fastkern_gc | 376,832 tokens (lower bound) | 1.53x Liger |
+| rms_norm (T=16,384, H=4096) | 0.8 ms, 840 GBps | 1.3x best peer |"""
+
+README = "# proj\n\nintro\n\n## Results\n<!-- results:start -->\nold text\n<!-- results:end -->\n\n## After\nkept\n"
+
+
+@pytest.fixture
+def results(tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    for name, rows in (("e2e", E2E), ("longctx", LONGCTX), ("rms_norm", OPS)):
+        (d / f"{name}.json").write_text(json.dumps({"env": ENV, "command": f"bench_{name}.py", "rows": rows}))
+    # files that are not result documents are ignored
+    (d / "notes.json").write_text(json.dumps({"hello": 1}))
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    return d, readme
+
+
+def test_report_renders_readme_block(results, tmp_path):
+    d, readme = results
+    assert report.main(["--results", str(d), "--readme", str(readme), "--plots", "none"]) == 0
+    text = readme.read_text()
+    # only the block between the markers changed
+    assert text.startswith("# proj\n\nintro\n\n## Results\n<!-- results:start -->\n")
+    assert text.endswith("<!-- results:end -->\n\n## After\nkept\n")
+    assert "old text" not in text
+    assert EXPECTED_HEADLINE in text
+    assert "GPU: NVIDIA H100 80GB HBM3; torch 2.11.0+cu130, triton 3.6.0" in text
+    # per-bench tables carry every row, without the bulky keys
+    assert "<summary>e2e</summary>" in text and "<summary>longctx</summary>" in text
+    assert "| rms_norm | fastkern |" not in text  # "bench" is the table's title, not a column
+    assert "| fastkern | 16,384 | 4096 | 0.8 | 840 | 1.3 |" in text
+    assert "trials" not in text
+    # idempotent: the README is now up to date
+    assert report.main(["--results", str(d), "--readme", str(readme), "--plots", "none", "--check"]) == 0
+
+
+def test_report_check_detects_stale_readme(results):
+    d, readme = results
+    assert report.main(["--results", str(d), "--readme", str(readme), "--plots", "none", "--check"]) == 1
+    assert "old text" in readme.read_text()  # --check writes nothing
+    report.main(["--results", str(d), "--readme", str(readme), "--plots", "none"])
+    rows = json.loads((d / "e2e.json").read_text())
+    rows["rows"][2]["tok_per_s"] = 52000.0
+    (d / "e2e.json").write_text(json.dumps(rows))
+    assert report.main(["--results", str(d), "--readme", str(readme), "--plots", "none", "--check"]) == 1
+
+
+def test_report_without_markers_fails(results, tmp_path):
+    d, _ = results
+    bad = tmp_path / "BAD.md"
+    bad.write_text("# no markers\n")
+    with pytest.raises(SystemExit):
+        report.main(["--results", str(d), "--readme", str(bad), "--plots", "none"])
+
+
+def test_report_plots(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    d, readme = results
+    plots = tmp_path / "plots"
+    assert report.main(["--results", str(d), "--readme", str(readme), "--plots", str(plots)]) == 0
+    for name in ("e2e", "longctx", "rms_norm"):
+        png = plots / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{name}](plots/{name}.png)" in readme.read_text()
