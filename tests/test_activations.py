@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels.activations import geglu, gelu, swiglu
+from hf_fastkern.kernels.activations import GELU_TANH, SILU, geglu, gelu, glu_act_fwd, swiglu
 from tests.harness import check_op
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -84,6 +84,15 @@ def test_activation_bad_input(device):
         gelu(g, "sigmoid")
     with pytest.raises(ValueError, match="one device"):
         swiglu(g, torch.randn(4, 64, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_glu_custom_op_direct(dtype, device):
+    """The torch.library op pair (what torch.compile runs) and its registered autograd, called eagerly."""
+    g, u = _t((7, 130), dtype, device), _t((7, 130), dtype, device)
+    check_op(lambda g, u: glu_act_fwd(g, u, SILU), reference.swiglu, [g, u], dtype, "glu_act_fwd[op]")
+    check_op(lambda g: glu_act_fwd(g, None, GELU_TANH), lambda g: reference.gelu(g, "tanh"), [g], dtype,
+             "glu_act_fwd[op, gelu]")
 
 
 def test_swiglu_torch_compile_fullgraph(device):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels.layer_norm import layer_norm
+from hf_fastkern.kernels.layer_norm import layer_norm, layer_norm_fwd
 from tests.harness import check_op
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -81,6 +81,13 @@ def test_layer_norm_bad_input(device):
         layer_norm(torch.ones(4, 64, dtype=torch.int64, device=device), None, None)
     with pytest.raises(ValueError, match="one device"):
         layer_norm(x, torch.ones(64, device="meta"), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layer_norm_custom_op_direct(dtype, device):
+    """The torch.library op pair (what torch.compile runs) and its registered autograd, called eagerly."""
+    ins = [_x((7, 130), dtype, device), _p(130, dtype, device, 1.0), _p(130, dtype, device, 0.0)]
+    check_op(lambda x, w, b: layer_norm_fwd(x, w, b, 1e-5)[0], reference.layer_norm, ins, dtype, "layer_norm_fwd[op]")
 
 
 def test_layer_norm_torch_compile_fullgraph(device):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels.rms_norm import rms_norm
+from hf_fastkern.kernels.rms_norm import rms_norm, rms_norm_fwd
 from tests.harness import check_op
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -105,6 +105,15 @@ def test_rms_norm_bad_input(device):
     else:
         with pytest.raises(ValueError, match="one device"):
             rms_norm(x, torch.ones(64, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("save_rstd_only", [True, False], ids=["save_rstd", "recompute_rstd"])
+def test_rms_norm_custom_op_direct(save_rstd_only, dtype, device):
+    """The torch.library op pair (what torch.compile runs) and its registered autograd, called eagerly."""
+    x, w = _x((7, 130), dtype, device), _w(130, dtype, device)
+    check_op(lambda x, w: rms_norm_fwd(x, w, 1e-6, 0.0, True, save_rstd_only)[0],
+             lambda x, w: reference.rms_norm(x, w, 1e-6), [x, w], dtype, "rms_norm_fwd[op]")
 
 
 def test_rms_norm_torch_compile_fullgraph(device):

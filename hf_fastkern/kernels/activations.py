@@ -144,7 +144,8 @@ def _glu_bwd_kernel(DY, G, U, DG, DU, n_elements, n_cols, n_size_class, stride_g
 
 
 # ----------------------------------------------------------------------------------------------------------
-# launchers (torch.library custom ops)
+# launchers: plain functions, registered as torch.library custom ops (traced by torch.compile) and called
+# directly by the eager autograd.Function (less host overhead than custom-op dispatch; see rms_norm.py).
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -157,8 +158,7 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
-@torch.library.custom_op("hf_fastkern::glu_act_fwd", mutates_args=())
-def glu_act_fwd(gate: torch.Tensor, up: Optional[torch.Tensor], act: int) -> torch.Tensor:
+def _glu_act_fwd_impl(gate: torch.Tensor, up: Optional[torch.Tensor], act: int) -> torch.Tensor:
     """gate, up: [..., cols] one dtype (any row strides). Returns ``act(gate) * up`` (or ``act(gate)``) as a
     contiguous tensor of gate's shape and dtype. act: 0 SiLU, 1 erf GELU, 2 tanh GELU."""
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -176,13 +176,15 @@ def glu_act_fwd(gate: torch.Tensor, up: Optional[torch.Tensor], act: int) -> tor
     return out
 
 
+glu_act_fwd = torch.library.custom_op("hf_fastkern::glu_act_fwd", mutates_args=())(_glu_act_fwd_impl)
+
+
 @glu_act_fwd.register_fake
 def _(gate, up, act):
     return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
 
 
-@torch.library.custom_op("hf_fastkern::glu_act_bwd", mutates_args=())
-def glu_act_bwd(dy: torch.Tensor, gate: torch.Tensor, up: Optional[torch.Tensor],
+def _glu_act_bwd_impl(dy: torch.Tensor, gate: torch.Tensor, up: Optional[torch.Tensor],
                 act: int) -> tuple[torch.Tensor, torch.Tensor]:
     """dy: [..., cols] like gate. Returns (dgate, dup) contiguous in gate's dtype; dup is empty without up."""
     dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -202,25 +204,47 @@ def glu_act_bwd(dy: torch.Tensor, gate: torch.Tensor, up: Optional[torch.Tensor]
     return dg, du
 
 
+glu_act_bwd = torch.library.custom_op("hf_fastkern::glu_act_bwd", mutates_args=())(_glu_act_bwd_impl)
+
+
 @glu_act_bwd.register_fake
 def _(dy, gate, up, act):
     du = torch.empty(gate.shape if up is not None else (0,), dtype=gate.dtype, device=gate.device)
     return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device), du
 
 
-def _setup_context(ctx, inputs, output):
-    gate, up, act = inputs
-    ctx.save_for_backward(gate, up)
-    ctx.act = act
-
-
-def _backward(ctx, dy):
+def _grads(ctx, dy, bwd):
     gate, up = ctx.saved_tensors
-    dg, du = glu_act_bwd(dy, gate, up, ctx.act)
+    dg, du = bwd(dy, gate, up, ctx.act)
     return dg, (du if up is not None else None), None
 
 
-glu_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.act = inputs[2]
+
+
+glu_act_fwd.register_autograd(lambda ctx, dy: _grads(ctx, dy, glu_act_bwd), setup_context=_setup_context)
+
+
+class GLUActFunction(torch.autograd.Function):
+    """Eager autograd path over the same launchers as the custom ops (saves gate and up, not the output)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        ctx.save_for_backward(gate, up)
+        ctx.act = act
+        return _glu_act_fwd_impl(gate, up, act)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, _glu_act_bwd_impl)
+
+
+def _apply(gate: torch.Tensor, up: Optional[torch.Tensor], act: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return glu_act_fwd(gate, up, act)
+    return GLUActFunction.apply(gate, up, act)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,7 +274,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check_pair("swiglu", gate, up)
     if not use_kernel("swiglu", device_check((gate, up))):
         return reference.swiglu(gate, up)
-    return glu_act_fwd(gate, up, SILU)
+    return _apply(gate, up, SILU)
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -260,7 +284,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
     _check_pair("geglu", gate, up)
     if not use_kernel("geglu", device_check((gate, up))):
         return reference.geglu(gate, up, approximate)
-    return glu_act_fwd(gate, up, code)
+    return _apply(gate, up, code)
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -270,5 +294,5 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     if not use_kernel("gelu", device_check((x,))):
         return reference.gelu(x, approximate)
     if x.dim() == 0:
-        return glu_act_fwd(x.reshape(1), None, code).reshape(())
-    return glu_act_fwd(x, None, code)
+        return _apply(x.reshape(1), None, code).reshape(())
+    return _apply(x, None, code)

@@ -172,7 +172,9 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, n_rows_cla
 
 
 # ----------------------------------------------------------------------------------------------------------
-# launchers (torch.library custom ops, so torch.compile traces through them)
+# launchers: plain functions, registered below as torch.library custom ops (what torch.compile traces) and
+# called directly by the eager autograd.Function (custom-op dispatch costs ~4x the host time of an
+# autograd.Function, which decides small shapes: Liger #323).
 
 
 def _out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], cast_before_weight: bool) -> torch.dtype:
@@ -186,8 +188,7 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("hf_fastkern::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
+def _rms_norm_fwd_impl(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
                  cast_before_weight: bool, save_rstd_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [rows, hidden] fp32/bf16/fp16 -> (y [rows, hidden] in the output dtype, rstd [rows] fp32)."""
     rows, hidden = x.shape
@@ -206,6 +207,9 @@ def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, of
     return y, rstd
 
 
+rms_norm_fwd = torch.library.custom_op("hf_fastkern::rms_norm_fwd", mutates_args=())(_rms_norm_fwd_impl)
+
+
 @rms_norm_fwd.register_fake
 def _(x, weight, eps, offset, cast_before_weight, save_rstd_only):
     rows, hidden = x.shape
@@ -213,8 +217,7 @@ def _(x, weight, eps, offset, cast_before_weight, save_rstd_only):
             x.new_empty((rows,), dtype=torch.float32))
 
 
-@torch.library.custom_op("hf_fastkern::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: Optional[torch.Tensor],
+def _rms_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: Optional[torch.Tensor],
                  eps: float, offset: float, cast_before_weight: bool,
                  compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """dy: [rows, hidden] (output dtype); x: [rows, hidden]; rstd: [rows] fp32, or None to recompute it.
@@ -250,29 +253,48 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tenso
     return dx, dw
 
 
+rms_norm_bwd = torch.library.custom_op("hf_fastkern::rms_norm_bwd", mutates_args=())(_rms_norm_bwd_impl)
+
+
 @rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd, eps, offset, cast_before_weight, compute_dw):
     dw = torch.empty_like(weight) if (weight is not None and compute_dw) else x.new_empty((0,))
     return torch.empty_like(x), dw
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, eps, offset, cast_before_weight, save_rstd_only = inputs
-    _, rstd = output
-    ctx.mark_non_differentiable(rstd)
+def _save(ctx, x, weight, rstd, eps, offset, cast_before_weight, save_rstd_only):
     ctx.save_for_backward(x, weight, rstd if save_rstd_only else None)
     ctx.args = (eps, offset, cast_before_weight)
 
 
-def _backward(ctx, dy, _drstd):
+def _grads(ctx, dy, bwd):
     x, weight, rstd = ctx.saved_tensors
     eps, offset, cast_before_weight = ctx.args
     want_dw = weight is not None and ctx.needs_input_grad[1]
-    dx, dw = rms_norm_bwd(dy, x, weight, rstd, eps, offset, cast_before_weight, want_dw)
+    dx, dw = bwd(dy, x, weight, rstd, eps, offset, cast_before_weight, want_dw)
     return dx, (dw if want_dw else None), None, None, None, None
 
 
-rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    _save(ctx, inputs[0], inputs[1], output[1], *inputs[2:])
+
+
+rms_norm_fwd.register_autograd(lambda ctx, dy, _drstd: _grads(ctx, dy, rms_norm_bwd), setup_context=_setup_context)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Eager autograd path over the same launchers as the custom ops. x: [rows, hidden] -> y [rows, hidden]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, cast_before_weight, save_rstd_only):
+        y, rstd = _rms_norm_fwd_impl(x, weight, eps, offset, cast_before_weight, save_rstd_only)
+        _save(ctx, x, weight, rstd, eps, offset, cast_before_weight, save_rstd_only)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, _rms_norm_bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,6 +326,10 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
         check_same_device(x=x, weight=weight)
     if not use_kernel("rms_norm", _kernel_check(x, weight)):
         return reference.rms_norm(x, weight, eps, offset, cast_before_weight)
-    y, _ = rms_norm_fwd(x.reshape(-1, x.shape[-1]), weight, float(eps), float(offset), bool(cast_before_weight),
-                        bool(save_rstd_only))
+    args = (x.reshape(-1, x.shape[-1]), weight, float(eps), float(offset), bool(cast_before_weight),
+            bool(save_rstd_only))
+    if torch.compiler.is_compiling():
+        y, _ = rms_norm_fwd(*args)
+    else:
+        y = RMSNormFunction.apply(*args)
     return y.view(*x.shape[:-1], x.shape[-1])
