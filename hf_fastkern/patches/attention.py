@@ -1,5 +1,491 @@
-"""PLACEHOLDER (being replaced): registration of "fastkern" with transformers' attention/mask interfaces."""
+"""Registers ``attn_implementation="fastkern"`` with transformers: an attention function and its mask function.
+
+What the model hands over (the mask side, ``fastkern_mask``). Registered in ``AttentionMaskInterface`` so the
+model never builds a dense ``[batch, 1, q_len, kv_len]`` mask for us. It returns one of:
+
+- ``None``: no padding, no packing. The kernel runs dense, causal from ``module.is_causal`` (bottom-right
+  aligned, so KV-cache decoding and chunked prefill are right), sliding window from the ``sliding_window`` kwarg.
+- a 2-D **bool** padding mask ``[batch, kv_len]`` (True = real token): the attention unpads the real tokens into
+  varlen form (``cu_seqlens``), runs the varlen kernel and pads back. Left padding during ``generate()`` included.
+- a 2-D **int32** segment-id tensor ``[batch, seq]``: packed sequences (``DataCollatorWithFlattening``-style
+  ``position_ids`` restarting at 0), one varlen sequence per run of equal ids.
+- a 4-D bool mask, built by transformers' own ``sdpa_mask``, for every pattern the kernel does not know (custom
+  ``or``/``and`` overlays, chunked attention, block-wise overlays, static caches, decoder models switched to
+  bidirectional through ``config.is_causal=False``). The attention then falls back to SDPA with that mask.
+
+What the attention function does (``fastkern_attention_forward``, same contract as transformers'
+``sdpa_attention_forward``): validates the inputs (``ValueError`` naming the tensor and the expected shape), then
+either calls ``hf_fastkern.kernels.attention.flash_attention[_varlen]`` or falls back to SDPA (or to an eager
+softmax when ``softcap`` is set, which SDPA cannot do) for that call, with one warning per reason. It never
+returns a result computed under a pattern it did not check.
+
+Host synchronisation: the dense path has none. Unpadding and packed sequences need the per-sequence lengths on
+the host (``nonzero`` and the max length), once per forward: the metadata is cached across layers keyed on the
+identity of the mask tensor (the model passes the same object to every layer). The mask function reads
+``attention_mask.all()`` once per forward to return ``None`` for unpadded batches, as transformers' flash mask
+does. Under ``torch.compile`` those value-dependent branches are the only graph breaks; the dense path traces.
+
+Version notes (transformers 5.17 on the GPU image, 5.24 in CI): the attention-interface call and the
+mask-interface call are the same in both. Recognising the mask pattern reads the closures built by
+``transformers.masking_utils`` (``and_masks``, ``sliding_window_overlay``, ``packed_sequence_mask_function``,
+and 5.24's ``remap_positions_for_packed_sequence``): private structure, isolated in ``_classify_mask_function``,
+where anything not recognised means "dense mask + SDPA", never a guess.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hf_fastkern.kernels import attention as _kernels
+from hf_fastkern.kernels import dispatch
+
+NAME = "fastkern"
+# head_dims the kernel is built for (the kernel's own ``attention_supported`` is the authority once it exists).
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mask side
+
+
+def _closure_vars(fn) -> dict:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+
+
+@dataclass
+class _Pattern:
+    supported: bool = True
+    causal: bool | None = None
+    packed: torch.Tensor | None = None  # [batch, seq] segment ids from transformers' packing detection
+
+
+def _classify_mask_function(fn, pattern: _Pattern) -> None:
+    """Walk transformers' mask-function tree; mark ``pattern.supported = False`` on anything not recognised.
+
+    Private structure of ``transformers.masking_utils`` (same in 5.17 and 5.24; 5.24 adds
+    ``remap_positions_for_packed_sequence``). The sliding-window overlay is accepted because the model passes the
+    same ``config.sliding_window`` to the attention call as ``sliding_window``.
+    """
+    from transformers import masking_utils as mu
+
+    if fn is mu.causal_mask_function:
+        pattern.causal = True if pattern.causal is None else pattern.causal
+        return
+    if fn is getattr(mu, "bidirectional_mask_function", None):
+        pattern.causal = False
+        return
+    qual = getattr(fn, "__qualname__", "")
+    free = _closure_vars(fn)
+    if qual == "and_masks.<locals>.and_mask" and "mask_functions" in free:
+        for f in free["mask_functions"]:
+            _classify_mask_function(f, pattern)
+        return
+    if qual.startswith("remap_positions_for_packed_sequence.") and "mask_function" in free:
+        _classify_mask_function(free["mask_function"], pattern)
+        return
+    if qual.startswith("packed_sequence_mask_function.") and isinstance(free.get("packed_sequence_mask"),
+                                                                         torch.Tensor):
+        pattern.packed = free["packed_sequence_mask"]
+        return
+    if qual.startswith("sliding_window_overlay."):
+        return
+    # or_masks, chunked / block-wise / bidirectional-window overlays, user functions: not the kernel's business.
+    pattern.supported = False
+
+
+def _is_tracing(t: torch.Tensor | None) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return t is not None and not isinstance(t, torch.Tensor)
+
+
+def fastkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                  mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """Mask function registered under "fastkern" in ``AttentionMaskInterface`` (see the module docstring).
+
+    attention_mask: [batch, seen + q_length] bool (True = real token) or None. Returns None, a 2-D bool padding
+    mask [batch, kv_length], a 2-D int32 segment-id tensor [batch, q_length], or a 4-D bool mask from
+    transformers' ``sdpa_mask`` when the pattern is not one the kernel handles.
+    """
+    from transformers import masking_utils as mu
+
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    pattern = _Pattern()
+    _classify_mask_function(mask_function, pattern)
+    config = kwargs.get("config")
+    if pattern.causal is False and config is not None and getattr(config, "is_causal", True) is False:
+        # A decoder switched to bidirectional through the config: its attention modules still say is_causal=True.
+        pattern.supported = False
+    # Static caches hand over a tensor q_offset and keys past the written positions; rolling sliding buffers are
+    # not in position order. The kernel needs keys that end at the last query (kv_offset + kv_len == q_end).
+    if isinstance(q_offset, torch.Tensor) or kv_offset + kv_length != q_offset + q_length:
+        pattern.supported = False
+    if pattern.packed is not None and (attention_mask is not None or pattern.packed.shape[-1] != kv_length):
+        pattern.supported = False
+    if not pattern.supported:
+        sdpa_kwargs = {k: v for k, v in kwargs.items()
+                       if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
+        return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                            allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **sdpa_kwargs)
+    if pattern.packed is not None:
+        return pattern.packed.expand(batch_size, -1).to(torch.int32)
+    if attention_mask is None:
+        return None
+    # The cache (dynamic or dynamic-sliding) holds key positions [kv_offset, kv_offset + kv_length).
+    mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+    if mask.shape[-1] < kv_length:
+        mask = F.pad(mask, (0, kv_length - mask.shape[-1]), value=False)
+    # One host sync per forward (not per layer), as transformers' flash mask does; skipped while tracing.
+    if not _is_tracing(mask) and bool(mask.all()):
+        return None
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _validate(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        dispatch.check_floating(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [batch, heads, seq, head_dim] (4 dims), got {tuple(t.shape)}")
+    b, h, sq, d = query.shape
+    _, hk, sk, _ = key.shape
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(f"query, key and value must share one dtype, got query {query.dtype}, key {key.dtype}, "
+                         f"value {value.dtype}")
+    dispatch.check_same_device(query=query, key=key, value=value)
+    if key.shape[-1] != d:
+        raise ValueError(f"key must have shape ({b}, kv_heads, kv_len, {d}) (head_dim of query), "
+                         f"got {tuple(key.shape)}")
+    if key.shape[0] != b:
+        raise ValueError(f"key must have shape ({b}, {hk}, {sk}, {d}) (batch of query), got {tuple(key.shape)}")
+    if tuple(value.shape[:3]) != (b, hk, sk):
+        raise ValueError(f"value must have shape ({b}, {hk}, {sk}, head_dim) like key, got {tuple(value.shape)}")
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"the number of query heads ({h}) must be divisible by the number of key/value heads "
+                         f"({hk}); key has shape {tuple(key.shape)}")
+    if attention_mask is None:
+        return
+    m = attention_mask
+    if m.dim() == 2:
+        if m.dtype == torch.int32:
+            # segment ids from fastkern_mask: one packed token stream, queries == keys
+            if tuple(m.shape) != (b, sk) or sq != sk:
+                raise ValueError(f"attention_mask (packed segment ids) must have shape ({b}, {sk}) with "
+                                 f"q_len == kv_len, got {tuple(m.shape)} for q_len {sq}")
+        elif tuple(m.shape) != (b, sk):
+            raise ValueError(f"attention_mask (2-D padding mask) must have shape ({b}, {sk}) = (batch, kv_len), "
+                             f"got {tuple(m.shape)}")
+    elif m.dim() == 4:
+        ok = (m.shape[0] in (1, b) and m.shape[1] in (1, h) and m.shape[2] in (1, sq) and m.shape[3] == sk)
+        if not ok:
+            raise ValueError(f"attention_mask (4-D) must have shape ({b}, 1, {sq}, {sk}) = "
+                             f"(batch, 1, q_len, kv_len) or broadcast to it, got {tuple(m.shape)}")
+    else:
+        raise ValueError(f"attention_mask must have shape ({b}, {sk}) (padding) or ({b}, 1, {sq}, {sk}), "
+                         f"got {tuple(m.shape)}")
+
+
+def _kernel_check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> tuple[bool, str]:
+    """(ok, reason) for running the Triton kernel; q/k/v in [batch, seq, heads, head_dim]."""
+    check = getattr(_kernels, "attention_supported", None)
+    if check is not None:
+        return check(query, key, value, dropout=dropout)
+    # Same checks as the kernel's own, until hf_fastkern.kernels.attention provides attention_supported.
+    if dropout > 0.0:
+        return False, "attention dropout > 0 in training is not implemented in the kernel"
+    ok, why = dispatch.device_check((query, key, value), dispatch.LOW_PRECISION_DTYPES)
+    if not ok:
+        return False, why
+    if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return False, f"head_dim {query.shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# unpad / pad metadata, cached across layers
+
+
+@dataclass
+class _Varlen:
+    idx_q: torch.Tensor | None  # [total_q] int64 rows of the flattened [batch * q_len] queries; None = all
+    idx_k: torch.Tensor | None  # [total_k] int64 rows of the flattened [batch * kv_len] keys; None = all
+    cu_q: torch.Tensor  # [n_seq + 1] int32
+    cu_k: torch.Tensor  # [n_seq + 1] int32
+    max_q: int
+    max_k: int
+    contiguous: bool  # every sequence's real keys are one contiguous run (needed for sliding windows)
+
+
+_cache: dict = {}
+
+
+def _cached(mask: torch.Tensor, key: tuple, build):
+    """One-entry cache keyed on the mask object itself (a strong reference, so its id cannot be reused)."""
+    if torch.compiler.is_compiling():
+        return build()
+    hit = _cache.get("entry")
+    if hit is not None and hit[0] is mask and hit[1] == (mask._version, *key):
+        return hit[2]
+    meta = build()
+    _cache["entry"] = (mask, (mask._version, *key), meta)
+    return meta
+
+
+def _padding_meta(mask: torch.Tensor, q_len: int, causal: bool) -> _Varlen:
+    """mask: [batch, kv_len] bool. Causal: the queries are the last q_len key positions, unpadded like the keys.
+    Bidirectional: every query row is kept (it attends to the real keys), only the keys are unpadded."""
+    b, kv_len = mask.shape
+    dev = mask.device
+    k_lens = mask.sum(dim=1, dtype=torch.int32)
+    cu_k = F.pad(torch.cumsum(k_lens, 0, dtype=torch.int32), (1, 0))
+    pos = torch.arange(kv_len, device=dev)
+    first = torch.where(mask, pos, kv_len).amin(dim=1)
+    last = torch.where(mask, pos, -1).amax(dim=1)
+    contiguous = ((last - first + 1 == k_lens) | (k_lens == 0)).all()
+    idx_k = mask.reshape(-1).nonzero().squeeze(1)
+    if causal:
+        qm = mask[:, kv_len - q_len:]
+        q_lens = qm.sum(dim=1, dtype=torch.int32)
+        idx_q = qm.reshape(-1).nonzero().squeeze(1)
+    else:
+        q_lens = torch.full((b,), q_len, dtype=torch.int32, device=dev)
+        idx_q = None
+    cu_q = F.pad(torch.cumsum(q_lens, 0, dtype=torch.int32), (1, 0))
+    # the one host read of this forward: both max lengths and the contiguity flag together
+    max_q, max_k, contig = torch.stack([q_lens.max(), k_lens.max(), contiguous.to(torch.int32)]).tolist()
+    return _Varlen(idx_q, idx_k, cu_q, cu_k, int(max_q), int(max_k), bool(contig))
+
+
+def _segments_from_positions(pos: torch.Tensor) -> torch.Tensor:
+    """pos: [batch, seq] position ids -> [batch, seq] segment ids; a sequence restarts wherever the position does
+    not follow its predecessor by one (transformers' ``find_packed_sequence_indices`` rule)."""
+    diff = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1)
+    return (diff != 1).cumsum(-1).to(torch.int32)
+
+
+def _segment_meta(seg: torch.Tensor) -> _Varlen:
+    """seg: [batch, seq] int32 segment ids; a new sequence starts where the id changes or a row starts."""
+    b, s = seg.shape
+    flat = seg.reshape(-1)
+    start = torch.ones_like(flat, dtype=torch.bool)
+    start[1:] = flat[1:] != flat[:-1]
+    start.view(b, s)[:, 0] = True
+    starts = start.nonzero().squeeze(1).to(torch.int32)
+    cu = torch.cat([starts, torch.tensor([b * s], dtype=torch.int32, device=seg.device)])
+    max_len = int(cu.diff().max().item())
+    return _Varlen(None, None, cu, cu, max_len, max_len, True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fallbacks
+
+
+def _dense_mask(attention_mask: torch.Tensor | None, b: int, q_len: int, kv_len: int, causal: bool,
+                window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[batch, 1, q_len, kv_len] bool (True = attend) from what fastkern_mask returned, or None when SDPA's
+    own is_causal / no mask is exact. Queries sit at key positions kv_len - q_len + i (bottom-right)."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask
+    if attention_mask is None and window is None and (not causal or q_len == kv_len):
+        return None
+    q_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= k_pos <= q_pos
+        if window is not None:
+            allowed &= (q_pos - k_pos) < window
+    elif window is not None:
+        # transformers' bidirectional sliding window is inclusive: |q - k| <= window
+        allowed &= (q_pos - k_pos).abs() <= window
+    allowed = allowed[None, None].expand(b, 1, q_len, kv_len)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.int32:
+            seg = attention_mask
+            allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :])
+        else:
+            allowed = allowed & attention_mask[:, None, None, :].to(torch.bool)
+    return allowed
+
+
+def _eager(query, key, value, mask, dropout, scaling, softcap, training):
+    """Eager softmax attention for what SDPA cannot do (softcap). q [b, h, sq, d], k/v [b, hk, sk, d]."""
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1)
+    v = value.repeat_interleave(group, dim=1)
+    s = torch.matmul(query, k.transpose(-1, -2)).float() * scaling
+    s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    p = F.dropout(p, p=dropout, training=training).to(value.dtype)
+    return torch.matmul(p, v)
+
+
+def _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, reason,
+              kwargs):
+    dispatch.warn_once(f"attention:{reason}",
+                       f"hf_fastkern: attention '{NAME}' falls back to {'eager' if softcap else 'SDPA'} "
+                       f"for such calls: {reason}.")
+    b, _, sq, _ = query.shape
+    sk = key.shape[2]
+    if kwargs.get("position_bias") is not None and softcap is None and window is None and (
+            attention_mask is None or attention_mask.dim() == 4):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=causal, **kwargs)
+    mask = _dense_mask(attention_mask, b, sq, sk, causal, window, query.device)
+    if softcap:
+        out = _eager(query, key, value, mask, dropout, scaling, softcap, True)
+    else:
+        group = query.shape[1] // key.shape[1]
+        if group > 1:
+            key = key.repeat_interleave(group, dim=1)
+            value = value.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                             is_causal=bool(causal and mask is None and sq > 1))
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the attention function
+
+
+def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                               scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention with the contract of transformers' ``sdpa_attention_forward``.
+
+    query: [batch, heads, q_len, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim]; bf16/fp16 run the
+    Triton kernel, fp32 (outside autocast) falls back to SDPA. attention_mask: what ``fastkern_mask`` returns
+    (None, [batch, kv_len] bool padding, [batch, seq] int32 segment ids, or a 4-D mask -> SDPA).
+    Keyword arguments read: ``is_causal`` (else ``module.is_causal``), ``sliding_window`` (else
+    ``module.sliding_window``), ``softcap``, ``cu_seq_lens_q/k`` with ``max_length_q/k`` (packed batch of one).
+    Returns (attn_output [batch, q_len, heads, head_dim] contiguous, None).
+    """
+    _validate(query, key, value, attention_mask)
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"attn_implementation='{NAME}' does not support attention sinks (s_aux); "
+                         "use attn_implementation='eager'")
+    is_causal = kwargs.pop("is_causal", None)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    window = kwargs.pop("sliding_window", None)
+    if window is None:
+        window = getattr(module, "sliding_window", None)
+    softcap = kwargs.pop("softcap", None)
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(query.shape[-1])
+    b, h, sq, d = query.shape
+    sk = key.shape[2]
+    if window is not None and (window <= 0 or (causal and window >= sk)):
+        # Causal: the farthest key a query sees is sk - 1 positions back, so such a window masks nothing.
+        window = None
+
+    # Under autocast the projections may come back fp32 (PEFT upcasts); SDPA would run in the autocast dtype.
+    dev_type = query.device.type
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(dev_type):
+        dt = torch.get_autocast_dtype(dev_type)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
+
+    q = query.transpose(1, 2)  # [b, sq, h, d]
+    k = key.transpose(1, 2)  # [b, sk, hk, d]
+    v = value.transpose(1, 2)
+
+    def fallback(reason: str):
+        return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap,
+                         reason, kwargs)
+
+    if value.shape[-1] != d:
+        return fallback("value head_dim differs from query/key head_dim")
+    if kwargs.get("position_bias") is not None:
+        return fallback("an additive position_bias is not supported by the kernel")
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return fallback("the model built a dense 4-D mask (custom mask pattern or static cache)")
+    if not causal and window is not None:
+        return fallback("bidirectional sliding window")
+    ok, reason = _kernel_check(q, k, v, dropout)
+    if not ok:
+        return fallback(reason)
+    if kwargs.get("output_attentions", False):
+        dispatch.warn_once("attention:output_attentions",
+                           f"hf_fastkern: attn_implementation='{NAME}' does not return attention weights.")
+    opts = dict(causal=causal, scale=scaling, sliding_window=window, softcap=softcap)
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if attention_mask is None and cu_q is not None and cu_k is not None:
+        # DataCollatorWithFlattening(return_flash_attn_kwargs=True): one packed row, boundaries given.
+        if cu_q.numel() < 2 or int(cu_q.shape[0]) != int(cu_k.shape[0]) or sq != sk:
+            raise ValueError(f"cu_seq_lens_q / cu_seq_lens_k must have shape (n_seq + 1,) each, with q_len == "
+                             f"kv_len, got {tuple(cu_q.shape)}, {tuple(cu_k.shape)} for q_len {sq}, kv_len {sk}")
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        max_q = int(max_q) if max_q is not None else int(cu_q.diff().max())
+        max_k = int(max_k) if max_k is not None else int(cu_k.diff().max())
+        out = _kernels.flash_attention_varlen(q.reshape(b * sq, h, d), k.reshape(b * sk, -1, d),
+                                              v.reshape(b * sk, -1, d), cu_q.to(torch.int32),
+                                              cu_k.to(torch.int32), max_q, max_k, **opts)
+        return out.view(b, sq, h, d), None
+
+    pos = kwargs.get("position_ids")
+    if attention_mask is None and pos is not None and b == 1 and sq == sk and sq > 1 and pos.numel() == sq:
+        # Packed sequences that the mask side could not see (transformers only looks for packing without a
+        # cache, and forward() makes an empty one when use_cache=True): the same detection as its masks, from
+        # position_ids that restart. One host read per forward, cached across layers on the position_ids object.
+        meta = _cached(pos, ("pos",), lambda: _segment_meta(_segments_from_positions(pos.reshape(1, -1))))
+        if meta.cu_q.numel() > 2:
+            out = _kernels.flash_attention_varlen(q.reshape(sq, h, d), k.reshape(sk, -1, d), v.reshape(sk, -1, d),
+                                                  meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, **opts)
+            return out.view(b, sq, h, d), None
+
+    if attention_mask is None:
+        return _kernels.flash_attention(q, k, v, **opts), None
+
+    if attention_mask.dtype == torch.int32:
+        meta = _cached(attention_mask, ("seg",), lambda: _segment_meta(attention_mask))
+        out = _kernels.flash_attention_varlen(q.reshape(b * sq, h, d), k.reshape(b * sk, -1, d),
+                                              v.reshape(b * sk, -1, d), meta.cu_q, meta.cu_k, meta.max_q,
+                                              meta.max_k, **opts)
+        return out.view(b, sq, h, d), None
+
+    mask = attention_mask.to(torch.bool)
+    meta = _cached(attention_mask, ("pad", sq, causal), lambda: _padding_meta(mask, sq, causal))
+    if window is not None and not meta.contiguous:
+        # Unpadding shifts positions when the real tokens have holes: the window would be measured wrongly.
+        return fallback("sliding window with a padding mask that has holes")
+    kk = k.reshape(b * sk, -1, d).index_select(0, meta.idx_k)
+    vv = v.reshape(b * sk, -1, d).index_select(0, meta.idx_k)
+    qf = q.reshape(b * sq, h, d)
+    qq = qf if meta.idx_q is None else qf.index_select(0, meta.idx_q)
+    out = _kernels.flash_attention_varlen(qq, kk, vv, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, **opts)
+    if meta.idx_q is None:
+        return out.view(b, sq, h, d), None
+    # padded query rows get zeros (SDPA leaves them undefined; no real token reads them)
+    full = out.new_zeros(b * sq, h, d).index_copy(0, meta.idx_q, out)
+    return full.view(b, sq, h, d), None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registration
 
 
 def register_fastkern_attention() -> None:
-    """Idempotent: registers "fastkern" in AttentionInterface and AttentionMaskInterface."""
+    """Idempotent: registers "fastkern" in AttentionInterface and AttentionMaskInterface, together."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # transformers is a dependency; without it there is nothing to register with
+        return
+    AttentionInterface.register(NAME, fastkern_attention_forward)
+    AttentionMaskInterface.register(NAME, fastkern_mask)
