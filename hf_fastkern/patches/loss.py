@@ -1,10 +1,243 @@
-"""PLACEHOLDER (being replaced): fused linear cross-entropy for *ForCausalLM models."""
+"""Fused linear cross-entropy for ``*ForCausalLM`` models: the training loss without the ``[tokens, vocab]`` logits.
+
+Mechanism (per model INSTANCE; classes and module globals are never touched):
+- ``model.forward`` gets an instance-level wrapper. Without labels, in eval mode, or when the caller passes
+  ``return_logits=True``, it calls the original forward unchanged (evaluation and ``generate()`` are exactly
+  the unpatched model).
+- In training with labels it calls the original forward with ``labels=None`` while the output head
+  (``get_output_embeddings()``, an ``nn.Linear``) is in *capture* mode: the head records its input (the last
+  hidden state, already sliced by ``logits_to_keep`` by the model itself) and returns an empty
+  ``[..., 0]`` placeholder instead of logits. Elementwise post-processing the model applies to its logits
+  (Gemma's softcap) then costs nothing. The loss is computed from the captured hidden state with
+  ``fused_linear_cross_entropy`` and ``lm_head.weight``/``bias``; the output is the model's own output class
+  with ``loss`` set and ``logits=None`` (``past_key_values``/``cache``, ``hidden_states``, ``attentions``, MoE
+  ``aux_loss`` pass through, so this does not depend on the transformers version: the model's forward is
+  never copied).
+- The loss follows ``transformers.loss.loss_utils.ForCausalLMLoss``: labels are padded with ``ignore_index``
+  and shifted by one, or ``shift_labels`` is used as given; ``num_items_in_batch`` divides the summed loss
+  (gradient accumulation gives the loss of one big batch); ``ignore_index`` kwarg honoured;
+  ``config.final_logit_softcapping`` (Gemma 2/3) is the kernel's softcap; MoE models add
+  ``router_aux_loss_coef * aux_loss`` as they do themselves.
+- Tied input/output embeddings: the head's weight *is* the embedding parameter, read once by the fused loss,
+  so autograd accumulates both contributions into it once.
+
+Refused (``enable_fused_loss`` returns ``(False, reason)``, the model keeps its standard loss):
+- heads that are not a plain ``nn.Linear`` (PEFT LoRA on ``lm_head``, quantised layers): reading
+  ``lm_head.weight`` directly would silently drop the adapter's gradient (TRL PR 5977);
+- a sharded (DTensor, FSDP2) head weight (Liger #332);
+- models whose logits are rescaled by config (``logit_scale`` Cohere, ``logits_scaling`` Granite ...), a
+  non-causal-LM ``loss_type`` or a custom ``loss_function``;
+- a head whose ``forward`` is already wrapped on the instance (accelerate device-map hooks).
+If the head changes after enabling (LoRA added to ``lm_head``, ``resize_token_embeddings``), each call falls
+back to the original forward with a one-time warning.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hf_fastkern.kernels.cross_entropy import fused_linear_cross_entropy
+from hf_fastkern.kernels.dispatch import warn_once
+
+_STATE = "_hf_fastkern_fused_loss"
+# config attributes that rescale the logits after lm_head: not folded into the fused loss, so refused
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier",
+                     "logits_scale")
 
 
-def enable_fused_loss(model):
-    """Route the training loss of this model instance through the fused path. Returns (ok, reason)."""
-    return False, "fused loss not implemented yet"
+class _State:
+    """Per-instance bookkeeping: the original forwards and the capture slot."""
+
+    def __init__(self, model: nn.Module, head: nn.Linear, softcap: float | None):
+        self.head = head
+        self.softcap = softcap
+        self.capturing = False
+        self.hidden: torch.Tensor | None = None
+        self.prev_forward = model.__dict__.get("forward")  # an instance-level forward set by someone else
+        self.orig_forward = model.forward
+        params = list(inspect.signature(self.orig_forward).parameters)
+        self.labels_pos = params.index("labels") if "labels" in params else None
+        self.wrapper = None
+        self.head_wrapper = None
 
 
-def disable_fused_loss(model) -> None:
+def _unwrap(model: nn.Module) -> nn.Module:
+    """A PeftModel reaches its base *ForCausalLM (transformers #34016: never patch the wrapper silently)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and type(model).__name__.startswith("Peft"):
+        return get_base()
+    return model
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _head_problem(head) -> str:
+    """Why this output head cannot go through the fused loss ('' when it can)."""
+    if head is None:
+        return "the model has no output embeddings (get_output_embeddings() is None)"
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        return (f"lm_head is {type(head).__module__}.{type(head).__name__}, not a plain nn.Linear (PEFT LoRA "
+                "or a quantised layer): the fused loss would drop its adapter's gradient, standard loss kept")
+    if _is_dtensor(head.weight):
+        return "lm_head.weight is a sharded DTensor (FSDP2/tensor parallel): standard loss kept"
+    return ""
+
+
+def _softcap(config) -> float | None:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _support_problem(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if config is None:
+        return "not a transformers model (no config)"
+    if "labels" not in inspect.signature(model.forward).parameters:
+        return f"{type(model).__name__}.forward takes no labels"
+    custom = model.__dict__.get("_loss_function")
+    if custom is not None:
+        return "a custom loss_function is set on the model"
+    loss_type = getattr(model, "loss_type", None)
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except Exception:
+        LOSS_MAPPING = {}
+    # transformers uses ForCausalLMLoss for unknown/None loss types (GPT2LMHeadModel)
+    if loss_type is not None and loss_type in LOSS_MAPPING and loss_type != "ForCausalLM":
+        return f"loss_type is {loss_type!r}, not a causal-LM loss"
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in _LOGIT_TRANSFORMS:
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return f"config.{attr} rescales the logits after lm_head; the fused loss does not fold it in"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    why = _head_problem(head)
+    if why:
+        return why
+    if "forward" in head.__dict__:
+        return "lm_head.forward is already wrapped on the instance (accelerate hook?)"
+    return ""
+
+
+def _make_head_forward(state: _State):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if state.capturing:
+            state.hidden = input
+            # no logits: an empty vocab axis, so any elementwise post-processing by the model is free
+            return input.new_empty(*input.shape[:-1], 0)
+        return F.linear(input, self.weight, self.bias)
+    return forward
+
+
+def _make_forward(state: _State):
+    def forward(self, *args, **kwargs):
+        return_logits = kwargs.pop("return_logits", False)
+        if state.labels_pos is not None and len(args) > state.labels_pos:
+            labels = args[state.labels_pos]
+            args = args[:state.labels_pos] + (None,) + args[state.labels_pos + 1:]
+        else:
+            labels = kwargs.pop("labels", None)
+        # like the model itself: no labels, no loss (shift_labels alone does not ask for one)
+        if labels is None or not self.training or return_logits:
+            return _call_with_positional(state, args, labels, kwargs)
+        head = self.get_output_embeddings()
+        why = "lm_head was replaced after enable_fused_loss" if head is not state.head else _head_problem(head)
+        if why:
+            warn_once(f"fused_loss:{why}", f"hf_fastkern: fused loss falls back to the standard loss: {why}.")
+            return _call_with_positional(state, args, labels, kwargs)
+        state.capturing, state.hidden = True, None
+        try:
+            out = state.orig_forward(*args, **kwargs)
+        finally:
+            state.capturing = False
+        hidden, state.hidden = state.hidden, None
+        if hidden is None:
+            raise RuntimeError(f"hf_fastkern: {type(self).__name__}.forward did not call its output head; "
+                               "disable the fused loss for this model (disable_fused_loss)")
+        loss = _causal_lm_loss(state, hidden, labels, kwargs)
+        aux = out.get("aux_loss") if isinstance(out, dict) else None
+        coef = getattr(self.config, "router_aux_loss_coef", None)
+        if aux is not None and coef is not None:
+            loss = loss + coef * aux.to(loss.device)
+        if isinstance(out, tuple):
+            # return_dict=False: the model returned (logits, ...) without a loss; HF's tuple skips None fields
+            return (loss,) + tuple(out[1:])
+        fields = {k: v for k, v in out.items() if k not in ("logits", "loss")}
+        return type(out)(loss=loss, **fields)
+    return forward
+
+
+def _call_with_positional(state: _State, args: tuple, labels, kwargs: dict):
+    """Call the original forward with the labels put back where the caller passed them."""
+    if state.labels_pos is not None and len(args) > state.labels_pos:
+        args = args[:state.labels_pos] + (labels,) + args[state.labels_pos + 1:]
+        return state.orig_forward(*args, **kwargs)
+    return state.orig_forward(*args, labels=labels, **kwargs)
+
+
+def _causal_lm_loss(state: _State, hidden: torch.Tensor, labels, kwargs: dict) -> torch.Tensor:
+    """ForCausalLMLoss semantics from the captured hidden state [batch, seq, H] (or [..., H])."""
+    ignore_index = kwargs.get("ignore_index", -100)
+    shift_labels = kwargs.get("shift_labels")
+    if shift_labels is None:
+        # tokens < n predict n: pad with ignore_index, then shift (HF's ForCausalLMLoss)
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(hidden.device)
+    head = state.head
+    return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
+                                      shift_labels.reshape(-1), head.bias, ignore_index=ignore_index,
+                                      num_items_in_batch=kwargs.get("num_items_in_batch"),
+                                      softcap=state.softcap)
+
+
+def enable_fused_loss(model: nn.Module) -> tuple[bool, str]:
+    """Route the training loss of this model instance through the fused path.
+
+    model: a transformers ``*ForCausalLM`` (or ``GPT2LMHeadModel``-style) instance, or a PeftModel around one.
+    Returns ``(ok, reason)``: ``(True, "")`` when enabled (or already enabled), ``(False, why)`` when the model
+    keeps its standard loss.
+    """
+    model = _unwrap(model)
+    if _STATE in model.__dict__:
+        return True, ""
+    why = _support_problem(model)
+    if why:
+        return False, why
+    head = model.get_output_embeddings()
+    state = _State(model, head, _softcap(model.config))
+    state.wrapper = types.MethodType(_make_forward(state), model)
+    state.head_wrapper = types.MethodType(_make_head_forward(state), head)
+    model.__dict__[_STATE] = state
+    model.forward = state.wrapper
+    head.forward = state.head_wrapper
+    return True, ""
+
+
+def disable_fused_loss(model: nn.Module) -> None:
     """Undo enable_fused_loss on this instance (no-op if it was not enabled)."""
+    model = _unwrap(model)
+    state = model.__dict__.pop(_STATE, None)
+    if state is None:
+        return
+    if model.__dict__.get("forward") is state.wrapper:
+        if state.prev_forward is not None:
+            model.forward = state.prev_forward
+        else:
+            del model.forward
+    if state.head.__dict__.get("forward") is state.head_wrapper:
+        del state.head.forward
+
+
+def fused_loss_enabled(model: nn.Module) -> bool:
+    """True when enable_fused_loss is active on this instance."""
+    return _STATE in _unwrap(model).__dict__
