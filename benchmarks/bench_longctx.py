@@ -80,6 +80,13 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
         return dict(ok=True, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, step_s=time.perf_counter() - t0)
     except torch.OutOfMemoryError:
         return dict(ok=False, oom=True)
+    except RuntimeError as e:
+        # cuBLAS/cuDNN report a failed workspace allocation as a RuntimeError: that is the memory limit too.
+        # Anything else (a kernel bug at a length never tried before) is an error the search must not hide.
+        msg = str(e)
+        if "out of memory" in msg or "ALLOC_FAILED" in msg:
+            return dict(ok=False, oom=True, note=msg[:120])
+        raise
 
 
 def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
