@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -24,8 +25,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RESULTS = os.path.join(ROOT, "benchmarks", "results", "h100")
 DEFAULT_README = os.path.join(ROOT, "README.md")
-_SKIP = {"trials", "patch_report", "attn_note", "flops_formula", "mfu_peak_TFLOPs", "note", "liger_ref",
-         "variant", "first_fail", "offload"}
+_SKIP = {"trials", "patch_report", "attn_note", "mfu_peak_TFLOPs", "note", "liger_ref", "variant",
+         "first_fail", "offload"}
 
 
 def load(results_dir: str) -> list[dict]:
@@ -92,11 +93,18 @@ def headline(rows: list[dict]) -> list[dict]:
             out.append({"result": f"longest seq, B1, {mode} checkpointing: {r.get('variant', r.get('impl'))}",
                         "value": f"{fmt(r['max_seq'])} tokens" + ("" if r.get("exact", True) else " (lower bound)"),
                         "vs": f"{fmt(r['vs_liger'])}x Liger" if r.get("vs_liger") else ""})
+    # ops: one line per (bench, op, mode, dtype): geometric mean of our ratio to the best peer over the shapes
+    groups: dict[tuple, list[float]] = {}
     for r in rows:
         if r.get("bench") not in ("e2e", "longctx") and r.get("impl") == "fastkern" and r.get("vs_best_peer"):
-            shape = ", ".join(f"{k}={fmt(v)}" for k, v in r.items() if k not in ("bench", "impl") and _is_shape(k, v))
-            out.append({"result": f"{r['bench']} ({shape})", "value": _speed_text(r),
-                        "vs": f"{fmt(r['vs_best_peer'])}x best peer"})
+            key = (r["bench"], r.get("op"), r.get("mode") or r.get("pass"), r.get("dtype"))
+            groups.setdefault(key, []).append(float(r["vs_best_peer"]))
+    for (bench, op, mode, dtype), ratios in groups.items():
+        label = " ".join(str(x) for x in (bench, op if op != bench else None, mode, dtype) if x)
+        gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        out.append({"result": f"{label} ({len(ratios)} shape{'s' if len(ratios) > 1 else ''})",
+                    "value": f"min {fmt(min(ratios))}x, max {fmt(max(ratios))}x",
+                    "vs": f"{fmt(gm)}x best peer (geomean)"})
     return out
 
 
@@ -111,13 +119,6 @@ def _ratio_text(r: dict) -> str:
     if r.get("mem_vs_sdpa") is not None and r.get("impl") != "sdpa":
         parts.append(f"{fmt(r['mem_vs_sdpa'])}x sdpa memory")
     return ", ".join(parts)
-
-
-def _speed_text(r: dict) -> str:
-    for k in ("TFLOPs", "GBps", "fwdbwd_TFLOPs", "fwdbwd_GBps", "fwd_TFLOPs", "fwd_GBps"):
-        if r.get(k):
-            return f"{fmt(r.get('ms'))} ms, {fmt(r[k])} {k.split('_')[-1]}" if r.get("ms") else f"{fmt(r[k])} {k}"
-    return f"{fmt(r.get('ms'))} ms"
 
 
 def render(docs: list[dict], plots_rel: str | None = None) -> str:
@@ -145,7 +146,9 @@ def render(docs: list[dict], plots_rel: str | None = None) -> str:
     for b in benches:
         brow = [{k: v for k, v in r.items() if k not in _SKIP} for r in rows if r["bench"] == b]
         cols = [c for c in _columns(brow) if c != "bench"]
-        parts.append(f"<details><summary>{b}</summary>\n\n" + md_table(brow, cols) + "\n\n</details>")
+        formulas = sorted({f"{k}: `{v}`" for r in brow for k, v in r.items() if k.endswith("_formula") and v})
+        note = ("\n\n" + "; ".join(formulas)) if formulas else ""
+        parts.append(f"<details><summary>{b}</summary>\n\n" + md_table(brow, cols) + note + "\n\n</details>")
         if plots_rel:
             parts.append(f"![{b}]({plots_rel}/{_safe(b)}.png)")
     return "\n\n".join(parts)

@@ -37,7 +37,7 @@ NO_GPU_NOTE = ("No CUDA GPU here: this is a short correctness-and-timing pass th
 # columns never shown as "shape" columns in the tables
 _METRIC_ORDER = ("ms", "fwd_ms", "fwdbwd_ms", "bwd_ms", "step_ms", "tok_per_s", "GBps", "TFLOPs", "frac_ceiling",
                  "mfu", "peak_MiB", "peak_GiB", "max_seq", "exact", "vs_best_peer", "vs_sdpa", "mem_vs_sdpa",
-                 "vs_liger", "loss", "loss_rel_err", "grad_rel_err", "error")
+                 "vs_liger", "loss", "loss_rel_err", "grad_rel_err", "max_err", "error")
 _HIDDEN = {"trials", "patch_report", "attn_note", "flops_formula", "mfu_peak_TFLOPs", "note", "first_fail",
            "liger_ref", "variant", "best_peer", "mem_vs_best_peer", "offload", "model"}
 
@@ -102,7 +102,7 @@ def table_columns(rows: list[dict]) -> list[str]:
     metrics = [k for k in _METRIC_ORDER if k in seen and k != "error"]
     extra_tp = [k for k in seen if (k.endswith("GBps") or k.endswith("TFLOPs")) and k not in metrics]
     shape = [k for k in seen if k not in head and k not in metrics and k not in extra_tp and k not in _HIDDEN
-             and k != "error" and not any(isinstance(r.get(k), (dict, list)) for r in rows)]
+             and k != "error" and not k.endswith("_formula") and not any(isinstance(r.get(k), (dict, list)) for r in rows)]
     return head + shape + metrics + extra_tp + (["error"] if "error" in seen else [])
 
 

@@ -21,8 +21,12 @@ LONGCTX = [
      "exact": False, "vs_liger": 1.5333},
 ]
 OPS = [
-    {"bench": "rms_norm", "impl": "liger", "T": 16384, "H": 4096, "ms": 1.04, "GBps": 646.1},
-    {"bench": "rms_norm", "impl": "fastkern", "T": 16384, "H": 4096, "ms": 0.80, "GBps": 840.0, "vs_best_peer": 1.3},
+    {"bench": "rms_norm", "op": "rms_norm", "impl": "liger", "T": 16384, "H": 4096, "mode": "fwd+bwd", "ms": 1.04,
+     "GBps": 646.1, "bytes_formula": "(2+3)*T*H*e"},
+    {"bench": "rms_norm", "op": "rms_norm", "impl": "fastkern", "T": 16384, "H": 4096, "mode": "fwd+bwd", "ms": 0.80,
+     "GBps": 840.0, "bytes_formula": "(2+3)*T*H*e", "vs_best_peer": 1.3},
+    {"bench": "rms_norm", "op": "rms_norm", "impl": "fastkern", "T": 4096, "H": 4096, "mode": "fwd+bwd", "ms": 0.25,
+     "GBps": 671.0, "bytes_formula": "(2+3)*T*H*e", "vs_best_peer": 1.2},
 ]
 
 EXPECTED_HEADLINE = """| result | hf_fastkern / peer | ratio |
@@ -32,7 +36,7 @@ EXPECTED_HEADLINE = """| result | hf_fastkern / peer | ratio |
 | e2e Llama 1.5B B4x2048: fastkern | 51,200 tok/s, 28.5 GiB, MFU 0.42 | 1.29x sdpa tok/s, 0.579x sdpa memory |
 | longest seq, B1, with checkpointing: sdpa+liger_gc | 245,760 tokens |  |
 | longest seq, B1, with checkpointing: fastkern_gc | 376,832 tokens (lower bound) | 1.53x Liger |
-| rms_norm (T=16,384, H=4096) | 0.8 ms, 840 GBps | 1.3x best peer |"""
+| rms_norm fwd+bwd (2 shapes) | min 1.2x, max 1.3x | 1.25x best peer (geomean) |"""
 
 README = "# proj\n\nintro\n\n## Results\n<!-- results:start -->\nold text\n<!-- results:end -->\n\n## After\nkept\n"
 
@@ -62,9 +66,10 @@ def test_report_renders_readme_block(results, tmp_path):
     assert "GPU: NVIDIA H100 80GB HBM3; torch 2.11.0+cu130, triton 3.6.0" in text
     # per-bench tables carry every row, without the bulky keys
     assert "<summary>e2e</summary>" in text and "<summary>longctx</summary>" in text
-    assert "| rms_norm | fastkern |" not in text  # "bench" is the table's title, not a column
-    assert "| fastkern | 16,384 | 4096 | 0.8 | 840 | 1.3 |" in text
+    assert "| rms_norm | rms_norm |" not in text  # "bench" is the table's title, not a column
+    assert "| rms_norm | fastkern | 16,384 | 4096 | fwd+bwd | 0.8 | 840 | 1.3 |" in text
     assert "trials" not in text
+    assert "bytes_formula: `(2+3)*T*H*e`" in text  # the formula travels with its table
     # idempotent: the README is now up to date
     assert report.main(["--results", str(d), "--readme", str(readme), "--plots", "none", "--check"]) == 0
 
