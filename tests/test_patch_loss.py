@@ -181,6 +181,13 @@ def test_disable_restores():
     disable_fused_loss(patched)  # no-op
 
 
+def test_signature_kept_for_trainer():
+    """Trainer keeps dataset columns and passes num_items_in_batch by reading forward's signature."""
+    import inspect
+    patched, plain = _pair("llama")
+    assert inspect.signature(patched.forward) == inspect.signature(plain.forward)
+
+
 def test_per_instance_only():
     patched, plain = _pair("llama")
     assert "forward" not in plain.__dict__

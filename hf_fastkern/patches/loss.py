@@ -215,7 +215,14 @@ def enable_fused_loss(model: nn.Module) -> tuple[bool, str]:
         return False, why
     head = model.get_output_embeddings()
     state = _State(model, head, _softcap(model.config))
-    state.wrapper = types.MethodType(_make_forward(state), model)
+    fwd = _make_forward(state)
+    # Trainer reads the forward's signature (dataset columns to keep, whether it accepts loss kwargs such as
+    # num_items_in_batch): the wrapper must show the original one
+    sig = inspect.signature(state.orig_forward)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    fwd.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+    fwd.__doc__ = getattr(state.orig_forward, "__doc__", None)
+    state.wrapper = types.MethodType(fwd, model)
     state.head_wrapper = types.MethodType(_make_head_forward(state), head)
     model.__dict__[_STATE] = state
     model.forward = state.wrapper
