@@ -15,7 +15,9 @@ through the Triton interpreter).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
 import platform
@@ -147,13 +149,19 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
             rows = []
             status = why
         else:
+            # the scripts print their own progress tables; the CLI prints one table per script instead
+            captured = io.StringIO()
             try:
-                rows = list(mod.run(quick=quick))
+                with contextlib.redirect_stdout(captured):
+                    rows = list(mod.run(quick=quick))
                 measured = [r for r in rows if not r.get("error")]
                 status = "ok" if measured or not rows else f"no result: {rows[0]['error']}"
             except Exception as e:  # one broken script must not hide the others
                 rows = []
                 status = f"failed: {type(e).__name__}: {str(e)[:300]}"
+                tail = captured.getvalue().strip().splitlines()[-5:]
+                if tail:
+                    status += "\n   last output: " + "\n   ".join(tail)
         for r in rows:
             r.setdefault("bench", name)
         add_ceiling_fraction(rows, ceil)

@@ -145,3 +145,30 @@ def test_longctx_budget_gives_lower_bound(monkeypatch):
     with pytest.raises(ValueError):
         bench_longctx.parse_variant("fastkern_offload")
     assert bench_longctx.auto_start("fastkern_gc") == 368640  # 1.5 x Liger's anchor 245,760
+
+
+@pytest.mark.gpu
+def test_e2e_worker_harness_gpu(tmp_path):
+    """On the device: every e2e variant's subprocess runs a tiny model end to end and reports its numbers."""
+    out = tmp_path / "e2e.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_e2e.py"), "--tiny", "--batch", "2",
+                        "--seq", "256", "--steps", "2", "--warmup", "1", "--json", str(out)],
+                       capture_output=True, text=True, env=_cpu_env(), timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {x["impl"]: x for x in json.loads(out.read_text())["rows"]}
+    for v in ("sdpa", "fastkern"):
+        assert not rows[v].get("error"), rows[v]
+        assert rows[v]["tok_per_s"] > 0 and rows[v]["peak_GiB"] > 0 and 0 < rows[v]["mfu"] < 1
+    assert "patched attention" in rows["fastkern"]["patch_report"]
+    assert abs(rows["fastkern"]["loss"] - rows["sdpa"]["loss"]) < 0.05 * rows["sdpa"]["loss"]
+    assert rows["fastkern"]["vs_sdpa"] > 0
+
+
+@pytest.mark.gpu
+def test_longctx_trial_gpu():
+    """On the device: one real trial per mode (tiny model) succeeds, and an absurd length reports OOM."""
+    for variant in ("fastkern", "fastkern_gc", "fastkern_gc_offload", "sdpa"):
+        res = bench_longctx._trial(variant, 4096, timeout=300, tiny=True)
+        assert res.get("ok"), (variant, res)
+    res = bench_longctx._trial("sdpa", 1 << 24, timeout=300, tiny=False)
+    assert not res.get("ok") and res.get("oom"), res
