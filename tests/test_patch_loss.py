@@ -36,7 +36,15 @@ def _gemma2():
     return transformers.Gemma2ForCausalLM(cfg)
 
 
-BUILDERS = {"llama": _llama, "gpt2_tied": _gpt2, "gemma2_softcap": _gemma2}
+def _neox():
+    # the output head is `embed_out`, found through get_output_embeddings()
+    cfg = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
+                                     hidden_dropout=0.0, attention_dropout=0.0)
+    return transformers.GPTNeoXForCausalLM(cfg)
+
+
+BUILDERS = {"llama": _llama, "gpt2_tied": _gpt2, "gemma2_softcap": _gemma2, "gpt_neox": _neox}
 
 
 def _batch(b=2, s=11, device="cpu"):
@@ -79,6 +87,14 @@ def _pair(name):
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_fused_loss_matches_unpatched(name):
     patched, plain = _pair(name)
+    ids, labels = _batch()
+    _compare(patched, plain, ids, labels)
+
+
+def test_gradient_checkpointing():
+    patched, plain = _pair("llama")
+    for m in (patched, plain):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, labels = _batch()
     _compare(patched, plain, ids, labels)
 
