@@ -5,7 +5,7 @@ Method (the same as /work/shared/anchors/gpu_anchors.py `longctx`, so results co
 trial is ONE subprocess that builds the random-init model on the GPU (fp32 weights), runs one forward+backward
 under bf16 autocast with labels = input_ids (no optimizer), and prints OK or OOM. The search doubles from a
 start length until a trial fails, then bisects on multiples of 1024 until ``hi - lo <= max(1024, lo / 8)``;
-the reported ``max_seq`` is the longest length that trained.
+the reported ``max_seq`` is the longest length that trained. ``--grow`` changes the doubling factor (1.25 for the expensive lengths).
 
 Variants: ``sdpa``, ``sdpa+liger``, ``fastkern``; suffix ``_gc`` = gradient checkpointing (non-reentrant, as the
 anchors), ``_gc_offload`` = reentrant checkpointing with the checkpointed layer inputs saved to pinned host
@@ -105,8 +105,12 @@ def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
 
 
 def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float = 600, trial_timeout: float = 420,
-           tiny: bool = False, log=print) -> dict:
-    """Doubling then bisection (multiples of 1024, to 1/8 of the result) under a time budget."""
+           tiny: bool = False, log=print, grow: float = 2.0) -> dict:
+    """Grow (x2 by default) then bisect (multiples of 1024, to 1/8 of the result) under a time budget.
+
+    A step costs about S^2 at these lengths, so a smaller ``grow`` (1.25) keeps the trial above a passing start
+    affordable; the first trial at ``start`` already answers "does it train at this length?".
+    """
     t0 = time.time()
     lo, hi, best, trials = 0, None, {}, []
 
@@ -134,11 +138,12 @@ def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float 
         if r:
             lo = s
             while r and lo < cap:
-                r = ok(min(lo * 2, cap))
+                nxt = min(max(lo + 1024, int(lo * grow) // 1024 * 1024), cap)
+                r = ok(nxt)
                 if r:
-                    lo = min(lo * 2, cap)
+                    lo = nxt
                 elif r is False:
-                    hi = min(lo * 2, cap)
+                    hi = nxt
         elif r is False:
             hi = s
             while r is False and hi > 1024:
@@ -210,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap", type=int, default=1 << 20, help="stop doubling here")
     ap.add_argument("--time-budget", type=float, default=500, help="seconds for all variants together")
     ap.add_argument("--trial-timeout", type=float, default=420)
+    ap.add_argument("--grow", type=float, default=2.0, help="factor between trials above a passing length")
     ap.add_argument("--tiny", action="store_true", help="2-layer model (harness smoke test)")
     ap.add_argument("--trial", nargs=2, metavar=("VARIANT", "SEQ"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             per = (args.time_budget - (time.time() - t0)) / (len(variants) - i)
             start = auto_start(v) if args.start == "auto" else int(args.start)
             rows.append(search(v, start=start, cap=args.cap, budget_s=per, trial_timeout=args.trial_timeout,
-                               tiny=args.tiny))
+                               tiny=args.tiny, grow=args.grow))
             print_table(rows[-1:], COLS)
         add_longctx_ratios(rows)
     print_table(rows, COLS)

@@ -116,9 +116,10 @@ def test_e2e_ratios():
     assert ours["mem_vs_best_peer"] == pytest.approx(0.8)
 
 
-@pytest.mark.parametrize("limit,start", [(50_000, 4096), (50_000, 67584), (3_000, 8192), (2_000_000, 4096)],
-                         ids=["double-up", "start-above", "start-above-small", "cap"])
-def test_longctx_search_bisection(monkeypatch, limit, start):
+@pytest.mark.parametrize("limit,start,grow", [(50_000, 4096, 2.0), (50_000, 67584, 2.0), (3_000, 8192, 2.0),
+                                              (2_000_000, 4096, 2.0), (400_000, 368640, 1.25)],
+                         ids=["double-up", "start-above", "start-above-small", "cap", "grow-1.25"])
+def test_longctx_search_bisection(monkeypatch, limit, start, grow):
     """The search finds the limit to 1/8 (multiples of 1024) from below or above, without a GPU."""
     calls = []
 
@@ -127,7 +128,7 @@ def test_longctx_search_bisection(monkeypatch, limit, start):
         return {"ok": True, "peak_GiB": seq / 1e4, "step_s": 0.1} if seq <= limit else {"ok": False, "oom": True}
 
     monkeypatch.setattr(bench_longctx, "_trial", fake_trial)
-    row = bench_longctx.search("fastkern_gc", start=start, cap=1 << 20, budget_s=60, log=lambda *a: None)
+    row = bench_longctx.search("fastkern_gc", start=start, cap=1 << 20, budget_s=60, log=lambda *a: None, grow=grow)
     assert row["grad_ckpt"] is True and row["impl"] == "fastkern"
     assert all(s % 1024 == 0 for s in calls)
     best = min(limit, 1 << 20)
