@@ -40,9 +40,10 @@ LLAMA_1B5 = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
-COLS = ["bench", "impl", "B", "S", "step_ms", "tok_per_s", "TFLOPs", "mfu", "peak_GiB", "loss", "vs_sdpa",
+COLS = ["bench", "impl", "B", "S", "step_ms", "tok_per_s", "TFLOPs", "mfu", "peak_GiB", "loss", "gate", "vs_sdpa",
         "mem_vs_sdpa", "vs_best_peer", "loss_rel_err", "grad_rel_err", "error"]
 RESULT_TAG = "RESULT "
+GATE_LOSS_REL = 0.01
 METHOD = ("random-init Llama 1.5B, fp32 weights + bf16 autocast, fused AdamW, one subprocess per variant, "
           "3 warm-up + 10 timed steps (wall clock between cuda.synchronize), peak = max_memory_allocated over the "
           "timed steps; FLOPs/step = 6*N_matmul*tokens + 6*L*H*D*B*S^2; MFU vs 989.4 TFLOP/s (datasheet dense bf16)")
@@ -107,7 +108,9 @@ def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwar
     dev = "cuda"
     model, notes = build_model(variant, cfg_kwargs, dev, grad_ckpt, offload)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, cfg_kwargs["vocab_size"], (batch, seq), device=dev)
+    # a generator of its own: the same tokens in every variant's process, whatever the model build consumed
+    gen = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, cfg_kwargs["vocab_size"], (batch, seq), device=dev, generator=gen)
 
     def step():
         loss = _forward_backward(model, ids, dev, offload)
@@ -115,7 +118,8 @@ def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwar
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):
+    loss0 = float(step().item())  # first step on identical weights and tokens: the correctness gate's input
+    for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -132,7 +136,7 @@ def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwar
                B=batch, S=seq, grad_ckpt=grad_ckpt, offload=offload, step_ms=dt * 1e3, tok_per_s=batch * seq / dt,
                TFLOPs=flops / dt / 1e12, mfu=(flops / dt / 1e12 / peak) if peak else None,
                mfu_peak_TFLOPs=peak, flops_formula="6*N_matmul*tokens + 6*L*H*D*B*S^2",
-               peak_GiB=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss.item()), **notes)
+               peak_GiB=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss.item()), loss0=loss0, **notes)
     return row
 
 
@@ -157,6 +161,12 @@ def add_e2e_ratios(rows: list[dict]) -> None:
     """vs_sdpa / mem_vs_sdpa on every row; vs_best_peer (tokens/s, ours / best peer) on fastkern."""
     ok = {r["impl"]: r for r in rows if r.get("tok_per_s")}
     base = ok.get("sdpa")
+    # correctness gate: the first step's loss (same weights, same tokens) agrees with sdpa's; bf16 autocast
+    # kernels differ in rounding only, ~1e-3 relative on a random-init loss of ln(vocab) ~ 11.8
+    for r in ok.values():
+        if base and r.get("loss0") is not None and base.get("loss0"):
+            r["loss0_rel_diff"] = abs(r["loss0"] - base["loss0"]) / abs(base["loss0"])
+            r["gate"] = "ok" if r["loss0_rel_diff"] <= GATE_LOSS_REL else "FAIL: first-step loss differs from sdpa"
     for r in rows:
         if base and r.get("tok_per_s"):
             r["vs_sdpa"] = r["tok_per_s"] / base["tok_per_s"]

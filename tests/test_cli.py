@@ -106,11 +106,12 @@ def test_ceiling_fraction_and_columns():
 
 
 def test_e2e_ratios():
-    rows = [{"impl": "sdpa", "tok_per_s": 100.0, "peak_GiB": 50.0},
-            {"impl": "sdpa+liger", "tok_per_s": 110.0, "peak_GiB": 30.0},
-            {"impl": "fastkern", "tok_per_s": 132.0, "peak_GiB": 24.0}]
+    rows = [{"impl": "sdpa", "tok_per_s": 100.0, "peak_GiB": 50.0, "loss0": 11.80},
+            {"impl": "sdpa+liger", "tok_per_s": 110.0, "peak_GiB": 30.0, "loss0": 11.0},
+            {"impl": "fastkern", "tok_per_s": 132.0, "peak_GiB": 24.0, "loss0": 11.81}]
     bench_e2e.add_e2e_ratios(rows)
     ours = rows[2]
+    assert ours["gate"] == "ok" and rows[1]["gate"].startswith("FAIL")
     assert ours["vs_sdpa"] == pytest.approx(1.32) and ours["mem_vs_sdpa"] == pytest.approx(0.48)
     assert ours["vs_best_peer"] == pytest.approx(1.2) and ours["best_peer"] == "sdpa+liger"
     assert ours["mem_vs_best_peer"] == pytest.approx(0.8)
@@ -161,7 +162,7 @@ def test_e2e_worker_harness_gpu(tmp_path):
         assert not rows[v].get("error"), rows[v]
         assert rows[v]["tok_per_s"] > 0 and rows[v]["peak_GiB"] > 0 and 0 < rows[v]["mfu"] < 1
     assert "patched attention" in rows["fastkern"]["patch_report"]
-    assert abs(rows["fastkern"]["loss"] - rows["sdpa"]["loss"]) < 0.05 * rows["sdpa"]["loss"]
+    assert rows["fastkern"]["gate"] == "ok", rows["fastkern"]
     assert rows["fastkern"]["vs_sdpa"] > 0
 
 
