@@ -118,7 +118,7 @@ def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwar
         opt.zero_grad(set_to_none=True)
         return loss
 
-    loss0 = float(step().item())  # first step on identical weights and tokens: the correctness gate's input
+    loss0 = float(step().detach())  # first step on identical weights and tokens: the correctness gate's input
     for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()

@@ -117,7 +117,7 @@ def _progress(total: int, desc: str):
 
 
 def run_bench(targets: list[str], quick: bool = False, json_path: str | None = None, out_dir: str | None = None,
-              plot_path: str | None = None) -> dict:
+              plot_path: str | None = None, command: str | None = None) -> dict:
     """Run the named sections; returns the JSON document it prints/saves."""
     import torch
 
@@ -139,7 +139,7 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
     if ceil:
         print(f"device ceilings (measured): copy {ceil['copy_TBps']:.2f} TB/s, bf16 matmul "
               f"{ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s")
-    doc: dict = {"env": env, "command": " ".join(["hf-fastkern"] + sys.argv[1:]) if sys.argv else "hf-fastkern",
+    doc: dict = {"env": env, "command": command or " ".join(["hf-fastkern"] + sys.argv[1:]),
                  "quick": quick, "ceilings": ceil, "sections": {}, "rows": []}
     bar = _progress(len(names), "hf-fastkern bench")
     for section, name in names:
@@ -149,10 +149,11 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
             rows = []
             status = why
         else:
-            # the scripts print their own progress tables; the CLI prints one table per script instead
+            # On CPU the scripts' own progress tables only repeat the CLI's table, so they are held back (and
+            # shown on failure); on a GPU they are the progress report of a long run, so they go through.
             captured = io.StringIO()
             try:
-                with contextlib.redirect_stdout(captured):
+                with contextlib.redirect_stdout(captured) if not gpu else contextlib.nullcontext():
                     rows = list(mod.run(quick=quick))
                 measured = [r for r in rows if not r.get("error")]
                 status = "ok" if measured or not rows else f"no result: {rows[0]['error']}"
@@ -420,12 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.cmd == "bench":
         bad = [t for t in args.targets if t not in SECTIONS and t != "all"]
         if bad:
             build_parser().error(f"unknown bench target(s) {bad}: choose from {', '.join(SECTIONS)}, all")
-        run_bench(args.targets, quick=args.quick, json_path=args.json, out_dir=args.out_dir, plot_path=args.plot)
+        run_bench(args.targets, quick=args.quick, json_path=args.json, out_dir=args.out_dir, plot_path=args.plot,
+                  command=" ".join(["hf-fastkern"] + argv))
         return 0
     if args.cmd == "info":
         info(args.json)

@@ -54,6 +54,7 @@ def test_bench_main_in_process(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "== e2e (e2e)" in text and "== longctx (longctx)" in text
     doc = json.loads((tmp_path / "b.json").read_text())
+    assert doc["command"].startswith("hf-fastkern bench e2e longctx --quick")
     assert [r["impl"] for r in doc["rows"] if r["bench"] == "e2e"][:1] == ["sdpa"]
     assert (out_dir / "e2e.json").exists()
     if not torch.cuda.is_available():
