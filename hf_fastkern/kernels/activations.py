@@ -4,11 +4,10 @@ Semantics are exactly ``reference.swiglu/geglu/gelu``: computed in fp32, rounded
 Registered as ``hf_fastkern::glu_act_fwd`` / ``glu_act_bwd`` (one pair for the three ops, the activation is
 an integer argument) so torch.compile traces through them.
 
-Design: pure bandwidth. Each program handles ``BLOCK`` consecutive elements of the logical
-``[rows, cols]`` tensor. When gate/up are contiguous the address is the flat index (16-byte vector
-accesses); when they are strided row views, e.g. the two halves ``fused[..., :I]`` / ``fused[..., I:]`` of
-one gate_up projection, the row and column are recovered from the flat index and the row stride applied,
-so no copy is made. The output and the gradients are contiguous.
+Design: pure bandwidth, 16-byte vector accesses. When gate/up are contiguous each program handles ``BLOCK``
+consecutive elements of the flat tensor; when they are strided row views, e.g. the two halves
+``fused[..., :I]`` / ``fused[..., I:]`` of one gate_up projection, each program handles ``BLOCK`` columns of
+one row and applies the row stride, so no copy is made. The output and the gradients are contiguous.
 The backward recomputes the activation from gate (never stores it): it reads gate, up, dy and writes
 dgate, dup, the traffic floor. Offsets are int64 (tokens * intermediate may exceed 2**31).
 """
@@ -40,8 +39,8 @@ def size_class(n: int) -> int:
 
 
 def prune_blocks(configs, named_args, **kwargs):
-    """Drop blocks larger than the whole tensor (they would only launch masked-off lanes)."""
-    n = named_args["n_elements"]
+    """Drop blocks larger than what one tile spans (the tensor, or a row when strided): masked-off lanes."""
+    n = named_args["n_elements"] if kwargs.get("CONTIG", True) else named_args["n_cols"]
     kept = [c for c in configs if c.kwargs["BLOCK"] <= max(triton.next_power_of_2(n), 1024)]
     return kept or configs[:1]
 
@@ -93,54 +92,56 @@ def _act_and_grad(g, ACT: tl.constexpr):
         return 0.5 * g * one_plus_t, 0.5 * one_plus_t + 0.5 * g * dt
 
 
-@triton.jit
-def _offsets(offs, n_cols, stride, CONTIG: tl.constexpr):
-    """Address of flat element ``offs`` of a [rows, cols] view whose rows are ``stride`` apart."""
-    if CONTIG:
-        return offs
-    else:
-        r = offs // n_cols
-        return r * stride + (offs - r * n_cols)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 
 
+@triton.jit
+def _tile(n_elements, n_cols, stride_g, stride_u, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+    """(gate offsets, up offsets, output offsets, mask) of this program's tile, int64.
+    Contiguous: a flat 1-D tile. Strided rows: program (row, column block), so each tile is contiguous in
+    memory and the compiler can still prove 16-byte vector accesses (row * stride is a multiple of 16)."""
+    if CONTIG:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        return offs, offs, offs, offs < n_elements
+    else:
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        return row * stride_g + cols, row * stride_u + cols, row * n_cols + cols, cols < n_cols
+
+
+# n_elements and n_cols stay specialised (divisibility by 16 only, a handful of variants): the masks must be
+# provably uniform over 8-element groups for the loads and stores to vectorise.
 @triton.autotune(configs=ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
                  prune_configs_by={"early_config_prune": prune_blocks})
-@triton.jit(do_not_specialize=["n_elements", "n_cols"])
+@triton.jit
 def _glu_fwd_kernel(G, U, Y, n_elements, n_cols, n_size_class, stride_g, stride_u,
                     ACT: tl.constexpr, HAS_UP: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] int64 flat index
-    mask = offs < n_elements
-    g = tl.load(G + _offsets(offs, n_cols, stride_g, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    og, ou, oy, mask = _tile(n_elements, n_cols, stride_g, stride_u, CONTIG, BLOCK)
+    g = tl.load(G + og, mask=mask, other=0.0).to(tl.float32)
     y = _act(g, ACT)
     if HAS_UP:
-        y = y * tl.load(U + _offsets(offs, n_cols, stride_u, CONTIG), mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, round_to(y, Y.dtype.element_ty), mask=mask)
+        y = y * tl.load(U + ou, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + oy, round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
                  prune_configs_by={"early_config_prune": prune_blocks})
-@triton.jit(do_not_specialize=["n_elements", "n_cols"])
+@triton.jit
 def _glu_bwd_kernel(DY, G, U, DG, DU, n_elements, n_cols, n_size_class, stride_g, stride_u,
                     ACT: tl.constexpr, HAS_UP: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + _offsets(offs, n_cols, stride_g, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    og, ou, oy, mask = _tile(n_elements, n_cols, stride_g, stride_u, CONTIG, BLOCK)
+    dy = tl.load(DY + oy, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + og, mask=mask, other=0.0).to(tl.float32)
     # recompute the activation instead of having saved it: free in a bandwidth-bound kernel
     a, da = _act_and_grad(g, ACT)
     if HAS_UP:
-        u = tl.load(U + _offsets(offs, n_cols, stride_u, CONTIG), mask=mask, other=0.0).to(tl.float32)
-        tl.store(DU + offs, round_to(dy * a, DU.dtype.element_ty), mask=mask)
+        u = tl.load(U + ou, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DU + oy, round_to(dy * a, DU.dtype.element_ty), mask=mask)
         dg = dy * u * da
     else:
         dg = dy * da
-    tl.store(DG + offs, round_to(dg, DG.dtype.element_ty), mask=mask)
+    tl.store(DG + oy, round_to(dg, DG.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,6 +153,12 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """A [rows, cols] view with unit column stride (copies only when that is impossible)."""
     t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def _grid(n: int, rows: int, cols: int, contig: bool):
+    if contig:
+        return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+    return lambda meta: (rows, triton.cdiv(cols, meta["BLOCK"]))
 
 
 def _row_stride(t: torch.Tensor) -> int:
@@ -170,7 +177,7 @@ def _glu_act_fwd_impl(gate: torch.Tensor, up: Optional[torch.Tensor], act: int) 
     cols = g2.shape[1]
     sg, su = _row_stride(g2), _row_stride(u2)
     contig = sg == cols and su == cols
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+    grid = _grid(n, g2.shape[0], cols, contig)
     _glu_fwd_kernel[grid](g2, u2, out, n, cols, size_class(n), sg, su,
                           ACT=act, HAS_UP=up is not None, CONTIG=contig)
     return out
@@ -198,7 +205,7 @@ def _glu_act_bwd_impl(dy: torch.Tensor, gate: torch.Tensor, up: Optional[torch.T
     cols = g2.shape[1]
     sg, su = _row_stride(g2), _row_stride(u2)
     contig = sg == cols and su == cols
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+    grid = _grid(n, g2.shape[0], cols, contig)
     _glu_bwd_kernel[grid](dy, g2, u2, dg, du if up is not None else dg, n, cols, size_class(n), sg, su,
                           ACT=act, HAS_UP=up is not None, CONTIG=contig)
     return dg, du
