@@ -1,0 +1,232 @@
+"""Attention benchmark: fastkern flash_attention vs SDPA flash, SDPA cuDNN and compiled flex_attention.
+
+Run on the GPU:  PYTHONPATH=. python benchmarks/bench_attention.py --json $OUT/attention.json [--quick]
+
+Rows (bf16): the four target shapes (32 heads, head_dim 128, causal; (B, S) = (8, 2K), (4, 4K), (2, 8K),
+(1, 16K)), GQA 32/8 at (4, 4K), head_dim 64 at (4, 4K), sliding window 4096 at (1, 16K), and a varlen batch
+of mixed lengths with the same 16K tokens as (4, 4K). Layout: [B, S, H, D] for fastkern, transposed views
+([B, H, S, D] for the peers) of the same storage.
+
+FLOPs: forward = 4 * D * H * (visible (query, key) pairs), i.e. 4*B*H*S^2*D/2 for causal (the
+FlashAttention convention, also used by anchors/gpu_anchors.py); window and varlen count their exact
+visible pairs. Forward + backward = 3.5x forward. Every implementation is gated on correctness: its forward
+output is compared with fastkern's and with SDPA-math in fp32 on one (batch, head) slice; rows that fail
+carry ``error`` and no timing. Timings: triton.testing.do_bench median (via benchmarks/common.bench_ms).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from hf_fastkern.benchmarks.common import add_ratios, bench_ms, peak_mib, print_table, save
+except ImportError:  # run as a script from a source checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.common import add_ratios, bench_ms, peak_mib, print_table, save
+
+from hf_fastkern.kernels import reference
+from hf_fastkern.kernels.attention import flash_attention, flash_attention_varlen
+
+H, D = 32, 128
+TARGETS = [(8, 2048), (4, 4096), (2, 8192), (1, 16384)]
+VARLEN_LENGTHS = [4096, 2048, 1024, 3072, 512, 5632]  # 16384 tokens, as dense (4, 4096)
+# Correctness gate for a benchmark row: max |out - oracle| on one (batch, head) slice, bf16 outputs of
+# unit-variance inputs. SDPA-flash's own error there is ~4e-3; 2e-2 catches any wrong mask or layout.
+GATE = 2e-2
+
+
+def _pairs(sq: int, sk: int, causal: bool, window: int | None) -> int:
+    """Visible (query, key) pairs of one sequence, bottom-right causal; the S^2/2 convention for plain causal."""
+    if not window:
+        return sq * sk // 2 if causal else sq * sk
+    # causal window: query i (position i + sk - sq) sees min(pos + 1, W) keys.
+    off = sk - sq
+    return sum(min(i + off + 1, window) for i in range(sq))
+
+
+def _flex():
+    # Every case (shape, mask) recompiles flex_attention; past dynamo's default recompile limit (8) it
+    # silently runs unfused (materializing [S, S]), which is not the peer we want to measure.
+    import torch._dynamo
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 256)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        return torch.compile(flex_attention), create_block_mask
+    except Exception:  # torch without flex_attention
+        return None, None
+
+
+def _impls(case: dict, q, k, v):
+    """name -> callable(q, k, v) in [B, S, H, D] (or packed for varlen) returning the same layout."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    causal, window, hk = case["causal"], case.get("window"), case["HK"]
+    impls = {}
+    if case.get("varlen"):
+        cu, maxlen = case["cu"], max(case["lengths"])
+        impls["fastkern"] = lambda q, k, v: flash_attention_varlen(q, k, v, cu, cu, maxlen, maxlen, causal=causal)
+    else:
+        impls["fastkern"] = lambda q, k, v: flash_attention(q, k, v, causal=causal, sliding_window=window)
+    gqa = hk != case["H"]
+    if not case.get("varlen") and not window:
+        for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def f(q, k, v, be=be):
+                with sdpa_kernel(be):
+                    kw = {"enable_gqa": True} if gqa else {}
+                    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       is_causal=causal, **kw)
+                return o.transpose(1, 2)
+            impls[name] = f
+    flex, create_block_mask = _flex()
+    if flex is not None:
+        if case.get("varlen"):
+            doc = torch.repeat_interleave(torch.arange(len(case["lengths"]), device="cuda"),
+                                          torch.tensor(case["lengths"], device="cuda"))
+            mask_mod = lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (qi >= ki)
+            s = doc.numel()
+        elif window:
+            mask_mod = lambda b, h, qi, ki: (qi >= ki) & (qi - ki < window)
+            s = case["S"]
+        else:
+            mask_mod = lambda b, h, qi, ki: qi >= ki
+            s = case["S"]
+        bm = create_block_mask(mask_mod, None, None, s, s, device="cuda")
+
+        def fx(q, k, v):
+            if q.dim() == 3:  # packed: one batch of all tokens
+                q, k, v = q[None], k[None], v[None]
+                return flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm,
+                            enable_gqa=gqa).transpose(1, 2)[0]
+            return flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm,
+                        enable_gqa=gqa).transpose(1, 2)
+        impls["flex_compiled"] = fx
+    return impls
+
+
+def _oracle_err(case: dict, out: torch.Tensor, q, k, v) -> float:
+    """Max error of ``out`` on its last sequence/head against the fp32 reference (cheap slice)."""
+    hk = case["HK"]
+    g = case["H"] // hk
+    if case.get("varlen"):
+        cu = case["cu"].tolist()
+        s0, s1 = cu[-2], cu[-1]
+        qs, ks, vs, os_ = q[s0:s1][None], k[s0:s1][None], v[s0:s1][None], out[s0:s1][None]
+    else:
+        qs, ks, vs, os_ = q[-1:], k[-1:], v[-1:], out[-1:]
+    h = case["H"] - 1
+    ref = reference.attention(qs[:, :, h:h + 1].transpose(1, 2).float(), ks[:, :, h // g:h // g + 1].transpose(1, 2).float(),
+                              vs[:, :, h // g:h // g + 1].transpose(1, 2).float(), causal=case["causal"],
+                              sliding_window=case.get("window"))
+    return (os_[:, :, h:h + 1].float() - ref.transpose(1, 2)).abs().max().item()
+
+
+def _cases(quick: bool) -> list[dict]:
+    cases = [dict(name="causal", B=b, S=s, H=H, HK=H, D=D, causal=True) for b, s in TARGETS]
+    cases += [
+        dict(name="gqa32/8", B=4, S=4096, H=H, HK=8, D=D, causal=True),
+        dict(name="d64", B=4, S=4096, H=H, HK=H, D=64, causal=True),
+        dict(name="window4096", B=1, S=16384, H=H, HK=H, D=D, causal=True, window=4096),
+        dict(name="varlen", B=1, S=sum(VARLEN_LENGTHS), H=H, HK=H, D=D, causal=True, varlen=True,
+             lengths=VARLEN_LENGTHS),
+    ]
+    return cases[:2] if quick else cases
+
+
+def _run_case(case: dict) -> list[dict]:
+    b, s, hq, hk, d = case["B"], case["S"], case["H"], case["HK"], case["D"]
+    torch.manual_seed(0)
+    if case.get("varlen"):
+        case["cu"] = torch.tensor([0] + torch.tensor(case["lengths"]).cumsum(0).tolist(), device="cuda",
+                                  dtype=torch.int32)
+        shape_q, shape_kv = (s, hq, d), (s, hk, d)
+        pairs = sum(_pairs(n, n, True, None) for n in case["lengths"])
+    else:
+        shape_q, shape_kv = (b, s, hq, d), (b, s, hk, d)
+        pairs = b * _pairs(s, s, case["causal"], case.get("window"))
+    q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16)
+    flops = 4.0 * d * hq * pairs
+    rows = []
+    for name, fn in _impls(case, q, k, v).items():
+        row = dict(bench="attention", case=case["name"], impl=name, B=b, S=s, H=hq, HK=hk, D=d,
+                   flops_formula="4*D*H*visible_pairs (causal: S^2/2); fwd+bwd = 3.5x")
+        try:
+            with torch.no_grad():
+                out = fn(q, k, v)
+            err = _oracle_err(case, out, q, k, v)
+            row["max_err_vs_fp32"] = err
+            if not math.isfinite(err) or err > GATE:
+                row["error"] = f"correctness gate failed: max error {err:.3g} > {GATE}"
+                rows.append(row)
+                continue
+
+            def fb(fn=fn):
+                fn(q, k, v).backward(do)
+            row["fwd_ms"] = bench_ms(lambda fn=fn: fn(q, k, v))
+            row["fwdbwd_ms"] = bench_ms(fb, grad_to_none=[q, k, v])
+            row["fwd_TFLOPs"] = flops / row["fwd_ms"] / 1e9
+            row["fwdbwd_TFLOPs"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
+            row["peak_MiB"] = peak_mib(fb)
+        except Exception as e:  # a peer that does not support this case
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(f"{case['name']} B={b} S={s} {name}: fwd {row.get('fwd_TFLOPs', 0):.0f} "
+              f"fwd+bwd {row.get('fwdbwd_TFLOPs', 0):.0f} TFLOP/s {row.get('error', '')}", flush=True)
+    return rows
+
+
+def run(quick: bool = False, json_path: str | None = None) -> list[dict]:
+    """Benchmark every case; returns the rows (also printed). With ``json_path`` the rows so far are saved
+    after every case, so a run cut short by a time limit still leaves its measurements."""
+    rows = []
+    for case in _cases(quick):
+        rows += _run_case(case)
+        torch.cuda.empty_cache()
+        _ratios(rows)
+        save(json_path, rows)
+    return rows
+
+
+def _ratios(rows: list[dict]) -> None:
+    """Per case: fastkern speed-up over each peer (time ratio, > 1 = faster), forward and fwd+bwd."""
+    add_ratios(rows, ["case", "B", "S"], metric="fwdbwd_ms")
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["case"], r["B"], r["S"]), {})[r["impl"]] = r
+    for g in groups.values():
+        ours = g.get("fastkern")
+        if not ours or "fwdbwd_ms" not in ours:
+            continue
+        for peer in ("sdpa_flash", "sdpa_cudnn", "flex_compiled"):
+            p = g.get(peer)
+            if p and "fwdbwd_ms" in p:
+                ours[f"fwd_x_{peer}"] = p["fwd_ms"] / ours["fwd_ms"]
+                ours[f"fwdbwd_x_{peer}"] = p["fwdbwd_ms"] / ours["fwdbwd_ms"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None, help="write rows + environment here")
+    ap.add_argument("--quick", action="store_true", help="two shapes only")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_attention needs a CUDA GPU; nothing to measure here.")
+        save(args.json, [], {"note": "no GPU"})
+        return
+    rows = run(quick=args.quick, json_path=args.json)
+    print_table(rows, ["case", "impl", "B", "S", "HK", "D", "fwd_ms", "fwdbwd_ms", "fwd_TFLOPs", "fwdbwd_TFLOPs",
+                       "fwdbwd_x_sdpa_flash", "fwdbwd_x_sdpa_cudnn", "fwdbwd_x_flex_compiled", "peak_MiB",
+                       "max_err_vs_fp32", "error"])
+
+
+if __name__ == "__main__":
+    main()
