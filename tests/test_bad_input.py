@@ -273,3 +273,16 @@ def test_apply_fast_kernels_on_a_plain_module_does_not_raise():
     torch.testing.assert_close(m(x), before)
     hf_fastkern.revert_fast_kernels(m)
     assert torch.equal(m(x), before)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "fused_linear_cross_entropy"])
+def test_unchecked_out_of_range_label_is_nan_not_a_read_out_of_bounds(fn, device, monkeypatch):
+    """With the documented opt-out HF_FASTKERN_SKIP_LABEL_CHECK=1 (no host sync), an out-of-range label reads
+    nothing and makes the loss NaN: loud, never a silently plausible value or a device assert."""
+    monkeypatch.setenv("HF_FASTKERN_SKIP_LABEL_CHECK", "1")
+    labels = torch.tensor([0, 1, 1000, 3], device=device)
+    if fn == "cross_entropy":
+        out = cross_entropy(r(4, 11, device=device), labels)
+    else:
+        out = fused_linear_cross_entropy(r(4, H, device=device), r(11, H, device=device), labels)
+    assert torch.isnan(out), f"{fn} with an unchecked out-of-range label gave {float(out)}"

@@ -131,7 +131,7 @@ def test_norm_tokens_times_hidden_over_2_31(op):
 
 def test_swiglu_numel_over_2_31():
     inter = S["inter"]
-    rows = I32 // inter + S["inter_extra"]  # 149861 rows x 14336 = 2.15e9 elements
+    rows = I32 // inter + S["inter_extra"]  # 149860 rows x 14336 = 2.15e9 elements
     assert rows * inter > I32
     gate = _randn(rows, inter).requires_grad_(True)
     up = _randn(rows, inter).requires_grad_(True)
@@ -226,7 +226,7 @@ def test_attention_varlen_tokens_over_2_31():
 
 def test_cross_entropy_logits_over_2_31():
     vocab = S["vocab"]
-    tokens = I32 // vocab + S["ce_extra"]  # 16808 x 128256 = 2.16e9 logits (4.3 GB bf16)
+    tokens = I32 // vocab + S["ce_extra"]  # 16807 x 128256 = 2.16e9 logits (4.3 GB bf16)
     assert tokens * vocab > I32
     logits = _randn(tokens, vocab, scale=2.0).requires_grad_(True)
     labels = torch.randint(0, vocab, (tokens,), device=DEV)
