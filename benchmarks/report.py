@@ -97,10 +97,10 @@ def headline(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[float]] = {}
     for r in rows:
         if r.get("bench") not in ("e2e", "longctx") and r.get("impl") == "fastkern" and r.get("vs_best_peer"):
-            key = (r["bench"], r.get("op"), r.get("mode") or r.get("pass"), r.get("dtype"))
+            key = (r["bench"], r.get("op"), r.get("case"), r.get("mode") or r.get("pass"), r.get("dtype"))
             groups.setdefault(key, []).append(float(r["vs_best_peer"]))
-    for (bench, op, mode, dtype), ratios in groups.items():
-        label = " ".join(str(x) for x in (bench, op if op != bench else None, mode, dtype) if x)
+    for (bench, op, case, mode, dtype), ratios in groups.items():
+        label = " ".join(str(x) for x in (bench, op if op != bench else None, case, mode, dtype) if x)
         gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
         out.append({"result": f"{label} ({len(ratios)} shape{'s' if len(ratios) > 1 else ''})",
                     "value": f"min {fmt(min(ratios))}x, max {fmt(max(ratios))}x",
@@ -109,7 +109,7 @@ def headline(rows: list[dict]) -> list[dict]:
 
 
 def _is_shape(k: str, v) -> bool:
-    return (k in {"op", "mode", "dtype", "pass", "causal"} or (len(k) <= 2 and k.isupper())) and not isinstance(v, float)
+    return (k in {"op", "mode", "dtype", "pass", "causal", "case"} or (len(k) <= 2 and k.isupper())) and not isinstance(v, float)
 
 
 def _ratio_text(r: dict) -> str:
@@ -223,7 +223,7 @@ def plot_rows(rows: list[dict], path: str, title: str | None = None) -> bool:
     panels = [(b, rs, m) for b, rs in benches.items() if (m := _plot_metric(rs))]
     if not panels:
         return False
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.2 * len(panels)), squeeze=False)
     for ax, (b, rs, (key, label)) in zip(axes[:, 0], panels):
         _axes_bars(ax, rs, key, label, f"{title + ': ' if title else ''}{b}")
     fig.tight_layout()
