@@ -259,3 +259,18 @@ def test_lora_added_to_head_after_enable_falls_back_with_warning():
     out.loss.backward()
     lora_grads = [p.grad for n, p in pm.named_parameters() if "lora_" in n]
     assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_torch_compile_patched_model_fullgraph():
+    """The wrapper and the custom ops trace in one graph (Liger #174: compiled patched models broke)."""
+    patched, plain = _pair("llama")
+    compiled = torch.compile(patched, backend="aot_eager", fullgraph=True)
+    ids, labels = _batch()
+    out = compiled(input_ids=ids, labels=labels)
+    out.loss.backward()
+    ref = plain(input_ids=ids, labels=labels)
+    ref.loss.backward()
+    assert out.logits is None
+    assert_close(out.loss.detach(), ref.loss.detach().double(), None, torch.float32, "output", "loss")
+    for (n, p), (_, q) in zip(patched.named_parameters(), plain.named_parameters()):
+        assert_close(p.grad, q.grad.double(), None, torch.float32, "grad", n)
