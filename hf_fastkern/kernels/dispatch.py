@@ -12,7 +12,6 @@ passed to ``use_kernel``) and the ``check_*`` helpers below for argument validat
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -32,14 +31,21 @@ def force_reference() -> bool:
     return os.environ.get("HF_FASTKERN_FORCE_REFERENCE", "0") == "1"
 
 
-@functools.lru_cache(maxsize=1)
-def triton_importable() -> tuple[bool, str]:
+def _probe_triton() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as e:  # ImportError on macOS/Windows, or a broken install
         return False, f"triton is not importable ({type(e).__name__}: {e})"
     return True, ""
+
+
+# Probed once at import; a plain value (not functools.lru_cache) so torch.compile traces it without warnings.
+_TRITON_STATUS = _probe_triton()
+
+
+def triton_importable() -> tuple[bool, str]:
+    return _TRITON_STATUS
 
 
 _warned: set[str] = set()
