@@ -274,3 +274,31 @@ def test_torch_compile_patched_model_fullgraph():
     assert_close(out.loss.detach(), ref.loss.detach().double(), None, torch.float32, "output", "loss")
     for (n, p), (_, q) in zip(patched.named_parameters(), plain.named_parameters()):
         assert_close(p.grad, q.grad.double(), None, torch.float32, "grad", n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_fused_loss_matches_unpatched_gpu(name):
+    patched, plain = _pair(name)
+    patched.cuda()
+    plain.cuda()
+    ids, labels = _batch(b=4, s=33, device="cuda")
+    _compare(patched, plain, ids, labels)
+
+
+@pytest.mark.gpu
+def test_fused_loss_autocast_bf16_gpu():
+    """fp32 master weights under bf16 autocast (the usual Trainer bf16=True setup)."""
+    patched, plain = _pair("llama")
+    patched.cuda()
+    plain.cuda()
+    oracle_model = copy.deepcopy(plain).double()
+    ids, labels = _batch(b=4, s=33, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, grads = _run(patched, ids, labels)
+        base, base_g = _run(plain, ids, labels)
+    orac, orac_g = _run(oracle_model, ids, labels)
+    assert out.logits is None
+    assert_close(out.loss.detach(), orac.loss.detach(), base.loss.detach(), torch.bfloat16, "output", "loss")
+    for n in grads:
+        assert_close(grads[n], orac_g[n], base_g[n], torch.bfloat16, "grad", n)
