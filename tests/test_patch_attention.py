@@ -164,8 +164,8 @@ def test_model_matches_sdpa(arch, dtype, monkeypatch):
         assert calls.dense == 0 and len(fallbacks) == 1 and "SDPA" in str(fallbacks[0].message)
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("arch,side", [("llama", "right"), ("llama", "left"), ("mistral", "left"),
+                                       ("gpt2", "right")])
 def test_padding_mask(arch, side, monkeypatch):
     ref, fast = model_pair(arch)
     calls = KernelCalls(monkeypatch)
@@ -227,7 +227,7 @@ def test_packed_sequences_match_separate(arch, route, monkeypatch):
 def test_packed_sequences_gradients():
     """Loss and gradients of a packed batch (position_ids restart) equal sdpa's packed path."""
     ref, fast = model_pair("llama")
-    _, batch = _packed_batch([6, 3, 7])
+    _, batch = _packed_batch([5, 3, 4])
     # use_cache=False: with an (empty) cache transformers' sdpa masks do not look for packing at all
     compare(fast, ref, torch.bfloat16, batch["input_ids"], labels=batch["labels"],
             position_ids=batch["position_ids"], use_cache=False)
@@ -237,18 +237,19 @@ def test_packed_sequences_gradients():
 # generate
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-fallback", "bf16-kernel"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,dtype", [(a, torch.float32) for a in ARCHS]
+                         + [("llama", torch.bfloat16), ("mistral", torch.bfloat16)],
+                         ids=[f"{a}-fp32-fallback" for a in ARCHS] + ["llama-bf16-kernel", "mistral-bf16-kernel"])
 def test_generate_greedy_matches_sdpa(arch, dtype):
     ref, fast = model_pair(arch)
     ref, fast = ref.to(dtype), fast.to(dtype)
     ids = torch.randint(1, VOCAB, (2, 7))
     am = torch.ones_like(ids)
     am[1, :3] = 0  # left padding, as generate() expects
-    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     a = ref.generate(ids, attention_mask=am, **kw)
     b = fast.generate(ids, attention_mask=am, **kw)
-    assert a.shape[1] == 17
+    assert a.shape[1] == 15
     assert torch.equal(a, b), f"{arch} {dtype}: sdpa {a[:, 7:].tolist()} vs fastkern {b[:, 7:].tolist()}"
 
 
@@ -275,17 +276,32 @@ def test_gradient_checkpointing():
     fast.gradient_checkpointing_enable()
     fast.train()
     ref.train()
-    compare(fast, ref, torch.bfloat16, torch.randint(1, VOCAB, (2, 11)))
+    compare(fast, ref, torch.bfloat16, torch.randint(1, VOCAB, (2, 8)))
 
 
 def test_torch_compile_dense_path():
-    _, fast = model_pair("llama")
+    """The dense path traces in one graph (fullgraph=True); the kernel is a torch.library custom op."""
+    _, fast = model_pair("llama", layers=1)
     fast = fast.to(torch.bfloat16)
     ids = torch.randint(1, VOCAB, (2, 10))
     eager = fast(ids).logits
     torch._dynamo.reset()
-    compiled = torch.compile(fast, backend="eager")
+    compiled = torch.compile(fast, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(ids).logits, eager, rtol=0, atol=0)
+
+
+def test_torch_compile_packed_without_cache():
+    """use_cache=False under compile: transformers always adds its packing overlay; the probe finds the
+    sequences (value-dependent, so graph breaks, but the right answer)."""
+    ref, fast = model_pair("llama", layers=1)
+    _, batch = _packed_batch([4, 6])
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    torch._dynamo.reset()
+    compiled = torch.compile(fast.to(torch.bfloat16), backend="eager")
+    got = compiled(input_ids=ids, position_ids=pos, use_cache=False).logits
+    base = ref.to(torch.bfloat16)(input_ids=ids, position_ids=pos, use_cache=False).logits
+    oracle = ref.double()(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert_close(got, oracle, base, torch.bfloat16, "output", "compiled packed logits")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class _Pattern:
     supported: bool = True
     causal: bool | None = None
     packed: torch.Tensor | None = None  # [batch, seq] segment ids from transformers' packing detection
+    opaque: bool = False  # while compiling: a closure we may not open
 
 
 def _classify_mask_function(fn, pattern: _Pattern) -> None:
@@ -80,6 +81,11 @@ def _classify_mask_function(fn, pattern: _Pattern) -> None:
         return
     if fn is getattr(mu, "bidirectional_mask_function", None):
         pattern.causal = False
+        return
+    if torch.compiler.is_compiling():
+        # Dynamo cannot read ``__closure__`` of functions built inside the trace: handled by fastkern_mask.
+        pattern.supported = False
+        pattern.opaque = True
         return
     qual = getattr(fn, "__qualname__", "")
     free = _closure_vars(fn)
@@ -98,6 +104,16 @@ def _classify_mask_function(fn, pattern: _Pattern) -> None:
         return
     # or_masks, chunked / block-wise / bidirectional-window overlays, user functions: not the kernel's business.
     pattern.supported = False
+
+
+def _packed_causal_while_compiling(mask_function, q_length: int, kv_length: int, config, kwargs) -> bool:
+    """Is this, while compiling, transformers' ``and_masks(causal, packed)`` and nothing else? Sliding windows
+    (``local_size``), chunked attention and user overlays (``use_vmap``) are not, and go dense."""
+    return (getattr(mask_function, "__qualname__", "") == "and_masks.<locals>.and_mask"
+            and not kwargs.get("use_vmap", False) and kwargs.get("local_size") is None
+            and getattr(config, "attention_chunk_size", None) is None
+            and getattr(config, "is_causal", True) is not False
+            and q_length == kv_length and q_length > 1)
 
 
 def _is_tracing(t: torch.Tensor | None) -> bool:
@@ -121,6 +137,17 @@ def fastkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
     pattern = _Pattern()
     _classify_mask_function(mask_function, pattern)
     config = kwargs.get("config")
+    if pattern.opaque and _packed_causal_while_compiling(mask_function, q_length, kv_length, config, kwargs):
+        # Under torch.compile transformers always wraps the causal function with its packing overlay (it cannot
+        # look at position_ids values). Probe the mask on neighbouring positions for the sequence boundaries:
+        # (t, t-1) is allowed exactly when both tokens belong to one sequence.
+        dev = kwargs.get("device", "cpu")
+        bi = torch.arange(batch_size, device=dev)[:, None]
+        t = torch.arange(1, q_length, device=dev)[None, :]
+        same = mask_function(bi, torch.zeros_like(bi), t, t - 1).expand(batch_size, q_length - 1)
+        seg = F.pad((~same).to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+        if attention_mask is None:
+            return seg
     if pattern.causal is False and config is not None and getattr(config, "is_causal", True) is False:
         # A decoder switched to bidirectional through the config: its attention modules still say is_causal=True.
         pattern.supported = False
@@ -439,10 +466,12 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         return out.view(b, sq, h, d), None
 
     pos = kwargs.get("position_ids")
-    if attention_mask is None and pos is not None and b == 1 and sq == sk and sq > 1 and pos.numel() == sq:
+    if (attention_mask is None and pos is not None and b == 1 and sq == sk and sq > 1 and pos.numel() == sq
+            and not torch.compiler.is_compiling()):
         # Packed sequences that the mask side could not see (transformers only looks for packing without a
         # cache, and forward() makes an empty one when use_cache=True): the same detection as its masks, from
         # position_ids that restart. One host read per forward, cached across layers on the position_ids object.
+        # Not while compiling (it would break the graph in every layer); SDPA does not detect this case either.
         meta = _cached(pos, ("pos",), lambda: _segment_meta(_segments_from_positions(pos.reshape(1, -1))))
         if meta.cu_q.numel() > 2:
             out = _kernels.flash_attention_varlen(q.reshape(sq, h, d), k.reshape(sk, -1, d), v.reshape(sk, -1, d),
