@@ -41,7 +41,7 @@ N_SUCCESSORS = 4
 # Model sizes: "gpu" is the small model (a few seconds per 100 steps on an H100), "tiny" is CI's.
 SIZES = {
     "gpu": dict(hidden=512, layers=4, heads=8, kv_heads=4, inter=1408, vocab=8192, seq=256, batch=16),
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vocab=128, seq=32, batch=8),
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vocab=128, seq=32, batch=4),
 }
 
 

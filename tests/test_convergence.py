@@ -22,7 +22,7 @@ def test_convergence_cpu_30_steps(arch, monkeypatch):
     assert fast["attn_implementation"] == "fastkern"
     assert base["attn_implementation"] != "fastkern"
     # the task is learnable: the loss fell well below its start in 30 steps (otherwise parity says nothing)
-    assert base["logged"][-1] < base["logged"][0] - 0.3, base["logged"]
+    assert base["logged"][-1] < base["logged"][0] - 0.2, base["logged"]
     assert all(math.isfinite(x) for x in fast["losses"])
     assert v["ok"], (f"{arch}: final gap {v['final_rel']:.4%} (limit {v['final_rtol']:.0%}), max curve gap "
                      f"{v['max_curve_rel']:.4%} at step {v['worst_step']} (limit {v['curve_rtol']:.0%}), "
