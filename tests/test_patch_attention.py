@@ -27,7 +27,7 @@ from tests.tolerances import assert_close
 
 VOCAB = 96
 # initializer_range 0.2 makes random-init logits peaked, so greedy decoding is not a coin toss between ties.
-COMMON = dict(vocab_size=VOCAB, max_position_embeddings=128, initializer_range=0.2)
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=4096, initializer_range=0.2)
 
 
 def make_config(arch: str, head_dim: int = 16, heads: int = 4, kv_heads: int = 2, layers: int = 2):
@@ -426,7 +426,7 @@ def test_mask_function_outputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_gpu_model_matches_sdpa_2k(arch, monkeypatch):
     torch.manual_seed(0)
     cfg = make_config(arch, head_dim=128, heads=4, kv_heads=2)
@@ -444,6 +444,31 @@ def test_gpu_model_matches_sdpa_2k(arch, monkeypatch):
     compare(fast, ref, torch.bfloat16, ids, select=am.bool(), attention_mask=am,
             labels=ids.masked_fill(am == 0, -100))
     assert calls.dense > 0 and calls.varlen > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_gpu_packed_2k_matches_separate(arch, monkeypatch):
+    torch.manual_seed(0)
+    cfg = make_config(arch, head_dim=128, heads=4, kv_heads=2)
+    if arch == "mistral":
+        cfg.sliding_window = 256
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").cuda().eval()
+    fast = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastkern").cuda().eval()
+    fast.load_state_dict(ref.state_dict())
+    calls = KernelCalls(monkeypatch)
+    feats, batch = _packed_batch([700, 1100, 248])
+    fm = copy.deepcopy(fast).to(torch.bfloat16)
+    packed = fm(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda()).logits[0]
+    start = 0
+    for f in feats:
+        ids = torch.tensor([f["input_ids"]], device="cuda")
+        n = ids.shape[1]
+        oracle = copy.deepcopy(ref).double()(ids).logits[0]
+        base = copy.deepcopy(ref).to(torch.bfloat16)(ids).logits[0]
+        assert_close(packed[start:start + n], oracle, base, torch.bfloat16, "output", f"packed seq at {start}")
+        start += n
+    assert calls.varlen > 0
 
 
 @pytest.mark.gpu
