@@ -1,0 +1,179 @@
+"""The apply/revert mechanism itself: wrappers, bare models, unknown architectures, refusals, checkpoints."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+
+from hf_fastkern import apply_fast_kernels, revert_fast_kernels
+from hf_fastkern.patches.registry import RECIPES, PatchReport, is_patched
+from tests.test_patch_archs import ARCHS, batch, build
+
+LLAMA = ARCHS[0]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_recipes_cover_required_architectures():
+    for mt in ("llama", "mistral", "gpt2", "gpt_neox", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"):
+        assert mt in RECIPES, mt
+
+
+def test_bare_model_gets_norms_and_mlps_not_the_loss():
+    model = build(LLAMA).model  # LlamaModel: no LM head
+    report = apply_fast_kernels(model)
+    assert report.patched["norm"] == 5 and report.patched["mlp"] == 2, str(report)
+    assert ("cross_entropy", "LlamaModel has no LM head") in report.skipped
+    revert_fast_kernels(model)
+    assert not is_patched(model)
+
+
+@pytest.mark.parametrize("flag", ["norm", "mlp", "attention", "cross_entropy"])
+def test_flags_off_leave_that_part(flag):
+    model = build(LLAMA)
+    report = apply_fast_kernels(model, **{flag: False})
+    assert report.count(flag) == 0 and all(w != flag for w, _ in report.skipped), str(report)
+    revert_fast_kernels(model)
+
+
+def test_unknown_architecture_gets_generic_parts():
+    # Granite has no recipe: its RMSNorms are found by name and verified by the probe; MLPs stay.
+    config = transformers.GraniteConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    model = transformers.GraniteForCausalLM(config).eval()
+    ids, _ = batch()
+    before = logits(model, ids)
+    report = apply_fast_kernels(model)
+    assert report.recipe is None and report.patched["norm"] == 5, str(report)
+    assert report.count("mlp") == 0 and any(w == "mlp" and "no recipe" in why for w, why in report.skipped)
+    assert "generic" in str(report)
+    torch.testing.assert_close(logits(model, ids), before)
+    revert_fast_kernels(model)
+    assert torch.equal(logits(model, ids), before)
+
+
+class _OddNorm(nn.Module):
+    """Named like an RMSNorm but computes something else: the probe must refuse it."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x * self.weight * 2.0
+
+
+class _ToyRMSNorm(_OddNorm):
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class _Toy(nn.Module):
+    """Not a transformers model at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = _ToyRMSNorm(8)
+        self.b = type("OddRMSNorm", (_OddNorm,), {})(8)
+        self.c = nn.LayerNorm(8)
+        self.d = nn.LayerNorm((2, 4))
+
+    def forward(self, x):
+        return self.d(self.c(self.b(self.a(x))).view(-1, 2, 4))
+
+
+def test_arbitrary_module_never_raises_and_probe_refuses_odd_norms():
+    toy = _Toy()
+    x = torch.randn(3, 8)
+    before = toy(x)
+    report = apply_fast_kernels(toy)
+    assert isinstance(report, PatchReport)
+    assert report.patched["norm"] == 2, str(report)  # _ToyRMSNorm and the 1-D LayerNorm
+    skipped = dict(report.skipped)
+    assert "does not compute RMSNorm" in skipped["norm OddRMSNorm (b)"]
+    assert "normalized_shape" in skipped["norm LayerNorm (d)"]
+    assert "attention" in skipped and "cross_entropy" in skipped
+    torch.testing.assert_close(toy(x), before)
+    revert_fast_kernels(toy)
+    assert torch.equal(toy(x), before)
+
+
+def test_unsupported_activation_is_refused_and_reported():
+    arch = copy.deepcopy(LLAMA)
+    arch.kwargs = {**arch.kwargs, "hidden_act": "relu"}
+    model = build(arch)
+    report = apply_fast_kernels(model)
+    assert report.count("mlp") == 0
+    assert any("'relu' has no fused gated kernel" in why for _, why in report.skipped), str(report)
+    assert report.patched["norm"] == 5
+    revert_fast_kernels(model)
+
+
+def test_instance_forward_set_by_someone_else_survives_revert():
+    model = build(LLAMA)
+    norm = model.model.norm
+    # What accelerate or a hook library might have put there: a wrapper around the class forward.
+    marker = lambda x: type(norm).forward(norm, x)
+    norm.forward = marker
+    apply_fast_kernels(model)
+    assert norm.forward is not marker
+    revert_fast_kernels(model)
+    assert norm.forward is marker
+
+
+def test_instance_forward_that_is_not_a_norm_is_left_alone():
+    model = build(LLAMA)
+    model.model.norm.forward = lambda x: x
+    report = apply_fast_kernels(model)
+    assert report.patched["norm"] == 4
+    assert any("does not compute RMSNorm" in why for _, why in report.skipped), str(report)
+    revert_fast_kernels(model)
+
+
+def test_peft_before_and_after_get_peft_model():
+    peft = pytest.importorskip("peft")
+    ids, _ = batch()
+    for order in ("before", "after"):
+        model = build(LLAMA).eval()
+        ref = logits(model, ids)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+                              lora_dropout=0.0)
+        if order == "before":
+            report = apply_fast_kernels(model)
+            model = peft.get_peft_model(model, cfg)
+        else:
+            model = peft.get_peft_model(model, cfg)
+            report = apply_fast_kernels(model)
+            assert any(w == "wrapper" for w, _ in report.skipped), str(report)
+        # not a silent no-op under the wrapper (transformers #34016)
+        assert report.patched["norm"] == 5 and report.patched["mlp"] == 2, str(report)
+        assert is_patched(model)
+        torch.testing.assert_close(logits(model, ids), ref)  # LoRA B starts at zero
+        revert_fast_kernels(model)
+        assert not is_patched(model)
+        assert torch.equal(logits(model, ids), ref)
+
+
+def test_save_pretrained_is_a_standard_checkpoint(tmp_path):
+    model = build(LLAMA).eval()
+    ids, _ = batch()
+    ref = logits(model, ids)
+    keys = set(model.state_dict())
+    apply_fast_kernels(model)
+    assert set(model.state_dict()) == keys
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert not any("fastkern" in json.dumps(v) for v in cfg.values()), cfg
+    # A fresh, unpatched load (no plugin involved) gives the original model's exact outputs.
+    fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert not is_patched(fresh)
+    assert set(fresh.state_dict()) == keys
+    assert torch.equal(logits(fresh, ids), ref)
