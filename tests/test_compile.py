@@ -19,10 +19,13 @@ LLAMA = ARCHS[0]
 
 
 def loss_and_grads(model, ids, labels):
+    """(logits, loss, grads); logits from a label-free call (with labels the fused loss keeps none)."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
     model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def graph_breaks(model, ids) -> int:
@@ -38,9 +41,9 @@ def test_compile_patched_model(path, monkeypatch):
     ref = build(LLAMA)
     ids, labels = batch()
     oracle = copy.deepcopy(ref).double()
-    lo, go = loss_and_grads(oracle, ids, labels)
+    lo, so, go = loss_and_grads(oracle, ids, labels)
     eager = copy.deepcopy(ref)
-    lb, gb = loss_and_grads(eager, ids, labels)
+    lb, sb, gb = loss_and_grads(eager, ids, labels)
 
     patched = copy.deepcopy(ref)
     apply_fast_kernels(patched)
@@ -51,8 +54,9 @@ def test_compile_patched_model(path, monkeypatch):
     assert graph_breaks(patched, ids) <= graph_breaks(eager, ids)
     torch._dynamo.reset()
     compiled = torch.compile(patched, backend="aot_eager")
-    lc, gc = loss_and_grads(compiled, ids, labels)
+    lc, sc, gc = loss_and_grads(compiled, ids, labels)
     assert_close(lc, lo, lb, torch.float32, "output", f"compiled logits ({path})")
+    assert_close(sc, so, sb, torch.float32, "output", f"compiled loss ({path})")
     for n in go:
         assert_close(gc[n], go[n], gb[n], torch.float32, "grad", f"compiled grad {n} ({path})")
     torch._dynamo.reset()
@@ -63,13 +67,14 @@ def test_compile_inductor_bf16_gpu():
     ref = build(LLAMA).cuda()
     ids, labels = (t.cuda() for t in batch())
     oracle = copy.deepcopy(ref).double()
-    lo, go = loss_and_grads(oracle, ids, labels)
+    lo, so, go = loss_and_grads(oracle, ids, labels)
     eager = copy.deepcopy(ref).bfloat16()
-    lb, gb = loss_and_grads(eager, ids, labels)
+    lb, sb, gb = loss_and_grads(eager, ids, labels)
     patched = copy.deepcopy(ref).bfloat16()
     apply_fast_kernels(patched)
     compiled = torch.compile(patched)
-    lc, gc = loss_and_grads(compiled, ids, labels)
+    lc, sc, gc = loss_and_grads(compiled, ids, labels)
     assert_close(lc, lo, lb, torch.bfloat16, "output", "compiled logits")
+    assert_close(sc, so, sb, torch.bfloat16, "output", "compiled loss")
     for n in go:
         assert_close(gc[n], go[n], gb[n], torch.bfloat16, "grad", f"compiled grad {n}")

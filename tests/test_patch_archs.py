@@ -83,11 +83,14 @@ def batch(device="cpu", bsz: int = BATCH, seq: int = SEQ, vocab: int = VOCAB):
 
 
 def run(model, ids, labels):
+    """(logits, loss, grads). Logits come from a label-free call: with labels, the fused loss keeps none."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
     model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
+    return logits, loss.detach(), grads
 
 
 def assert_parity(arch: Arch, dtype: torch.dtype, device: str = "cpu", bsz: int = BATCH, seq: int = SEQ,
