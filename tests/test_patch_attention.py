@@ -298,7 +298,10 @@ def test_torch_compile_packed_without_cache():
     ids, pos = batch["input_ids"], batch["position_ids"]
     torch._dynamo.reset()
     compiled = torch.compile(fast.to(torch.bfloat16), backend="eager")
-    got = compiled(input_ids=ids, position_ids=pos, use_cache=False).logits
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = compiled(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert not [x for x in w if issubclass(x.category, dispatch.FastKernFallbackWarning)], "fell back to SDPA"
     base = ref.to(torch.bfloat16)(input_ids=ids, position_ids=pos, use_cache=False).logits
     oracle = ref.double()(input_ids=ids, position_ids=pos, use_cache=False).logits
     assert_close(got, oracle, base, torch.bfloat16, "output", "compiled packed logits")

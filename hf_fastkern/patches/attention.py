@@ -109,7 +109,8 @@ def _classify_mask_function(fn, pattern: _Pattern) -> None:
 def _packed_causal_while_compiling(mask_function, q_length: int, kv_length: int, config, kwargs) -> bool:
     """Is this, while compiling, transformers' ``and_masks(causal, packed)`` and nothing else? Sliding windows
     (``local_size``), chunked attention and user overlays (``use_vmap``) are not, and go dense."""
-    return (getattr(mask_function, "__qualname__", "") == "and_masks.<locals>.and_mask"
+    # plain attribute access: dynamo answers getattr(fn, name, default) with the default for nested functions
+    return (callable(mask_function) and mask_function.__qualname__ == "and_masks.<locals>.and_mask"
             and not kwargs.get("use_vmap", False) and kwargs.get("local_size") is None
             and getattr(config, "attention_chunk_size", None) is None
             and getattr(config, "is_causal", True) is not False
