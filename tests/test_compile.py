@@ -25,7 +25,9 @@ def loss_and_grads(model, ids, labels):
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
-    return logits, loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    # A compiled module names its parameters "_orig_mod.<name>"; compare by the model's own names.
+    return logits, loss.detach(), {n.removeprefix("_orig_mod."): p.grad.detach().clone()
+                                   for n, p in model.named_parameters()}
 
 
 def graph_breaks(model, ids) -> int:
