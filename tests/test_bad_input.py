@@ -134,7 +134,26 @@ ERROR_CASES = {
 OUT_OF_BOUNDS = {"varlen/cu_seqlens-past-total"}
 
 
-@pytest.mark.parametrize("case", list(ERROR_CASES), ids=list(ERROR_CASES))
+# Genuine bugs found by these tests and not fixed by their owners at the time of writing (issue 8 report).
+# strict=True: the day one is fixed, its xfail turns into a failure and must be removed here.
+KNOWN_BUGS = {
+    "varlen/cu_seqlens-past-total": "flash_attention_varlen does not check cu_seqlens[-1] <= total rows: reads out "
+                                    "of bounds (kernels/attention.py, attention kernel owner)",
+    "apply_fast_kernels/not-a-module": "AttributeError instead of a TypeError naming model (patches/registry.py)",
+    "revert_fast_kernels/not-a-module": "AttributeError instead of a TypeError naming model (patches/registry.py)",
+    "rms_norm/weight-strided": "a strided weight view is read as contiguous: silently wrong output "
+                               "(kernels/rms_norm.py launcher lacks weight.contiguous())",
+    "layer_norm/weight-bias-strided": "strided weight/bias views are read as contiguous: silently wrong output "
+                                      "(kernels/layer_norm.py launcher)",
+}
+
+
+def _params(ids):
+    return [pytest.param(c, id=c, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[c])] if c in KNOWN_BUGS
+                         else []) for c in ids]
+
+
+@pytest.mark.parametrize("case", _params(ERROR_CASES))
 def test_bad_input_raises_naming_argument(case, device):
     build, names = ERROR_CASES[case]
     if case in OUT_OF_BOUNDS:
@@ -204,7 +223,7 @@ def _views(device):
 _VIEW_IDS = [c[0] for c in _views("cpu")]
 
 
-@pytest.mark.parametrize("case", _VIEW_IDS, ids=_VIEW_IDS)
+@pytest.mark.parametrize("case", _params(_VIEW_IDS))
 def test_views_give_correct_results(case, device):
     (_, fn, ref, ins), = [c for c in _views(device) if c[0] == case]
     check_op(fn, ref, ins, torch.bfloat16, case)

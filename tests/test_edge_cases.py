@@ -317,8 +317,16 @@ def test_attention_function_mask_with_minus_inf(mask_kind, dtype, device):
 # low-precision training with torch.amp.GradScaler on a tiny patched model
 
 
-@pytest.mark.parametrize("arch,dtype", [("llama", torch.bfloat16), ("llama", torch.float16),
-                                        ("gpt2", torch.float16)], ids=["llama-bf16", "llama-fp16", "gpt2-fp16"])
+# Known bug (issue 8 report): under autocast Llama's RoPE gives fp32 q/k next to a bf16/fp16 v, and
+# patches/attention.py validates "one dtype" before its own autocast cast -> ValueError (SDPA accepts it).
+_AUTOCAST_QK_BUG = pytest.mark.xfail(strict=True, reason="patches/attention.py rejects fp32 q/k + low-precision v "
+                                                        "under autocast (validation before the autocast cast)")
+
+
+@pytest.mark.parametrize("arch,dtype", [
+    pytest.param("llama", torch.bfloat16, id="llama-bf16", marks=_AUTOCAST_QK_BUG),
+    pytest.param("llama", torch.float16, id="llama-fp16", marks=_AUTOCAST_QK_BUG),
+    pytest.param("gpt2", torch.float16, id="gpt2-fp16")])
 def test_grad_scaler_training(arch, dtype, device):
     """autocast(dtype) + GradScaler: the scaler never sees inf/NaN gradients from our kernels (its scale never
     backs off), losses stay finite, and the first loss matches the unpatched model (fp64 oracle, unpatched
