@@ -315,17 +315,13 @@ def test_attention_function_mask_with_minus_inf(mask_kind, dtype, device):
 
 # ----------------------------------------------------------------------------------------------------------
 # low-precision training with torch.amp.GradScaler on a tiny patched model
-
-
-# Known bug (issue 8 report): under autocast Llama's RoPE gives fp32 q/k next to a bf16/fp16 v, and
-# patches/attention.py validates "one dtype" before its own autocast cast -> ValueError (SDPA accepts it).
-_AUTOCAST_QK_BUG = pytest.mark.xfail(strict=True, reason="patches/attention.py rejects fp32 q/k + low-precision v "
-                                                        "under autocast (validation before the autocast cast)")
+# (regression: under autocast Llama's RoPE gives fp32 q/k beside a bf16/fp16 v; the attention must cast
+# them to the autocast dtype like SDPA, not reject them)
 
 
 @pytest.mark.parametrize("arch,dtype", [
-    pytest.param("llama", torch.bfloat16, id="llama-bf16", marks=_AUTOCAST_QK_BUG),
-    pytest.param("llama", torch.float16, id="llama-fp16", marks=_AUTOCAST_QK_BUG),
+    pytest.param("llama", torch.bfloat16, id="llama-bf16"),
+    pytest.param("llama", torch.float16, id="llama-fp16"),
     pytest.param("gpt2", torch.float16, id="gpt2-fp16")])
 def test_grad_scaler_training(arch, dtype, device):
     """autocast(dtype) + GradScaler: the scaler never sees inf/NaN gradients from our kernels (its scale never

@@ -404,6 +404,12 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     ``module.sliding_window``), ``softcap``, ``cu_seq_lens_q/k`` with ``max_length_q/k`` (packed batch of one).
     Returns (attn_output [batch, q_len, heads, head_dim] contiguous, None).
     """
+    # Under autocast q/k/v may come back fp32 (HF's RoPE multiplies bf16 q/k by fp32 cos/sin; PEFT upcasts),
+    # while v stays low precision. SDPA runs all three in the autocast dtype, so do the same, before validating.
+    dev_type = query.device.type
+    if torch.is_autocast_enabled(dev_type) and torch.float32 in (query.dtype, key.dtype, value.dtype):
+        dt = torch.get_autocast_dtype(dev_type)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     _validate(query, key, value, attention_mask)
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"attn_implementation='{NAME}' does not support attention sinks (s_aux); "
@@ -421,12 +427,6 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if window is not None and (window <= 0 or (causal and window >= sk)):
         # Causal: the farthest key a query sees is sk - 1 positions back, so such a window masks nothing.
         window = None
-
-    # Under autocast the projections may come back fp32 (PEFT upcasts); SDPA would run in the autocast dtype.
-    dev_type = query.device.type
-    if query.dtype == torch.float32 and torch.is_autocast_enabled(dev_type):
-        dt = torch.get_autocast_dtype(dev_type)
-        query, key, value = query.to(dt), key.to(dt), value.to(dt)
 
     q = query.transpose(1, 2)  # [b, sq, h, d]
     k = key.transpose(1, 2)  # [b, sk, hk, d]
