@@ -298,6 +298,9 @@ class PatchReport:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under a PeftModel / LoraModel wrapper (or the model itself)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model or a PeftModel), "
+                        f"got {type(model).__name__}; load it first, e.g. AutoModelForCausalLM.from_pretrained(...)")
     seen = 0
     while seen < 4:
         seen += 1
