@@ -137,14 +137,6 @@ OUT_OF_BOUNDS = {"varlen/cu_seqlens-past-total"}
 # Genuine bugs found by these tests and not fixed by their owners at the time of writing (issue 8 report).
 # strict=True: the day one is fixed, its xfail turns into a failure and must be removed here.
 KNOWN_BUGS = {
-    "varlen/cu_seqlens-past-total": "flash_attention_varlen does not check cu_seqlens[-1] <= total rows: reads out "
-                                    "of bounds (kernels/attention.py, attention kernel owner)",
-    "apply_fast_kernels/not-a-module": "AttributeError instead of a TypeError naming model (patches/registry.py)",
-    "revert_fast_kernels/not-a-module": "AttributeError instead of a TypeError naming model (patches/registry.py)",
-    "rms_norm/weight-strided": "a strided weight view is read as contiguous: silently wrong output "
-                               "(kernels/rms_norm.py launcher lacks weight.contiguous())",
-    "layer_norm/weight-bias-strided": "strided weight/bias views are read as contiguous: silently wrong output "
-                                      "(kernels/layer_norm.py launcher)",
 }
 
 
