@@ -261,6 +261,9 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     check_same_device(x=x, weight=weight, bias=bias)
     if not use_kernel("layer_norm", _kernel_check(x, weight, bias)):
         return reference.layer_norm(x, weight, bias, eps)
+    # The kernels index weight/bias as dense [hidden] vectors; strided views are copied (autograd-tracked).
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     args = (x.reshape(-1, x.shape[-1]), weight, bias, float(eps))
     if torch.compiler.is_compiling():
         y = layer_norm_fwd(*args)[0]

@@ -326,6 +326,8 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
         check_same_device(x=x, weight=weight)
     if not use_kernel("rms_norm", _kernel_check(x, weight)):
         return reference.rms_norm(x, weight, eps, offset, cast_before_weight)
+    # The kernels index weight as a dense [hidden] vector; a strided view (w[::2]) is copied (autograd-tracked).
+    weight = weight.contiguous() if weight is not None else None
     args = (x.reshape(-1, x.shape[-1]), weight, float(eps), float(offset), bool(cast_before_weight),
             bool(save_rstd_only))
     if torch.compiler.is_compiling():
