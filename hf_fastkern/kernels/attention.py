@@ -809,6 +809,31 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return out
 
 
+_CU_CHECKED: dict = {}
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """cu must be non-decreasing from 0, end at or before ``total`` rows and have no sequence longer than
+    ``max_seqlen``; otherwise the kernel would read out of bounds or skip rows. This reads cu on the host
+    (one sync for a CUDA tensor), so a result is cached per tensor and version: a model's layers share one
+    cu_seqlens tensor per forward, and pay for one check."""
+    key = (cu.data_ptr(), cu._version, cu.numel(), total, max_seqlen)
+    if _CU_CHECKED.get(name) == key:
+        return
+    vals = cu.detach().to("cpu", torch.int64)
+    if vals.numel() == 0:
+        return
+    lens = vals[1:] - vals[:-1]
+    if int(vals[0]) != 0 or (lens.numel() and int(lens.min()) < 0):
+        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {vals.tolist()[:16]}")
+    if int(vals[-1]) > total:
+        raise ValueError(f"{name}[-1] = {int(vals[-1])} exceeds the {total} rows of its tensor")
+    if lens.numel() and int(lens.max()) > max_seqlen:
+        raise ValueError(f"a sequence of {int(lens.max())} rows in {name} is longer than its max_seqlen "
+                         f"{max_seqlen}")
+    _CU_CHECKED[name] = key
+
+
 def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
                            scale: float | None = None, sliding_window: int | None = None,
@@ -824,6 +849,9 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if cu_seqlens_k.numel() != cu_seqlens_q.numel():
         raise ValueError(f"cu_seqlens_k must have shape ({cu_seqlens_q.numel()},) like cu_seqlens_q, "
                          f"got {tuple(cu_seqlens_k.shape)}")
+    if not torch.compiler.is_compiling():
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     scale_, window, cap = _norm_opts(q.shape[-1], scale, sliding_window, softcap)
     check = attention_supported(q, k, v)
     if require_kernel and not check[0]:
