@@ -112,13 +112,9 @@ def assert_parity(arch: Arch, dtype: torch.dtype, device: str = "cpu", bsz: int 
         assert_close(gp[n], go[n], gb[n], dtype, "grad", f"{arch.name} grad {n}")
 
 
-# Known bug (owner: patches/attention.py): with attn_logit_softcapping, the "fastkern" fp32 fallback does not
-# apply the soft-cap (max logits error 2.8 against Gemma 2's eager; without softcap the error is 1e-6).
-# strict: the xfail turns into a failure the day it is fixed, so the mark gets removed.
-_GEMMA2_SOFTCAP_BUG = pytest.mark.xfail(strict=True, reason="fastkern attention fp32 fallback ignores Gemma 2 "
-                                        "attn_logit_softcapping (patches/attention.py)")
-ARCH_PARAMS = [pytest.param(a, id=a.name, marks=_GEMMA2_SOFTCAP_BUG if a.name == "gemma2" else ())
-               for a in ARCHS]
+# Gemma 2 (softcap, causal, no padding) is the regression case for the eager fallback that once dropped the
+# causal mask when no explicit mask was needed by SDPA.
+ARCH_PARAMS = [pytest.param(a, id=a.name) for a in ARCHS]
 
 
 @pytest.mark.parametrize("arch", ARCH_PARAMS)

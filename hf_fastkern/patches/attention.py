@@ -322,12 +322,13 @@ def _segment_meta(seg: torch.Tensor) -> _Varlen:
 
 
 def _dense_mask(attention_mask: torch.Tensor | None, b: int, q_len: int, kv_len: int, causal: bool,
-                window: int | None, device: torch.device) -> torch.Tensor | None:
+                window: int | None, device: torch.device, explicit: bool = False) -> torch.Tensor | None:
     """[batch, 1, q_len, kv_len] bool (True = attend) from what fastkern_mask returned, or None when SDPA's
-    own is_causal / no mask is exact. Queries sit at key positions kv_len - q_len + i (bottom-right)."""
+    own is_causal / no mask is exact (never None for a causal call when ``explicit``: the eager path has no
+    is_causal). Queries sit at key positions kv_len - q_len + i (bottom-right)."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask
-    if attention_mask is None and window is None and (not causal or q_len == kv_len):
+    if attention_mask is None and window is None and (not causal or (q_len == kv_len and not explicit)):
         return None
     q_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
     k_pos = torch.arange(kv_len, device=device)[None, :]
@@ -375,7 +376,7 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, causa
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=causal, **kwargs)
-    mask = _dense_mask(attention_mask, b, sq, sk, causal, window, query.device)
+    mask = _dense_mask(attention_mask, b, sq, sk, causal, window, query.device, explicit=bool(softcap))
     if softcap:
         out = _eager(query, key, value, mask, dropout, scaling, softcap, True)
     else:
