@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import types
 from collections.abc import Callable
@@ -102,7 +103,13 @@ def time_impl(row: dict, fwd: Callable, fwdbwd: Callable, leaves: list[torch.Ten
         for t in leaves:
             t.grad = None
         rows.append(r)
+    PARTIAL.extend(rows)
     return rows
+
+
+# Rows timed so far in this process. main() saves them when a time limit stops the run (SIGTERM from
+# `timeout`): the 2026-11-25 device run lost all three op tables that way, keeping only a log tail.
+PARTIAL: list[dict] = []
 
 
 def finish(rows: list[dict]) -> list[dict]:
@@ -124,6 +131,11 @@ def main(run: Callable[[bool], list[dict]], doc: str) -> None:
     ap.add_argument("--json", default=None, help="write rows + environment here")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU: the fallback path, seconds)")
     args = ap.parse_args()
+    if args.json:
+        def _save_partial(signum, frame):
+            save(args.json, finish(list(PARTIAL)), {"partial": True, "stopped_by_signal": signum})
+            sys.exit(124)
+        signal.signal(signal.SIGTERM, _save_partial)
     rows = run(quick=args.quick or not torch.cuda.is_available())
     print_table(rows, COLUMNS)
     save(args.json, rows)
