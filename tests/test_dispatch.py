@@ -90,3 +90,17 @@ def test_too_wide_rows_fall_back(device, monkeypatch):
     if dispatch.device_check((x,))[0]:
         assert len(msgs) == 1 and "hidden size 32" in msgs[0]
     torch.testing.assert_close(y, reference.rms_norm(x, None), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cap,dtype,ok", [((6, 1), torch.float16, False), ((7, 5), torch.bfloat16, False),
+                                          ((7, 5), torch.float16, True), ((8, 0), torch.bfloat16, True),
+                                          ((9, 0), torch.bfloat16, True)])
+def test_capability_check(monkeypatch, cap, dtype, ok):
+    """Old GPUs fall back with a reason instead of failing to compile (pre-Volta; bf16 before Ampere)."""
+    monkeypatch.setattr(dispatch, "_capability", lambda device: cap)
+    monkeypatch.setattr(torch.version, "hip", None)
+    got, reason = dispatch.capability_check(torch.device("cuda", 0), {dtype})
+    assert got is ok
+    assert (reason == "") is ok
+    if not ok:
+        assert f"{cap[0]}.{cap[1]}" in reason

@@ -67,6 +67,31 @@ def reset_warnings() -> None:
     _warned.clear()
 
 
+# Triton's oldest NVIDIA target is Volta (sm_70); bf16 arithmetic and bf16 tensor-core dots need Ampere (sm_80).
+MIN_CAPABILITY = (7, 0)
+BF16_MIN_CAPABILITY = (8, 0)
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return _CAPABILITY[idx]
+
+
+def capability_check(device: torch.device, dtypes: Iterable[torch.dtype]) -> tuple[bool, str]:
+    """Does this NVIDIA GPU compile our kernels for these dtypes? (ROCm devices are left to Triton.)"""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return True, ""
+    cap = _capability(device)
+    if cap < MIN_CAPABILITY:
+        return False, f"GPU compute capability {cap[0]}.{cap[1]} is older than Triton's minimum 7.0"
+    if torch.bfloat16 in tuple(dtypes) and cap < BF16_MIN_CAPABILITY:
+        return False, f"bfloat16 kernels need compute capability 8.0 (Ampere) or newer, this GPU is {cap[0]}.{cap[1]}"
+    return True, ""
+
+
 def device_check(tensors: Sequence[torch.Tensor | None],
                  dtypes: Iterable[torch.dtype] = SUPPORTED_DTYPES) -> tuple[bool, str]:
     """Can a Triton kernel run on these tensors? Returns ``(ok, reason)``; reason is empty when ok."""
@@ -84,9 +109,12 @@ def device_check(tensors: Sequence[torch.Tensor | None],
         if t.device.type == "cpu" and interpret_mode():
             continue
         return False, f"tensors on device '{t.device.type}' (Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
-    for t in tensors:
-        if t is not None and t.dtype not in dtypes:
+    present = [t for t in tensors if t is not None]
+    for t in present:
+        if t.dtype not in dtypes:
             return False, f"dtype {t.dtype} is not supported by the kernel (supported: {', '.join(map(str, dtypes))})"
+    if present:
+        return capability_check(present[0].device, {t.dtype for t in present})
     return True, ""
 
 
