@@ -334,3 +334,22 @@ def test_fused_linear_cross_entropy_gpu_compile():
     check_op(fn, lambda h, w: reference.linear_cross_entropy(h, w, y), [h, w], torch.bfloat16, "flce-compiled",
              baseline_fn=_baseline_linear(y, {}))
 
+
+
+def test_fused_linear_cross_entropy_backward_allocates_no_zero_grads():
+    """Regression (H100 run 2026-11-25: 2.08 GiB peak instead of ~1.1): autograd materialised a zeros
+    [vocab, hidden] 'gradient' for the internal d_weight output before the backward. Only the d_weight buffer
+    itself may be weight-sized."""
+    from torch.profiler import ProfilerActivity, profile
+
+    V, H, T = 2048, 64, 32
+    h = torch.randn(T, H, requires_grad=True)
+    w = (torch.randn(V, H) * 0.02).requires_grad_()
+    y = torch.randint(0, V, (T,))
+    fused_linear_cross_entropy(h, w, y).backward()
+    h.grad = w.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fused_linear_cross_entropy(h, w, y).backward()
+    weight_sized = [e.name for e in prof.events()
+                    if e.name in ("aten::zeros", "aten::empty_like") and e.cpu_memory_usage >= V * H * 4]
+    assert weight_sized == ["aten::empty_like"], weight_sized

@@ -258,6 +258,7 @@ def _(grad_rows, logits, labels, lse, ignore_index, label_smoothing, z_loss, sof
 
 def _ce_setup(ctx, inputs, output):
     logits, labels, ignore_index, label_smoothing, z_loss, softcap = inputs
+    ctx.set_materialize_grads(False)  # lse is internal: no zero gradient for it (see _flce_setup)
     ctx.save_for_backward(logits, labels, output[1])
     ctx.opts = (ignore_index, label_smoothing, z_loss, softcap)
 
@@ -409,6 +410,10 @@ def _(x, g):
 def _flce_setup(ctx, inputs, output):
     (hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap, reduce, need_dh,
      need_dw, need_db, chunk) = inputs
+    # Only the loss is differentiable; lse and the gradient buffers are internal outputs. Without this, autograd
+    # materialises a zero "gradient" for each of them before the backward: a [vocab, hidden] zeros tensor
+    # (1 GiB at 128K x 4096), which was the extra GiB of peak memory measured on the H100 on 2026-11-25.
+    ctx.set_materialize_grads(False)
     ctx.reduce = reduce
     ctx.needs = (need_dh, need_dw, need_db)
     ctx.has_bias = bias is not None
