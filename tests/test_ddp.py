@@ -66,3 +66,107 @@ def test_ddp_gloo_two_processes_patched_matches_unpatched(tmp_path):
                  "unpatched 2-process DDP vs 1 process (same global batch)")
     assert_close(curves["fastkern_ddp"], curves["oracle_single_fp64"], curves["sdpa_ddp"], torch.float32,
                  "output", "fastkern 2-process DDP losses")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fused loss with a sharded (DTensor) lm_head: a 2-process gloo group on the CPU, kernels interpreted.
+# Run by the test below as `python -m torch.distributed.run --nproc_per_node 2 -m tests.test_ddp`.
+
+def _dtensor_worker() -> None:
+    """Each rank: the loss of its own rows; the head's gradient must be the average over ranks (one big batch).
+
+    Cases: (1) ``lm_head.weight`` replaced by a Shard(0) DTensor before ``apply_fast_kernels``;
+    (2) FSDP2 ``fully_shard`` on ``lm_head`` (its own group, so the weight is resharded before the loss reads
+    it) and on the whole model, when this torch's FSDP2 runs on the CPU. Oracle: the unpatched model in fp64
+    on the global batch; baseline: the same in fp32.
+    """
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_fastkern import apply_fast_kernels
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=250, tie_word_embeddings=False, attn_implementation="sdpa")
+    base = LlamaForCausalLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2 * world, 24), generator=torch.Generator().manual_seed(1))
+    mine = ids[2 * rank:2 * rank + 2]
+
+    def grads(model, x):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    # global batch = mean over ranks of per-rank means (equal label counts): the gradient FSDP2/DDP apply
+    oracle_loss, oracle = grads(copy.deepcopy(base).double(), ids)
+    base_loss, baseline = grads(copy.deepcopy(base), ids)
+    local_oracle_loss, _ = grads(copy.deepcopy(base).double(), mine)
+    local_base_loss, _ = grads(copy.deepcopy(base), mine)
+    rows = slice(rank * cfg.vocab_size // world, (rank + 1) * cfg.vocab_size // world)
+    assert cfg.vocab_size % world == 0
+
+    def check_head(model, loss, tag):
+        assert_close(loss, local_oracle_loss, local_base_loss, torch.float32, "output", f"{tag}: local loss")
+        g = model.lm_head.weight.grad
+        assert isinstance(g, DTensor), f"{tag}: lm_head grad is {type(g).__name__}, not a DTensor"
+        assert_close(g.to_local(), oracle["lm_head.weight"][rows], baseline["lm_head.weight"][rows],
+                     torch.float32, "grad", f"{tag}: lm_head.weight grad shard (average over ranks)")
+
+    # (1) a DTensor head weight, patched after sharding (enable_fused_loss used to refuse it)
+    m1 = copy.deepcopy(base)
+    m1.lm_head.weight = torch.nn.Parameter(distribute_tensor(m1.lm_head.weight.detach(), mesh, [Shard(0)]))
+    report = apply_fast_kernels(m1)
+    assert report.patched["cross_entropy"] == 1, str(report)
+    from hf_fastkern.patches.loss import fused_loss_enabled
+    assert fused_loss_enabled(m1)
+    loss1, _ = grads(m1, mine)
+    check_head(m1, loss1, "DTensor lm_head")
+    # the rest of the model is local (no data parallel wrapper here): its gradient is this rank's own
+    _, local_oracle = grads(copy.deepcopy(base).double(), mine)
+    _, local_base = grads(copy.deepcopy(base), mine)
+    for n in ("model.norm.weight", "model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        assert_close(dict(m1.named_parameters())[n].grad, local_oracle[n], local_base[n], torch.float32,
+                     "grad", f"DTensor lm_head: {n} grad")
+
+    # (2) FSDP2 on the CPU, lm_head in its own group
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        fully_shard = None
+    if fully_shard is not None:
+        m2 = copy.deepcopy(base)
+        apply_fast_kernels(m2)
+        fully_shard(m2.lm_head, mesh=mesh)
+        fully_shard(m2, mesh=mesh)
+        loss2, g2 = grads(m2, mine)
+        for n, g in g2.items():
+            full = g.full_tensor() if isinstance(g, DTensor) else g
+            assert_close(full, oracle[n], baseline[n], torch.float32, "grad", f"FSDP2: {n} grad")
+        assert_close(loss2, local_oracle_loss, local_base_loss, torch.float32, "output", "FSDP2: local loss")
+    dist.barrier()
+    print(f"rank {rank}: dtensor ok, fsdp2 {'ok' if fully_shard is not None else 'skipped'}", flush=True)
+    dist.destroy_process_group()
+
+
+def test_fused_loss_dtensor_head_two_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tests.test_ddp"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("HF_FASTKERN_FORCE_REFERENCE", None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "rank 0: dtensor ok" in out and "rank 1: dtensor ok" in out, out[-3000:]
+
+
+if __name__ == "__main__":
+    _dtensor_worker()

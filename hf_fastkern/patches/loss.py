@@ -24,10 +24,18 @@ Mechanism (per model INSTANCE; classes and module globals are never touched):
 Refused (``enable_fused_loss`` returns ``(False, reason)``, the model keeps its standard loss):
 - heads that are not a plain ``nn.Linear`` (PEFT LoRA on ``lm_head``, quantised layers): reading
   ``lm_head.weight`` directly would silently drop the adapter's gradient (TRL PR 5977);
-- a sharded (DTensor, FSDP2) head weight (Liger #332);
 - models whose logits are rescaled by config (``logit_scale`` Cohere, ``logits_scaling`` Granite ...), a
   non-causal-LM ``loss_type`` or a custom ``loss_function``;
 - a head whose ``forward`` is already wrapped on the instance (accelerate device-map hooks).
+Sharded heads (FSDP2, Liger #332): under ``fully_shard`` the model's forward normally sees the head's
+*unsharded* plain parameter (FSDP2 all-gathers a module group before its forward), so nothing changes. When the
+weight (or bias) is still a ``DTensor`` at loss time (``lm_head`` in an FSDP2 group of its own, already
+resharded after its capture call; or a tensor-parallel head) it is gathered with ``full_tensor()`` for the
+chunk loop. Its gradient goes back through DTensor's differentiable redistribute as a partial sum that is
+reduce(-scattered) onto the shards and divided by the mesh size: the *average* of the per-rank gradients,
+which is what FSDP2/DDP apply to every other parameter (and, for replicated tensor-parallel inputs, equals the
+local gradient). Under FSDP2 mixed precision the gathered fp32 weight is cast to the hidden state's dtype, as
+FSDP2's ``param_dtype`` would. A DTensor hidden state (tensor/sequence parallel) is gathered the same way.
 If the head changes after enabling (LoRA added to ``lm_head``, ``resize_token_embeddings``), each call falls
 back to the original forward with a one-time warning.
 """
@@ -88,9 +96,36 @@ def _head_problem(head) -> str:
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         return (f"lm_head is {type(head).__module__}.{type(head).__name__}, not a plain nn.Linear (PEFT LoRA "
                 "or a quantised layer): the fused loss would drop its adapter's gradient, standard loss kept")
-    if _is_dtensor(head.weight):
-        return "lm_head.weight is a sharded DTensor (FSDP2/tensor parallel): standard loss kept"
     return ""
+
+
+class _AverageGrad(torch.autograd.Function):
+    """Identity forward; the backward divides the gradient by ``n`` (a sum over ``n`` ranks becomes a mean)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.n = n
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g / ctx.n, None
+
+
+def _gathered(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A sharded DTensor parameter as one plain full tensor whose gradient averages the ranks' gradients.
+
+    ``t``: a DTensor of any placements on any mesh (or a plain tensor / None, returned as is). Each rank's
+    gradient of the full tensor is a partial contribution (it saw only its own tokens): ``Partial`` grad
+    placements make the backward of ``full_tensor`` sum-reduce them onto the shards (reduce-scatter for Shard,
+    all-reduce for Replicate), and ``_AverageGrad`` divides by the number of ranks first. ``Partial('avg')``
+    would do both at once but gloo has no AVG reduction.
+    """
+    if t is None or not _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Partial
+    full = t.full_tensor(grad_placements=[Partial()] * t.device_mesh.ndim)
+    return _AverageGrad.apply(full, t.device_mesh.size()) if full.requires_grad else full
 
 
 def _softcap(config) -> float | None:
@@ -192,10 +227,21 @@ def _causal_lm_loss(state: _State, hidden: torch.Tensor, labels, kwargs: dict) -
     if shift_labels is None:
         # tokens < n predict n: pad with ignore_index, then shift (HF's ForCausalLMLoss)
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    shift_labels = shift_labels.to(hidden.device)
     head = state.head
-    return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
-                                      shift_labels.reshape(-1), head.bias, ignore_index=ignore_index,
+    weight, bias = head.weight, head.bias
+    if _is_dtensor(hidden):
+        # tensor/sequence parallel: every rank computes the loss of the whole (gathered) sequence, so the
+        # gradient of the full hidden state is the same on every rank and its local slice is the default
+        hidden = hidden.full_tensor()
+    if _is_dtensor(weight) or _is_dtensor(bias):
+        weight, bias = _gathered(weight), _gathered(bias)
+        if not torch.is_autocast_enabled(hidden.device.type) and weight.dtype != hidden.dtype:
+            # FSDP2 mixed precision: the sharded master weight is fp32, the compute dtype is the hidden's
+            weight = weight.to(hidden.dtype)
+            bias = bias.to(hidden.dtype) if bias is not None else None
+    shift_labels = shift_labels.to(hidden.device)
+    return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                      shift_labels.reshape(-1), bias, ignore_index=ignore_index,
                                       num_items_in_batch=kwargs.get("num_items_in_batch"),
                                       softcap=state.softcap)
 
