@@ -388,19 +388,52 @@ def _attention_target(model: nn.Module) -> tuple[bool, str]:
     return True, ""
 
 
+def chunked_mlp_factory(factory: ForwardFactory, chunk_tokens: int) -> ForwardFactory:
+    """``factory``'s MLP forward run over the tokens in chunks of ``chunk_tokens``, recomputed in backward.
+
+    For long sequences: no ``[seq, intermediate]`` tensor for the whole sequence is ever held (see
+    :func:`hf_fastkern.offload.chunked_recompute`). Gradients reach every parameter of the MLP that requires
+    them (LoRA adapters included), through autograd.
+    """
+
+    def wrapped(module: nn.Module, config: Any) -> Forward:
+        inner = factory(module, config)
+
+        def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            from hf_fastkern.offload import chunked_recompute
+
+            # read per call: PEFT may add adapters (and freeze the base) after patching
+            params = [p for p in self.parameters() if p.requires_grad]
+            return chunked_recompute(lambda t: inner(self, t), x, chunk_tokens, params)
+
+        return forward
+
+    return wrapped
+
+
 def _lm_head_target(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     return model if callable(get) and get() is not None else None
 
 
 def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = True, mlp: bool = True,
-                       cross_entropy: bool = True) -> PatchReport:
+                       cross_entropy: bool = True, offload_activations: bool = False,
+                       mlp_chunk_tokens: int | None = None) -> PatchReport:
     """Swap this model instance's norms, MLPs, attention and causal-LM loss for the fused kernels.
 
     model: a transformers ``*Model`` / ``*ForCausalLM``, or a PEFT model wrapping one (patched before or after
     ``get_peft_model``). Only this instance changes. Idempotent: a second call patches nothing new and reports
     what it found already patched. Returns a :class:`PatchReport`; never raises for a model that works.
+
+    offload_activations: with gradient checkpointing on (e.g. Trainer's ``gradient_checkpointing=True``), keep
+    the checkpointed layer inputs in pinned host memory between forward and backward
+    (:func:`hf_fastkern.offload.enable_activation_offload`). No effect without checkpointing.
+    mlp_chunk_tokens: run each patched MLP over at most this many tokens at a time and recompute it in
+    backward, so a long sequence never holds ``[seq, intermediate]`` tensors (applies to MLPs patched by this
+    call; revert first to change it).
     """
+    if mlp_chunk_tokens is not None and (not isinstance(mlp_chunk_tokens, int) or mlp_chunk_tokens <= 0):
+        raise ValueError(f"mlp_chunk_tokens must be a positive int or None, got {mlp_chunk_tokens!r}")
     base = _unwrap(model)
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None) or type(base).__name__
@@ -427,7 +460,10 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
                     _patch_module(module, name, "norm", _generic_rms_factory, config, report)
                     continue
             if mlp and recipe is not None and cls in recipe.mlps:
-                _patch_module(module, name, "mlp", recipe.mlps[cls], config, report)
+                factory = recipe.mlps[cls]
+                if mlp_chunk_tokens:
+                    factory = chunked_mlp_factory(factory, mlp_chunk_tokens)
+                _patch_module(module, name, "mlp", factory, config, report)
         if mlp and recipe is None:
             report.skipped.append(("mlp", f"no recipe for model_type {model_type!r}: MLPs left as they are "
                                           f"(known: {', '.join(sorted(RECIPES))})"))
@@ -471,6 +507,17 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
                 report.skipped.append(("cross_entropy", why))
     elif cross_entropy:
         report.skipped.append(("cross_entropy", f"recipe {recipe.name} keeps its loss: {recipe.notes}"))
+
+    if offload_activations:
+        from hf_fastkern.offload import activation_offloader, enable_activation_offload
+
+        if activation_offloader(base) is not None:
+            report._add(report.already, "offload")
+        elif enable_activation_offload(base) is not None:
+            state["offload"] = True
+            report._add(report.patched, "offload")
+        else:
+            report.skipped.append(("offload", f"{type(base).__name__} has no list of checkpointable layers"))
     return report
 
 
@@ -482,6 +529,10 @@ def revert_fast_kernels(model: nn.Module) -> int:
     base = _unwrap(model)
     restored = sum(_unbind(m) for m in base.modules())
     state = base.__dict__.pop(_MODEL_STATE, None) or {}
+    if state.get("offload"):
+        from hf_fastkern.offload import disable_activation_offload
+
+        restored += disable_activation_offload(base)
     if "attention" in state:
         base.set_attn_implementation(state["attention"])
         restored += 1
