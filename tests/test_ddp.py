@@ -77,7 +77,8 @@ def _dtensor_worker() -> None:
 
     Cases: (1) ``lm_head.weight`` replaced by a Shard(0) DTensor before ``apply_fast_kernels``;
     (2) FSDP2 ``fully_shard`` on ``lm_head`` (its own group, so the weight is resharded before the loss reads
-    it) and on the whole model, when this torch's FSDP2 runs on the CPU. Oracle: the unpatched model in fp64
+    it) and on the whole model; (3) FSDP2 in the layout Accelerate 1.15 builds (every decoder layer, the input
+    embedding, [final norm, lm_head] not resharded after forward, the root). Oracle: the unpatched model in fp64
     on the global batch; baseline: the same in fp32.
     """
     import copy
@@ -151,6 +152,21 @@ def _dtensor_worker() -> None:
             full = g.full_tensor() if isinstance(g, DTensor) else g
             assert_close(full, oracle[n], baseline[n], torch.float32, "grad", f"FSDP2: {n} grad")
         assert_close(loss2, local_oracle_loss, local_base_loss, torch.float32, "output", "FSDP2: local loss")
+        # (3) Accelerate 1.15's FSDP2 layout (utils/fsdp_utils.py fsdp2_prepare_model): decoder layers, the
+        # input embedding, then [final norm, lm_head] as one group kept unsharded after forward, then the root
+        m3 = copy.deepcopy(base)
+        apply_fast_kernels(m3)
+        for layer in m3.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m3.model.embed_tokens, mesh=mesh)
+        fully_shard([m3.model.norm, m3.lm_head], mesh=mesh, reshard_after_forward=False)
+        fully_shard(m3, mesh=mesh)
+        loss3, g3 = grads(m3, mine)
+        for n, g in g3.items():
+            full = g.full_tensor() if isinstance(g, DTensor) else g
+            assert_close(full, oracle[n], baseline[n], torch.float32, "grad", f"FSDP2 accelerate layout: {n} grad")
+        assert_close(loss3, local_oracle_loss, local_base_loss, torch.float32, "output",
+                     "FSDP2 accelerate layout: local loss")
     dist.barrier()
     print(f"rank {rank}: dtensor ok, fsdp2 {'ok' if fully_shard is not None else 'skipped'}", flush=True)
     dist.destroy_process_group()
