@@ -77,28 +77,22 @@ def build_model(variant: str, cfg_kwargs: dict, device: str, grad_ckpt: bool = F
         report = apply_fast_kernels(model)
         notes["patch_report"] = str(report)[:400]
     if grad_ckpt:
-        # reentrant checkpointing saves each layer's input through save_for_backward, which is what
-        # torch.autograd.graph.save_on_cpu can move to host memory (--offload); the non-reentrant variant keeps the
-        # inputs alive in a closure on the GPU
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": offload})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if offload:
+        # the checkpointed layer inputs go to pinned host memory (hf_fastkern/offload.py); the mechanism is
+        # generic (hooks on the decoder stack), so every variant gets the same one
+        from hf_fastkern.offload import enable_activation_offload
+        if enable_activation_offload(model) is None:
+            notes["offload_note"] = "no checkpointable layer list found: nothing offloaded"
     model.train()
     return model, notes
 
 
-def _forward_backward(model, ids, device: str, offload: bool = False):
-    ctx = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else _Null()
-    with ctx, torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+def _forward_backward(model, ids, device: str):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     return out.loss
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwargs: dict,
@@ -113,7 +107,7 @@ def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwar
     ids = torch.randint(0, cfg_kwargs["vocab_size"], (batch, seq), device=dev, generator=gen)
 
     def step():
-        loss = _forward_backward(model, ids, dev, offload)
+        loss = _forward_backward(model, ids, dev)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss

@@ -8,8 +8,8 @@ start length until a trial fails, then bisects on multiples of 1024 until ``hi -
 the reported ``max_seq`` is the longest length that trained. ``--grow`` changes the doubling factor (1.25 for the expensive lengths).
 
 Variants: ``sdpa``, ``sdpa+liger``, ``fastkern``; suffix ``_gc`` = gradient checkpointing (non-reentrant, as the
-anchors), ``_gc_offload`` = reentrant checkpointing with the checkpointed layer inputs saved to pinned host
-memory (torch.autograd.graph.save_on_cpu).
+anchors), ``_gc_offload`` = the same checkpointing with the checkpointed layer inputs kept in pinned host memory
+(``hf_fastkern.offload.enable_activation_offload``, the mechanism behind ``apply_fast_kernels(offload_activations=True)``).
 
 Time: one trial near the limit is one long step (a 250k-token causal step is ~3e16 attention FLOPs, about a
 minute), so the search has a total ``--time-budget``; when it runs out, the row says ``exact: false`` and
@@ -75,7 +75,7 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
     ids = torch.randint(0, cfg["vocab_size"], (1, seq), device="cuda")
     try:
         t0 = time.perf_counter()
-        _forward_backward(model, ids, "cuda", offload)
+        _forward_backward(model, ids, "cuda")
         torch.cuda.synchronize()
         return dict(ok=True, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, step_s=time.perf_counter() - t0)
     except torch.OutOfMemoryError:
@@ -105,8 +105,11 @@ def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
 
 
 def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float = 600, trial_timeout: float = 420,
-           tiny: bool = False, log=print, grow: float = 2.0) -> dict:
+           tiny: bool = False, log=print, grow: float = 2.0, trial=None) -> dict:
     """Grow (x2 by default) then bisect (multiples of 1024, to 1/8 of the result) under a time budget.
+
+    ``trial(variant, seq, timeout, tiny) -> {"ok": bool, "oom"/"timeout"/"error": ...}`` runs one attempt
+    (default: this script's subprocess); bench_lora.py passes its own to search with the 8B LoRA model.
 
     A step costs about S^2 at these lengths, so a smaller ``grow`` (1.25) keeps the trial above a passing start
     affordable; the first trial at ``start`` already answers "does it train at this length?".
@@ -118,7 +121,7 @@ def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float 
         left = budget_s - (time.time() - t0)
         if left <= 0:
             return None
-        res = _trial(variant, seq, min(trial_timeout, left), tiny)
+        res = (trial or _trial)(variant, seq, min(trial_timeout, left), tiny)
         trials.append([seq, "ok" if res.get("ok") else ("timeout" if res.get("timeout") else "fail")])
         log(f"  {variant} S={seq}: {trials[-1][1]}" + (f" ({res['error']})" if res.get("error") else ""))
         if res.get("error"):

@@ -1,6 +1,6 @@
 """``hf-fastkern``: benchmark, check and describe hf_fastkern on this machine.
 
-    hf-fastkern bench [ops|attention|ce|e2e|longctx|all ...] [--quick] [--json FILE] [--out-dir DIR] [--plot FILE]
+    hf-fastkern bench [ops|attention|ce|e2e|longctx|lora|all ...] [--quick] [--json FILE] [--out-dir DIR] [--plot FILE]
     hf-fastkern info  [--json FILE]
     hf-fastkern check
 
@@ -32,8 +32,11 @@ SECTIONS = {
     "ce": ("cross_entropy",),
     "e2e": ("e2e",),
     "longctx": ("longctx",),
+    # issue 12: LoRA fine-tuning of the Llama-3.1-8B shape (one subprocess per variant, ~2 minutes on an H100)
+    "lora": ("lora",),
 }
 # what one would run on a GPU for "all": longctx is long (minutes per variant), so it is named explicitly
+# (lora too: it builds an 8B model per variant)
 ALL = ("ops", "attention", "ce", "e2e", "longctx")
 NO_GPU_NOTE = ("No CUDA GPU here: this is a short correctness-and-timing pass through the PyTorch fallback at "
                "small sizes. It proves the commands run; GPU numbers need a GPU.")
@@ -42,7 +45,8 @@ _METRIC_ORDER = ("ms", "fwd_ms", "fwdbwd_ms", "bwd_ms", "step_ms", "tok_per_s", 
                  "mfu", "peak_MiB", "peak_GiB", "max_seq", "exact", "vs_best_peer", "vs_sdpa", "mem_vs_sdpa",
                  "vs_liger", "loss", "gate", "loss_rel_err", "grad_rel_err", "max_err", "error")
 _HIDDEN = {"trials", "patch_report", "attn_note", "flops_formula", "mfu_peak_TFLOPs", "note", "first_fail",
-           "liger_ref", "variant", "best_peer", "mem_vs_best_peer", "offload", "model"}
+           "liger_ref", "variant", "best_peer", "mem_vs_best_peer", "offload", "model",
+           "trainable_params"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -414,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="benchmarks beside the peers (tables, JSON, plot)")
     b.add_argument("targets", nargs="*", default=["all"], metavar="TARGET",
-                   help="ops | attention | ce | e2e | longctx | all (default: all)")
+                   help="ops | attention | ce | e2e | longctx | lora | all (default: all)")
     b.add_argument("--quick", action="store_true", help="small sizes, fewer repetitions")
     b.add_argument("--json", help="write every row + environment + command to this file")
     b.add_argument("--out-dir", help="also write one <bench>.json per script here (e.g. benchmarks/results/h100)")

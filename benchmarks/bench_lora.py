@@ -1,0 +1,348 @@
+"""LoRA fine-tuning of a Llama-3.1-8B-shaped model on one GPU: sdpa vs sdpa+Liger vs fastkern (issue 12).
+
+Scenario (the issue's): Llama-3.1-8B shape (hidden 4096, 32 layers, 32 heads / 8 KV heads, intermediate 14336,
+vocab 128256, untied head), random-init bf16 weights, PEFT LoRA r=16, alpha 32, dropout 0 on q, k, v, o, gate,
+up and down projections (PEFT keeps the adapters in fp32; the step runs under bf16 autocast), non-reentrant
+gradient checkpointing, fused AdamW on the adapters, labels = input_ids.
+Method: one subprocess per variant builds the model once and measures every shape in turn (default 4 x 2048 and
+1 x 8192): ``--warmup`` steps, then ``--steps`` timed steps between two ``cuda.synchronize()`` (wall clock: a
+step is seconds long, so ``do_bench``'s event timing adds nothing); peak memory is ``max_memory_allocated`` over
+the timed steps of that shape. Correctness gate: the first step's loss (same weights, same tokens) within 1% of
+sdpa's.
+  sdpa              attn_implementation="sdpa", nothing else (HF + PEFT)
+  sdpa+liger        liger_kernel.transformers.apply_liger_kernel_to_llama() before the model is built
+  fastkern          attn_implementation="fastkern" + apply_fast_kernels(peft_model)
+  fastkern_offload  the same + offload_activations=True, mlp_chunk_tokens=16384 (long-context mode)
+``--longctx`` adds the longest trainable batch-1 sequence per variant (bench_longctx.py's search: one subprocess
+per trial, grow then bisect). A trial near 256K tokens is a long step (tens of minutes for an 8B model: the
+causal attention alone is ~7e17 FLOPs), so give it its own ``--longctx-budget``; rows say ``exact: false`` when
+the budget ran out.
+
+Without a GPU, ``run()`` does a tiny CPU smoke pass (2-layer LoRA model, patched vs unpatched loss agreement).
+
+    PYTHONPATH=. python benchmarks/bench_lora.py --json benchmarks/results/h100/lora.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+try:
+    from hf_fastkern.benchmarks.common import print_table, save
+except ImportError:  # run as a script from a source checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.common import print_table, save
+
+VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
+ALL_VARIANTS = VARIANTS + ("fastkern_offload",)
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                tie_word_embeddings=False)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = ((4, 2048), (1, 8192))
+OFFLOAD_MLP_CHUNK = 16384
+# the issue's numbers (H100 80GB, one process per variant): tokens/s at 4x2048, 1x8192, peak GiB, longest batch-1
+ISSUE_ANCHORS = {"sdpa": dict(tok_4x2048=5993, tok_1x8192=5565, peak_GiB=29.4, max_seq=32768),
+                 "sdpa+liger": dict(tok_4x2048=7034, tok_1x8192=6439, peak_GiB=20.1, max_seq=98304)}
+TARGETS_VS_SDPA = dict(tok_per_s=1.5, mem=0.6)
+GATE_LOSS_REL = 0.01
+COLS = ["bench", "impl", "B", "S", "step_ms", "tok_per_s", "peak_GiB", "loss", "loss_rel_err", "gate", "vs_sdpa", "mem_vs_sdpa",
+        "vs_best_peer", "max_seq", "exact", "error"]
+RESULT_TAG = "RESULT "
+METHOD = ("random-init Llama-3.1-8B shape, bf16 weights, PEFT LoRA r=16 alpha=32 dropout 0 on q,k,v,o,gate,up,down "
+          "(fp32 adapters, bf16 autocast), non-reentrant gradient checkpointing, fused AdamW on the adapters; one "
+          "subprocess per variant, all shapes in it; warm-up then timed steps (wall clock between "
+          "cuda.synchronize); peak = max_memory_allocated over the timed steps of each shape")
+
+
+def parse_variant(v: str) -> tuple[str, bool]:
+    """'fastkern_offload' -> ('fastkern', True)."""
+    if v.endswith("_offload"):
+        return v[: -len("_offload")], True
+    return v, False
+
+
+def build_model(variant: str, cfg_kwargs: dict, device: str):
+    """Random-init bf16 LlamaForCausalLM with LoRA adapters and checkpointing; returns (peft_model, notes)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base, offload = parse_variant(variant)
+    notes: dict = {}
+    attn = "sdpa"
+    if base == "sdpa+liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        # class-level patch (Liger's way); harmless here because each variant owns its process
+        apply_liger_kernel_to_llama()
+    if base == "fastkern":
+        import hf_fastkern  # noqa: F401  (registers "fastkern")
+        attn = "fastkern"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**cfg_kwargs, attn_implementation=attn, use_cache=False)
+    default = torch.get_default_dtype()
+    # built in bf16 directly: an fp32 build of 8B parameters would need 32 GB first
+    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    if base == "fastkern":
+        from hf_fastkern import apply_fast_kernels
+        report = apply_fast_kernels(model, offload_activations=offload,
+                                    mlp_chunk_tokens=OFFLOAD_MLP_CHUNK if offload else None)
+        notes["patch_report"] = str(report)[:500]
+    model.train()
+    return model, notes
+
+
+def _step(model, opt, ids, device: str) -> torch.Tensor:
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _optimizer(model, device: str) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+
+
+def _sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev: str = "cuda") -> list[dict]:
+    """One variant in this process (CUDA; ``dev="cpu"`` only exercises the code): every shape, one row each."""
+    model, notes = build_model(variant, cfg_kwargs, dev)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt = _optimizer(model, dev)
+    rows = []
+    for batch, seq in shapes:
+        row = dict(bench="lora", impl=variant, B=batch, S=seq, trainable_params=trainable, **notes)
+        try:
+            # a generator of its own: the same tokens in every variant's process
+            gen = torch.Generator(device=dev).manual_seed(seq)
+            ids = torch.randint(0, cfg_kwargs["vocab_size"], (batch, seq), device=dev, generator=gen)
+            # the first step on identical weights and tokens feeds the correctness gate; the optimizer state is
+            # the variants' own from here on, which the timing does not care about
+            row["loss0"] = float(_step(model, opt, ids, dev))
+            for _ in range(warmup - 1):
+                _step(model, opt, ids, dev)
+            _sync(dev)
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = _step(model, opt, ids, dev)
+            _sync(dev)
+            dt = (time.perf_counter() - t0) / steps
+            row.update(step_ms=dt * 1e3, tok_per_s=batch * seq / dt, loss=float(loss),
+                       peak_GiB=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None)
+        except torch.OutOfMemoryError:
+            row["error"] = "CUDA out of memory"
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
+    """One LoRA training step (forward, backward, AdamW) at batch 1, length ``seq``, in this process."""
+    cfg = dict(TINY if tiny else LLAMA_8B, max_position_embeddings=max(seq, 8192))
+    model, _ = build_model(variant, cfg, "cuda")
+    opt = _optimizer(model, "cuda")
+    ids = torch.randint(0, cfg["vocab_size"], (1, seq), device="cuda")
+    try:
+        t0 = time.perf_counter()
+        _step(model, opt, ids, "cuda")
+        torch.cuda.synchronize()
+        return dict(ok=True, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, step_s=time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        return dict(ok=False, oom=True)
+    except RuntimeError as e:
+        # a failed cuBLAS/cuDNN workspace allocation is the memory limit too; anything else is a bug to report
+        if "out of memory" in str(e) or "ALLOC_FAILED" in str(e):
+            return dict(ok=False, oom=True, note=str(e)[:120])
+        raise
+
+
+def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
+    # bench_longctx names variants with their checkpointing ('fastkern_gc_offload'); here it is always on
+    variant = variant.replace("_gc", "")
+    cmd = [sys.executable, os.path.abspath(__file__), "--trial", variant, str(seq)] + (["--tiny"] if tiny else [])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        return dict(ok=False, timeout=True)
+    for line in r.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    oom = "OutOfMemoryError" in r.stderr or "out of memory" in r.stderr
+    return dict(ok=False, oom=oom, error=None if oom else " | ".join(r.stderr.strip().splitlines()[-2:])[-300:])
+
+
+def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | None = None) -> list[dict]:
+    """Longest trainable batch-1 sequence per variant, with bench_longctx.search and this script's trial."""
+    try:
+        from hf_fastkern.benchmarks.bench_longctx import search
+    except ImportError:
+        from benchmarks.bench_longctx import search
+    rows, t0 = [], time.time()
+    for i, v in enumerate(variants):
+        per = (budget_s - (time.time() - t0)) / (len(variants) - i)
+        s = start or (ISSUE_ANCHORS.get(parse_variant(v)[0], {}).get("max_seq") or 98304)
+        if parse_variant(v)[1] and not start:
+            s = 262144  # the issue's target with offload
+        base, offload = parse_variant(v)
+        # bench_longctx's variant syntax: checkpointing is always on in this scenario
+        name = f"{base}_gc" + ("_offload" if offload else "")
+        row = search(name, start=s, budget_s=per, trial_timeout=per, tiny=tiny, grow=1.25, trial=_trial)
+        row.update(bench="lora_longctx", impl=v, variant=v)
+        # search() attaches the 1.5B e2e anchors by name; this scenario's anchors are the issue's
+        row.pop("anchor", None)
+        if ISSUE_ANCHORS.get(v):
+            row["anchor"] = ISSUE_ANCHORS[v]["max_seq"]
+        rows.append(row)
+    return rows
+
+
+def add_lora_ratios(rows: list[dict]) -> None:
+    """Per shape: the correctness gate, vs_sdpa / mem_vs_sdpa, and vs_best_peer (tokens/s) on fastkern rows."""
+    shapes = {(r.get("B"), r.get("S")) for r in rows if r.get("bench") == "lora"}
+    for shape in shapes:
+        group = {r["impl"]: r for r in rows if r.get("bench") == "lora" and (r.get("B"), r.get("S")) == shape
+                 and r.get("tok_per_s")}
+        base = group.get("sdpa")
+        for r in group.values():
+            if base and base.get("loss0") and r.get("loss0") is not None:
+                r["loss0_rel_diff"] = abs(r["loss0"] - base["loss0"]) / abs(base["loss0"])
+                r["gate"] = "ok" if r["loss0_rel_diff"] <= GATE_LOSS_REL else "FAIL: first-step loss differs from sdpa"
+            if base:
+                r["vs_sdpa"] = r["tok_per_s"] / base["tok_per_s"]
+                r["mem_vs_sdpa"] = r["peak_GiB"] / base["peak_GiB"]
+        peers = [r for k, r in group.items() if not k.startswith("fastkern")]
+        for k, r in group.items():
+            if k.startswith("fastkern") and peers:
+                best = max(peers, key=lambda p: p["tok_per_s"])
+                r["vs_best_peer"], r["best_peer"] = r["tok_per_s"] / best["tok_per_s"], best["impl"]
+                if base:
+                    r["meets_target"] = (r["vs_sdpa"] >= TARGETS_VS_SDPA["tok_per_s"]
+                                         and r["mem_vs_sdpa"] <= TARGETS_VS_SDPA["mem"])
+
+
+def cpu_smoke(batch: int = 2, seq: int = 32) -> list[dict]:
+    """Tiny LoRA model on the CPU: one step unpatched vs fastkern (+offload); loss agreement, not performance."""
+    rows = []
+    losses = {}
+    for v in ("sdpa", "fastkern", "fastkern_offload"):
+        try:
+            model, notes = build_model(v, TINY, "cpu")
+            ids = torch.randint(0, TINY["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+            t0 = time.perf_counter()
+            losses[v] = float(_step(model, _optimizer(model, "cpu"), ids, "cpu"))
+            row = dict(bench="lora", impl=v, model="llama-tiny(cpu)", B=batch, S=seq,
+                       step_ms=(time.perf_counter() - t0) * 1e3, loss=losses[v])
+            if v != "sdpa" and "sdpa" in losses:
+                row["loss_rel_err"] = abs(losses[v] - losses["sdpa"]) / abs(losses["sdpa"])
+            rows.append(row)
+        except Exception as e:  # report, do not hide the other variants
+            rows.append(dict(bench="lora", impl=v, B=batch, S=seq, error=f"{type(e).__name__}: {str(e)[:200]}"))
+    return rows
+
+
+def _spawn(variant: str, args: argparse.Namespace) -> list[dict]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--shapes", args.shapes,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return [dict(bench="lora", impl=variant, error=f"timed out after {args.timeout}s")]
+    for line in r.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+    return [dict(bench="lora", impl=variant, error=" | ".join(tail)[-400:] or f"rc={r.returncode}")]
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]  # type: ignore[misc]
+
+
+def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS, progress=None) -> list[dict]:
+    """Rows for every variant and shape (GPU: one subprocess per variant). ``quick``: 1 warm-up + 3 timed steps."""
+    if not torch.cuda.is_available():
+        return cpu_smoke()
+    args = _parser().parse_args(["--steps", "3" if quick else "5", "--warmup", "1" if quick else "2"])
+    rows = []
+    for v in variants:
+        rows += _spawn(v, args)
+        if progress is not None:
+            progress(v)
+    add_lora_ratios(rows)
+    return rows
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write rows + environment here")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(ALL_VARIANTS)}")
+    ap.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES), help="BxS,BxS,...")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="2-layer model (smoke test of the harness)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per variant subprocess")
+    ap.add_argument("--longctx", action="store_true", help="also search the longest batch-1 sequence per variant")
+    ap.add_argument("--longctx-variants", default="sdpa,sdpa+liger,fastkern,fastkern_offload")
+    ap.add_argument("--longctx-budget", type=float, default=1800, help="seconds for the whole search")
+    ap.add_argument("--longctx-start", type=int, default=None, help="start length (default: anchors / target)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--trial", nargs=2, metavar=("VARIANT", "SEQ"), help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = TINY if args.tiny else LLAMA_8B
+    if args.trial:
+        print(RESULT_TAG + json.dumps(trial_worker(args.trial[0], int(args.trial[1]), args.tiny)), flush=True)
+        return 0
+    if args.worker:
+        rows = worker(args.variant, _shapes(args.shapes), args.steps, args.warmup, cfg, args.device)
+        print(RESULT_TAG + json.dumps(rows), flush=True)
+        return 0
+    if not torch.cuda.is_available():
+        print("no CUDA device: tiny CPU smoke pass only; GPU numbers need a GPU")
+        rows = cpu_smoke()
+    else:
+        rows = []
+        for v in args.variants.split(","):
+            parse_variant(v)
+            rows += _spawn(v, args)
+            print_table(rows[-len(_shapes(args.shapes)):], COLS)
+        add_lora_ratios(rows)
+        if args.longctx:
+            rows += longctx_rows(args.longctx_variants.split(","), args.longctx_budget, args.tiny, args.longctx_start)
+    print_table(rows, COLS)
+    save(args.json, rows, {"method": METHOD, "issue_anchors": ISSUE_ANCHORS, "targets_vs_sdpa": TARGETS_VS_SDPA})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
