@@ -383,6 +383,9 @@ def chunked_recompute(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     params = tuple(params)
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
         return fn(x)
+    if x.numel() <= chunk_tokens * x.shape[-1]:
+        # one chunk: the whole call is already within the bound, and recomputing it would only cost time
+        return fn(x)
     return _ChunkedRecompute.apply(_Bound(fn, params), chunk_tokens, x, *params)
 
 
