@@ -197,6 +197,29 @@ def test_disable_restores():
     disable_fused_loss(patched)  # no-op
 
 
+def test_deepcopy_of_patched_model_runs_its_own_modules():
+    """Regression: the forwards once found their state through a closure, so a deepcopy of a patched model ran
+    the ORIGINAL model's decoder and head (silently training the wrong weights)."""
+    original, plain = _pair("llama")
+    clone = copy.deepcopy(original)
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(2.0)
+        plain.lm_head.weight.mul_(2.0)
+    ids, labels = _batch()
+    fired = []
+    hook = clone.model.register_forward_pre_hook(lambda *a: fired.append(1))
+    out, grads = _run(clone, ids, labels)
+    hook.remove()
+    assert fired, "the copy's decoder never ran"
+    assert original.lm_head.weight.grad is None, "the copy's backward reached the original's weights"
+    base, base_g = _run(plain, ids, labels)
+    assert_close(out.loss.detach(), base.loss.detach().double(), base.loss.detach(), torch.float32, "output", "loss")
+    assert_close(grads["lm_head.weight"], base_g["lm_head.weight"].double(), base_g["lm_head.weight"],
+                 torch.float32, "grad", "lm_head.weight")
+    disable_fused_loss(clone)
+    assert fused_loss_enabled(original) and not fused_loss_enabled(clone)
+
+
 def test_signature_kept_for_trainer():
     """Trainer keeps dataset columns and passes num_items_in_batch by reading forward's signature."""
     import inspect

@@ -52,6 +52,10 @@ from hf_fastkern.kernels.cross_entropy import fused_linear_cross_entropy
 from hf_fastkern.kernels.dispatch import warn_once
 
 _STATE = "_hf_fastkern_fused_loss"
+# The head finds the same state through its own __dict__. Both forwards look their state up through ``self``
+# rather than a closure, so ``copy.deepcopy`` of a patched model gives a copy that runs (and captures into)
+# its own modules, not the original's.
+_HEAD_STATE = "_hf_fastkern_fused_loss_head"
 # config attributes that rescale the logits after lm_head: not folded into the fused loss, so refused
 _LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier",
                      "logits_scale")
@@ -164,8 +168,9 @@ def _support_problem(model: nn.Module) -> str:
     return ""
 
 
-def _make_head_forward(state: _State):
+def _make_head_forward():
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        state = self.__dict__[_HEAD_STATE]
         if state.capturing:
             state.hidden = input
             # no logits: an empty vocab axis, so any elementwise post-processing by the model is free
@@ -174,8 +179,9 @@ def _make_head_forward(state: _State):
     return forward
 
 
-def _make_forward(state: _State):
+def _make_forward():
     def forward(self, *args, **kwargs):
+        state = self.__dict__[_STATE]
         return_logits = kwargs.pop("return_logits", False)
         if state.labels_pos is not None and len(args) > state.labels_pos:
             labels = args[state.labels_pos]
@@ -261,7 +267,7 @@ def enable_fused_loss(model: nn.Module) -> tuple[bool, str]:
         return False, why
     head = model.get_output_embeddings()
     state = _State(model, head, _softcap(model.config))
-    fwd = _make_forward(state)
+    fwd = _make_forward()
     # Trainer reads the forward's signature (dataset columns to keep, whether it accepts loss kwargs such as
     # num_items_in_batch): the wrapper must show the original one
     sig = inspect.signature(state.orig_forward)
@@ -269,8 +275,9 @@ def enable_fused_loss(model: nn.Module) -> tuple[bool, str]:
     fwd.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
     fwd.__doc__ = getattr(state.orig_forward, "__doc__", None)
     state.wrapper = types.MethodType(fwd, model)
-    state.head_wrapper = types.MethodType(_make_head_forward(state), head)
+    state.head_wrapper = types.MethodType(_make_head_forward(), head)
     model.__dict__[_STATE] = state
+    head.__dict__[_HEAD_STATE] = state
     model.forward = state.wrapper
     head.forward = state.head_wrapper
     return True, ""
@@ -289,6 +296,7 @@ def disable_fused_loss(model: nn.Module) -> None:
             del model.forward
     if state.head.__dict__.get("forward") is state.head_wrapper:
         del state.head.forward
+    state.head.__dict__.pop(_HEAD_STATE, None)
 
 
 def fused_loss_enabled(model: nn.Module) -> bool:
