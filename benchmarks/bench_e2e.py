@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -30,10 +29,10 @@ import time
 import torch
 
 try:
-    from hf_fastkern.benchmarks.common import print_table, save
+    from hf_fastkern.benchmarks.common import emit_result, print_table, save, worker_result
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import print_table, save
+    from benchmarks.common import emit_result, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
 LLAMA_1B5 = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -42,7 +41,6 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
 COLS = ["bench", "impl", "B", "S", "step_ms", "tok_per_s", "TFLOPs", "mfu", "peak_GiB", "loss", "gate", "vs_sdpa",
         "mem_vs_sdpa", "vs_best_peer", "loss_rel_err", "grad_rel_err", "error"]
-RESULT_TAG = "RESULT "
 GATE_LOSS_REL = 0.01
 METHOD = ("random-init Llama 1.5B, fp32 weights + bf16 autocast, fused AdamW, one subprocess per variant, "
           "3 warm-up + 10 timed steps (wall clock between cuda.synchronize), peak = max_memory_allocated over the "
@@ -144,9 +142,9 @@ def _spawn(variant: str, args: argparse.Namespace) -> dict:
     if args.offload:
         cmd.append("--offload")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    for line in r.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+    res = worker_result(r.stdout)
+    if res is not None:
+        return res
     tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
     return dict(bench="e2e", impl=variant, B=args.batch, S=args.seq, error=" | ".join(tail)[-400:] or f"rc={r.returncode}")
 
@@ -266,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.offload)
         except torch.OutOfMemoryError:
             row = dict(bench="e2e", impl=args.variant, B=args.batch, S=args.seq, error="CUDA out of memory")
-        print(RESULT_TAG + json.dumps(row), flush=True)
+        emit_result(row)
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device: tiny CPU smoke pass only; GPU numbers need a GPU")

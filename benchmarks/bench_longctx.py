@@ -21,7 +21,6 @@ target, 1.5x Liger's anchor (fastkern), which saves most of the doubling trials.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,10 +29,10 @@ import time
 import torch
 
 try:
-    from hf_fastkern.benchmarks.common import print_table, save
+    from hf_fastkern.benchmarks.common import emit_result, print_table, save, worker_result
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import print_table, save
+    from benchmarks.common import emit_result, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern", "sdpa_gc", "sdpa+liger_gc", "fastkern_gc")
 # /work/shared/anchors/anchors_h100.jsonl 'longctx' rows (H100 80GB, torch 2.11, transformers 5.17)
@@ -41,7 +40,6 @@ ANCHORS = {"sdpa": 18432, "sdpa+liger": 45056, "sdpa_gc": 36864, "sdpa+liger_gc"
 TARGET_VS_LIGER = 1.5
 COLS = ["bench", "impl", "grad_ckpt", "max_seq", "exact", "first_fail", "peak_GiB", "step_s", "anchor",
         "vs_liger", "trials", "secs", "error"]
-RESULT_TAG = "RESULT "
 
 
 def parse_variant(v: str) -> tuple[str, bool, bool]:
@@ -89,19 +87,25 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
         raise
 
 
-def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--trial", variant, str(seq)] + (["--tiny"] if tiny else [])
+def run_trial(script: str, variant: str, seq: int, timeout: float, tiny: bool) -> dict:
+    """One long-context attempt as ``script --trial VARIANT SEQ`` in a fresh process (this file and
+    bench_lora.py share it): the worker's result, or ok=False with oom / timeout / error."""
+    cmd = [sys.executable, script, "--trial", variant, str(seq)] + (["--tiny"] if tiny else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
         return dict(ok=False, timeout=True)
-    for line in r.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+    res = worker_result(r.stdout)
+    if res is not None:
+        return res
     err = r.stderr.strip().splitlines()[-2:]
     # an OOM raised outside the guarded step (e.g. building the model) is still an OOM
     oom = "OutOfMemoryError" in r.stderr or "out of memory" in r.stderr
     return dict(ok=False, oom=oom, error=None if oom else " | ".join(err)[-300:])
+
+
+def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
+    return run_trial(os.path.abspath(__file__), variant, seq, timeout, tiny)
 
 
 def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float = 600, trial_timeout: float = 420,
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.trial:
         res = trial_worker(args.trial[0], int(args.trial[1]), args.tiny)
-        print(RESULT_TAG + json.dumps(res), flush=True)
+        emit_result(res)
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device: the longest-sequence search needs a GPU (nothing to measure here)")

@@ -25,7 +25,6 @@ Without a GPU, ``run()`` does a tiny CPU smoke pass (2-layer LoRA model, patched
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -34,10 +33,10 @@ import time
 import torch
 
 try:
-    from hf_fastkern.benchmarks.common import print_table, save
+    from hf_fastkern.benchmarks.common import emit_result, print_table, save, worker_result
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import print_table, save
+    from benchmarks.common import emit_result, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
 ALL_VARIANTS = VARIANTS + ("fastkern_offload",)
@@ -56,7 +55,6 @@ TARGETS_VS_SDPA = dict(tok_per_s=1.5, mem=0.6)
 GATE_LOSS_REL = 0.01
 COLS = ["bench", "impl", "B", "S", "step_ms", "tok_per_s", "peak_GiB", "loss", "loss_rel_err", "gate", "vs_sdpa", "mem_vs_sdpa",
         "vs_best_peer", "max_seq", "exact", "error"]
-RESULT_TAG = "RESULT "
 METHOD = ("random-init Llama-3.1-8B shape, bf16 weights, PEFT LoRA r=16 alpha=32 dropout 0 on q,k,v,o,gate,up,down "
           "(fp32 adapters, bf16 autocast), non-reentrant gradient checkpointing, fused AdamW on the adapters; one "
           "subprocess per variant, all shapes in it; warm-up then timed steps (wall clock between "
@@ -183,17 +181,11 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
 
 def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
     # bench_longctx names variants with their checkpointing ('fastkern_gc_offload'); here it is always on
-    variant = variant.replace("_gc", "")
-    cmd = [sys.executable, os.path.abspath(__file__), "--trial", variant, str(seq)] + (["--tiny"] if tiny else [])
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
-    except subprocess.TimeoutExpired:
-        return dict(ok=False, timeout=True)
-    for line in r.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    oom = "OutOfMemoryError" in r.stderr or "out of memory" in r.stderr
-    return dict(ok=False, oom=oom, error=None if oom else " | ".join(r.stderr.strip().splitlines()[-2:])[-300:])
+        from hf_fastkern.benchmarks.bench_longctx import run_trial
+    except ImportError:
+        from benchmarks.bench_longctx import run_trial
+    return run_trial(os.path.abspath(__file__), variant.replace("_gc", ""), seq, timeout, tiny)
 
 
 def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | None = None) -> list[dict]:
@@ -272,9 +264,9 @@ def _spawn(variant: str, args: argparse.Namespace) -> list[dict]:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return [dict(bench="lora", impl=variant, error=f"timed out after {args.timeout}s")]
-    for line in r.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+    res = worker_result(r.stdout)
+    if res is not None:
+        return res
     tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
     return [dict(bench="lora", impl=variant, error=" | ".join(tail)[-400:] or f"rc={r.returncode}")]
 
@@ -321,11 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = TINY if args.tiny else LLAMA_8B
     if args.trial:
-        print(RESULT_TAG + json.dumps(trial_worker(args.trial[0], int(args.trial[1]), args.tiny)), flush=True)
+        emit_result(trial_worker(args.trial[0], int(args.trial[1]), args.tiny))
         return 0
     if args.worker:
         rows = worker(args.variant, _shapes(args.shapes), args.steps, args.warmup, cfg, args.device)
-        print(RESULT_TAG + json.dumps(rows), flush=True)
+        emit_result(rows)
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device: tiny CPU smoke pass only; GPU numbers need a GPU")

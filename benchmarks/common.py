@@ -15,6 +15,23 @@ from collections.abc import Callable
 
 import torch
 
+# Benchmarks that need a fresh process per variant or trial (e2e, long context, LoRA) run themselves as a
+# worker subprocess, which prints one line RESULT_TAG + json; the parent reads it back with worker_result.
+RESULT_TAG = "RESULT "
+
+
+def emit_result(obj) -> None:
+    """Worker side: hand ``obj`` (JSON-serialisable) to the parent process."""
+    print(RESULT_TAG + json.dumps(obj), flush=True)
+
+
+def worker_result(stdout: str):
+    """Parent side: the object a worker emitted, or None when it printed none (it crashed first)."""
+    for line in stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    return None
+
 
 def environment() -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__,
