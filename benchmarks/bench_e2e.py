@@ -93,8 +93,39 @@ def _forward_backward(model, ids, device: str):
     return out.loss
 
 
+KERNEL_CLASSES = (  # first match wins; names as CUDA/Triton/cuBLAS report them
+    ("attention", ("attn", "flash", "fmha", "sdpa", "_fwd_kernel", "_bwd_kernel", "cudnn")),
+    ("cross_entropy", ("cross_entropy", "_ce_", "lse", "logsumexp", "nll", "softmax")),
+    ("norm", ("rms", "layer_norm", "norm")),
+    ("activation", ("glu", "silu", "gelu", "swiglu")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "wgmma")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy/cast", ("copy", "cast", "to_copy", "memcpy", "fill", "zero")),
+)
+
+
+def profile_steps(step, n: int = 2, top: int = 20) -> dict:
+    """GPU time per step by kernel class and the top kernels, from torch.profiler over ``n`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.device_time_total / n / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    kernels.sort(key=lambda k: -k[1])
+    by_class: dict = {}
+    for name, ms in kernels:
+        low = name.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+        by_class[cls] = by_class.get(cls, 0.0) + ms
+    return {"gpu_ms_per_step": sum(ms for _, ms in kernels),
+            "by_class_ms": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [(name[:100], round(ms, 3)) for name, ms in kernels[:top]]}
+
+
 def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwargs: dict,
-           grad_ckpt: bool = False, offload: bool = False) -> dict:
+           grad_ckpt: bool = False, offload: bool = False, profile: bool = False) -> dict:
     """One variant in this process (CUDA): warm-up, timed steps, one result row."""
     from hf_fastkern.callbacks import attention_dims, datasheet_peak_tflops, matmul_params, training_flops
     dev = "cuda"
@@ -129,6 +160,8 @@ def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwar
                TFLOPs=flops / dt / 1e12, mfu=(flops / dt / 1e12 / peak) if peak else None,
                mfu_peak_TFLOPs=peak, flops_formula="6*N_matmul*tokens + 6*L*H*D*B*S^2",
                peak_GiB=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss.item()), loss0=loss0, **notes)
+    if profile:
+        row["profile"] = profile_steps(step)
     return row
 
 
@@ -141,6 +174,8 @@ def _spawn(variant: str, args: argparse.Namespace) -> dict:
         cmd.append("--grad-ckpt")
     if args.offload:
         cmd.append("--offload")
+    if getattr(args, "profile", False):
+        cmd.append("--profile")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     res = worker_result(r.stdout)
     if res is not None:
@@ -250,6 +285,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     ap.add_argument("--offload", action="store_true", help="with --grad-ckpt: checkpointed inputs in host memory")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per variant subprocess")
+    ap.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of 2 steps per variant")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     return ap
@@ -261,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         try:
             row = worker(args.variant, args.batch, args.seq, args.steps, args.warmup, cfg, args.grad_ckpt,
-                         args.offload)
+                         args.offload, args.profile)
         except torch.OutOfMemoryError:
             row = dict(bench="e2e", impl=args.variant, B=args.batch, S=args.seq, error="CUDA out of memory")
         emit_result(row)
@@ -273,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [_spawn(v, args) for v in args.variants.split(",")]
         add_e2e_ratios(rows)
     print_table(rows, COLS)
+    for r in rows:
+        if r.get("profile"):
+            print(r["impl"], "GPU ms/step by class:", r["profile"]["by_class_ms"])
     save(args.json, rows, {"method": METHOD})
     return 0
 
