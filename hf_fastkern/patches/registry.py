@@ -20,6 +20,7 @@ Unknown architectures get the generic parts: the "fastkern" attention implementa
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hf_fastkern import fused_mlp as _fused_mlp
 from hf_fastkern.kernels import activations as _act
 from hf_fastkern.kernels import layer_norm as _ln
 from hf_fastkern.kernels import reference
@@ -155,9 +157,14 @@ def _require(module: nn.Module, *names: str) -> None:
 
 def gated_mlp_factory(gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj",
                       act_keys: tuple[str, ...] = ("hidden_act",)) -> ForwardFactory:
-    """``down(act(gate(x)) * up(x))`` -> ``down(swiglu|geglu(gate(x), up(x)))``."""
+    """``down(act(gate(x)) * up(x))`` -> ``down(swiglu|geglu(gate(x), up(x)))``.
 
-    def factory(module: nn.Module, config: Any) -> Forward:
+    The factory takes ``recompute`` (``apply_fast_kernels(mlp_recompute=...)``, default True): the activation
+    is recomputed in backward instead of stored, when ``down`` is a plain or LoRA linear
+    (:func:`hf_fastkern.fused_mlp.glu_down`, decided per call); False is the plain ``down(act(g, u))``.
+    """
+
+    def factory(module: nn.Module, config: Any, recompute: bool = True) -> Forward:
         _require(module, gate, up, down)
         act = config_activation(config, act_keys)
         if act not in _GATED:
@@ -166,19 +173,23 @@ def gated_mlp_factory(gate: str = "gate_proj", up: str = "up_proj", down: str = 
 
         def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
             g, u = getattr(self, gate)(x), getattr(self, up)(x)
-            h = _act.swiglu(g, u) if kind == "swiglu" else _act.geglu(g, u, approximate)
-            return getattr(self, down)(h)
+            return _fused_mlp.glu_down(g, u, getattr(self, down), kind, approximate, recompute)
 
         return forward
 
+    # read by apply_fast_kernels: this factory takes ``recompute``, and which submodule is the down projection
+    factory.recompute_down = down  # type: ignore[attr-defined]
     return factory
 
 
 def fused_gated_mlp_factory(gate_up: str = "gate_up_proj", down: str = "down_proj",
                             act_keys: tuple[str, ...] = ("hidden_act",)) -> ForwardFactory:
-    """Phi-3 style: one projection gives ``[gate | up]``; the halves are views fed to the fused kernel."""
+    """Phi-3 style: one projection gives ``[gate | up]``; the halves are views fed to the fused kernel.
 
-    def factory(module: nn.Module, config: Any) -> Forward:
+    ``recompute`` as in :func:`gated_mlp_factory`: the lean path saves the one ``gate_up`` output.
+    """
+
+    def factory(module: nn.Module, config: Any, recompute: bool = True) -> Forward:
         _require(module, gate_up, down)
         act = config_activation(config, act_keys)
         if act not in _GATED:
@@ -186,12 +197,13 @@ def fused_gated_mlp_factory(gate_up: str = "gate_up_proj", down: str = "down_pro
         kind, approximate = _GATED[act]
 
         def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-            g, u = getattr(self, gate_up)(hidden_states).chunk(2, dim=-1)
-            h = _act.swiglu(g, u) if kind == "swiglu" else _act.geglu(g, u, approximate)
-            return getattr(self, down)(h)
+            # up=None: glu_down takes the [gate | up] halves of this one tensor as views
+            return _fused_mlp.glu_down(getattr(self, gate_up)(hidden_states), None, getattr(self, down), kind,
+                                       approximate, recompute)
 
         return forward
 
+    factory.recompute_down = down  # type: ignore[attr-defined]
     return factory
 
 
@@ -418,7 +430,7 @@ def _lm_head_target(model: nn.Module) -> nn.Module | None:
 
 def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = True, mlp: bool = True,
                        cross_entropy: bool = True, offload_activations: bool = False,
-                       mlp_chunk_tokens: int | None = None) -> PatchReport:
+                       mlp_chunk_tokens: int | None = None, mlp_recompute: bool = True) -> PatchReport:
     """Swap this model instance's norms, MLPs, attention and causal-LM loss for the fused kernels.
 
     model: a transformers ``*Model`` / ``*ForCausalLM``, or a PEFT model wrapping one (patched before or after
@@ -431,6 +443,10 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
     mlp_chunk_tokens: run each patched MLP over at most this many tokens at a time and recompute it in
     backward, so a long sequence never holds ``[seq, intermediate]`` tensors (applies to MLPs patched by this
     call; revert first to change it).
+    mlp_recompute: gated MLPs (SwiGLU/GeGLU) recompute the activation in backward instead of storing the
+    ``[tokens, intermediate]`` tensor (:mod:`hf_fastkern.fused_mlp`). The report counts the MLPs whose down
+    projection takes this lean path now ("mlp_recompute") and says why the others do not; the choice is made
+    again per call (PEFT may wrap the projections after patching). False: today's unfused path.
     """
     if mlp_chunk_tokens is not None and (not isinstance(mlp_chunk_tokens, int) or mlp_chunk_tokens <= 0):
         raise ValueError(f"mlp_chunk_tokens must be a positive int or None, got {mlp_chunk_tokens!r}")
@@ -461,9 +477,20 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
                     continue
             if mlp and recipe is not None and cls in recipe.mlps:
                 factory = recipe.mlps[cls]
+                down_attr = getattr(factory, "recompute_down", None)
+                if down_attr is not None:
+                    factory = functools.partial(factory, recompute=mlp_recompute)
                 if mlp_chunk_tokens:
                     factory = chunked_mlp_factory(factory, mlp_chunk_tokens)
+                before = report.patched.get("mlp", 0)
                 _patch_module(module, name, "mlp", factory, config, report)
+                if mlp_recompute and down_attr is not None and report.patched.get("mlp", 0) > before:
+                    # the down projection as it is now (the forward decides again per call)
+                    _, why = _fused_mlp.down_parts(getattr(module, down_attr))
+                    if why:
+                        report.skipped.append((f"mlp_recompute {cls} ({name})", f"unfused, h stored: {why}"))
+                    else:
+                        report._add(report.patched, "mlp_recompute")
         if mlp and recipe is None:
             report.skipped.append(("mlp", f"no recipe for model_type {model_type!r}: MLPs left as they are "
                                           f"(known: {', '.join(sorted(RECIPES))})"))
