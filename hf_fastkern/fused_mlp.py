@@ -234,9 +234,7 @@ class GLUDownFunction(torch.autograd.Function):
         # the forward's autocast state, so every matmul casts its operands as the forward's did (custom_bwd)
         with torch.autocast(ac[0], dtype=ac[2], enabled=ac[1]) if ac else contextlib.nullcontext():
             g, u = gate.chunk(2, dim=-1) if up is None else (gate, up)
-            # the recompute that replaces the stored h
-            h = _act_fwd(g, u, ctx.code, ctx.kernel) if (need_h or need_w or need_la) else None
-            dw = db = dla = dlb = dh = None
+            dw = db = dla = dlb = da = dh = dgate = dup = None
             if lora_a is not None:
                 dz = dy.to(ctx.z_dtype)
                 dy0 = dz.to(ctx.y0_dtype)
@@ -245,22 +243,28 @@ class GLUDownFunction(torch.autograd.Function):
                     dlb = torch.matmul(_rows(dl).t(), _rows(a)).to(lora_b.dtype)  # [H, r]
                 if need_la or need_h:
                     da = torch.matmul(dl, lora_b).to(a.dtype)  # [..., r]
-                    if need_la:
-                        xl = h.to(lora_a.dtype) if ctx.cast_input else h
-                        dla = torch.matmul(_rows(da).t(), _rows(xl)).to(lora_a.dtype)  # [r, I]
-                    if need_h:
-                        dh = torch.matmul(da, lora_a).to(ctx.h_dtype)  # [..., I]
             else:
                 dy0 = dy.to(ctx.y0_dtype)
-            if need_w:
-                dw = torch.matmul(_rows(dy0).t(), _rows(h)).to(weight.dtype)  # [H, I]
+            if need_w or need_la:
+                # The recompute that replaces the stored h: only the weight gradients read h (dh does not),
+                # and it is dropped before dh, dg, du exist, so the backward never holds h beside them.
+                h = _act_fwd(g, u, ctx.code, ctx.kernel)  # [..., I]
+                if need_la:
+                    xl = h.to(lora_a.dtype) if ctx.cast_input else h
+                    dla = torch.matmul(_rows(da).t(), _rows(xl)).to(lora_a.dtype)  # [r, I]
+                    del xl
+                if need_w:
+                    dw = torch.matmul(_rows(dy0).t(), _rows(h)).to(weight.dtype)  # [H, I]
+                del h
             if need_b:
                 db = _rows(dy0).sum(0).to(bias.dtype)
-            dgate = dup = None
             if need_h:
-                dh_base = torch.matmul(dy0, weight).to(ctx.h_dtype)  # [..., I]
-                dh = dh_base if dh is None else dh_base + dh
+                dh = torch.matmul(dy0, weight).to(ctx.h_dtype)  # [..., I]
+                if da is not None:
+                    # the adapter's share; autograd sums the two uses of h in h's dtype, so do we
+                    dh = dh + torch.matmul(da, lora_a).to(ctx.h_dtype)
                 dg, du = _act_bwd(dh, g, u, ctx.code, ctx.kernel)
+                del dh
                 if up is None:
                     dgate = torch.cat([dg, du], dim=-1)
                 else:
