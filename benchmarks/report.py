@@ -93,10 +93,17 @@ def headline(rows: list[dict]) -> list[dict]:
             out.append({"result": f"longest seq, B1, {mode} checkpointing: {r.get('variant', r.get('impl'))}",
                         "value": f"{fmt(r['max_seq'])} tokens" + ("" if r.get("exact", True) else " (lower bound)"),
                         "vs": f"{fmt(r['vs_liger'])}x Liger" if r.get("vs_liger") else ""})
+    for r in rows:
+        if r.get("bench") == "multi_gpu" and r.get("tok_per_s_per_gpu") and r.get("mode") != "single":
+            out.append({"result": f"{r.get('mode')} x{r.get('nproc')} Llama 1.5B: {r.get('impl')}",
+                        "value": f"{fmt(r['tok_per_s_per_gpu'])} tok/s/GPU, {fmt(r.get('peak_GiB'))} GiB/GPU, "
+                                 f"scaling {fmt(r.get('scaling_eff'))}",
+                        "vs": _ratio_text(r)})
     # ops: one line per (bench, op, mode, dtype): geometric mean of our ratio to the best peer over the shapes
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        if r.get("bench") not in ("e2e", "longctx") and r.get("impl") == "fastkern" and r.get("vs_best_peer"):
+        if (r.get("bench") not in ("e2e", "longctx", "multi_gpu") and r.get("impl") == "fastkern"
+                and r.get("vs_best_peer")):
             key = (r["bench"], r.get("op"), r.get("case"), r.get("mode") or r.get("pass"), r.get("dtype"))
             groups.setdefault(key, []).append(float(r["vs_best_peer"]))
     for (bench, op, case, mode, dtype), ratios in groups.items():
