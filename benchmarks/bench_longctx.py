@@ -91,8 +91,11 @@ def run_trial(script: str, variant: str, seq: int, timeout: float, tiny: bool) -
     """One long-context attempt as ``script --trial VARIANT SEQ`` in a fresh process (this file and
     bench_lora.py share it): the worker's result, or ok=False with oom / timeout / error."""
     cmd = [sys.executable, script, "--trial", variant, str(seq)] + (["--tiny"] if tiny else [])
+    # A trial is one step in a fresh process: full autotuning of every kernel at a new length would dominate
+    # it (a 50K-token trial hit a 110 s limit on 2026-11-25). The quick configs change speed, not memory.
+    env = {**os.environ, "HF_FASTKERN_QUICK_TUNE": "1"}
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1), env=env)
     except subprocess.TimeoutExpired:
         return dict(ok=False, timeout=True)
     res = worker_result(r.stdout)
