@@ -5,13 +5,15 @@ Unfused, autograd keeps ``g`` and ``u`` (for the activation's backward) *and* ``
 ``[tokens, intermediate]``: ``down``'s linear saves it for its weight gradient and a LoRA ``lora_A`` saves it
 for the adapter gradient. :class:`GLUDownFunction` saves ``g``, ``u`` (or the one ``gate_up`` output), the
 parameters (no copy) and, with LoRA, the rank-r ``a = h A^T``; backward recomputes ``h`` with the Triton
-activation forward (a bandwidth-bound pass, about 1% of the MLP's backward time at Llama sizes) and then:
+activation forward (one bandwidth-bound elementwise pass) when a weight gradient reads it, and then:
 
-    dh  = dy @ W                    (+ s (dy B) A, the adapter's share)
     dW  = dy^T h                    only when W requires grad: a frozen base runs no weight-gradient matmul
-    db  = sum_tokens dy             only when the bias requires grad
     dB  = s dy^T a,  dA = s (dy B)^T h   only when the adapter requires grad
+    db  = sum_tokens dy             only when the bias requires grad
+    dh  = dy @ W                    (+ s (dy B) A, the adapter's share); h is dropped before dh exists
     dg, du = act_backward(dh, g, u) the existing Triton backward (it recomputes act(g) again, never stores it)
+
+With a frozen down weight and no adapter on it (LoRA on the other projections) nothing reads h: no recompute.
 
 Supported ``down`` projections (checked per call: PEFT may wrap the model after it was patched):
 - ``nn.Linear`` (bias or not) whose forward is nn.Linear's, with no hooks and a plain floating weight;
