@@ -76,6 +76,8 @@ def _call_reason(m: nn.Module) -> str:
         return f"{type(m).__name__} has an instance-level forward (a hook library such as accelerate)"
     if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
         return f"{type(m).__name__} has module hooks"
+    if _global_hooks():
+        return "global module hooks are registered (nn.modules.module.register_module_*_hook)"
     return ""
 
 

@@ -127,6 +127,48 @@ def test_glu_down_matches_unfused(act, fused, mode, bias, monkeypatch):
     _compare(got, oracle, base, tol, f"{act} fused={fused} {mode} bias={bias}")
 
 
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+@pytest.mark.parametrize("act", ACTS)
+def test_glu_down_reference_backward(act, mode, monkeypatch):
+    """HF_FASTKERN_FORCE_REFERENCE=1 (and CPUs without Triton): the lean path recomputes with the reference
+    and differentiates it with autograd's own formulas, op for op."""
+    monkeypatch.setenv("HF_FASTKERN_FORCE_REFERENCE", "1")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    mlp = _mlp(False, bias=True).to(dtype)
+    count = _Count(monkeypatch)
+    got = _run(_patched(copy.deepcopy(mlp), act, True), _x(dtype), False)
+    assert count.n == 1
+    base = _run(_patched(copy.deepcopy(mlp), act, False), _x(dtype), False)
+    oracle = _run(_patched(copy.deepcopy(mlp).double(), act, False), _x(torch.float64), False)
+    _compare(got, oracle, base, dtype, f"reference {act} {mode}")
+
+
+def test_glu_down_hooks_take_unfused_path(monkeypatch):
+    """A forward hook on down_proj (or a global module hook) must run: such a call takes the unfused path."""
+    mlp = _patched(_mlp(False, bias=False), "silu", True)
+    seen = []
+    handle = mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    count = _Count(monkeypatch)
+    mlp(_x())
+    assert count.n == 0 and seen == [(*SHAPE, HIDDEN)]
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: None)
+    try:
+        mlp(_x())
+    finally:
+        handle.remove()
+    assert count.n == 0
+    mlp(_x())
+    assert count.n == 1
+
+
+def test_glu_down_inference_mode():
+    mlp = _patched(_mlp(False, bias=True), "gelu", True)
+    want = _patched(copy.deepcopy(mlp), "gelu", False)
+    with torch.inference_mode():
+        assert torch.equal(mlp(_x()), want(_x()))
+
+
 def test_glu_down_autocast_keeps_grad_dtypes():
     """bf16 autocast over fp32 weights: the output is bf16 and the weight gradients fp32, as unfused."""
     mlp = _patched(_mlp(False, True), "silu", True)
