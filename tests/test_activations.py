@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from hf_fastkern.kernels import activations as act_mod
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels.activations import GELU_TANH, SILU, geglu, gelu, glu_act_fwd, swiglu
 from tests.harness import check_op
@@ -104,6 +105,31 @@ def test_swiglu_torch_compile_fullgraph(device):
     torch.testing.assert_close(y, reference.swiglu(g.detach(), u.detach()) + 1.0, rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert g.grad is not None and u.grad is not None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "fused_halves"])
+def test_glu_tuned_launch_reuses_config(layout, device):
+    """First launch per key through the autotuner, later ones with the remembered config (TunedLaunch, grid
+    computed from it): bitwise-equal outputs and gradients, one remembered config per kernel."""
+    act_mod._FWD._chosen.clear()
+    act_mod._BWD._chosen.clear()
+    inter = 70
+    base = _t((3, 2 * inter), torch.bfloat16, device)
+    dy = _t((3, inter), torch.bfloat16, device)
+    runs = []
+    for _ in range(2):
+        if layout == "contiguous":
+            leaves = [base[:, :inter].clone().requires_grad_(), base[:, inter:].clone().requires_grad_()]
+            g, u = leaves
+        else:
+            leaves = [base.clone().requires_grad_()]
+            g, u = leaves[0][:, :inter], leaves[0][:, inter:]
+        y = swiglu(g, u)
+        y.backward(dy)
+        runs.append([y] + [t.grad for t in leaves])
+    assert len(act_mod._FWD._chosen) == 1 and len(act_mod._BWD._chosen) == 1
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from hf_fastkern.kernels import layer_norm as ln_mod
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels.layer_norm import layer_norm, layer_norm_fwd
+from hf_fastkern.kernels.layer_norm import layer_norm, layer_norm_bwd, layer_norm_fwd
 from tests.harness import check_op
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -98,6 +99,53 @@ def test_layer_norm_torch_compile_fullgraph(device):
     torch.testing.assert_close(y, reference.layer_norm(x.detach(), w.detach(), b.detach()), rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert b.grad is not None
+
+
+@pytest.mark.parametrize("w_dtype,b_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (None, torch.float16), (torch.float16, None)],
+                         ids=["w32_b16", "w16_b32", "bias_only", "weight_only"])
+def test_layer_norm_bwd_op_param_dtypes(w_dtype, b_dtype, device):
+    """The backward op writes dW and dB in the parameters' own dtypes (the cast is fused into the partial-sum
+    reduction), and they equal the reference gradients. Autograd would silently cast a wrong-dtype gradient,
+    so this calls the op directly."""
+    h = 72
+    x = _x((3, 4, h), torch.bfloat16, device)
+    w = _p(h, w_dtype, device, 1.0) if w_dtype else None
+    b = _p(h, b_dtype, device, 0.0) if b_dtype else None
+    dy = torch.randn(3, 4, h, device=device).to(torch.bfloat16)
+    y, stats = layer_norm_fwd(x, w, b, 1e-5)
+    assert stats.shape == (2, 12) and stats.dtype == torch.float32
+    dx, dw, db = layer_norm_bwd(dy, x, w, stats, b_dtype, w is not None, b is not None)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    assert dw.dtype == (w_dtype or torch.float32) and dw.shape == ((h,) if w is not None else (0,))
+    assert db.dtype == (b_dtype or torch.float32) and db.shape == ((h,) if b is not None else (0,))
+
+    def split(args):
+        it = iter(args[1:])
+        return args[0], (next(it) if w is not None else None), (next(it) if b is not None else None)
+
+    check_op(lambda *a: layer_norm(*split(a)), lambda *a: reference.layer_norm(*split(a)),
+             [x] + [t for t in (w, b) if t is not None], torch.bfloat16, "layer_norm[param dtypes]")
+
+
+def test_layer_norm_tuned_launch_and_one_node(device):
+    """First launch per key through the autotuner, later ones direct (bitwise equal); one autograd node for
+    a 3-D input (no view nodes)."""
+    ln_mod._FWD._chosen.clear()
+    ln_mod._BWD._chosen.clear()
+    x = _x((2, 3, 80), torch.float16, device)
+    w, b = _p(80, torch.float16, device, 1.0), _p(80, torch.float16, device, 0.0)
+    dy = torch.randn(2, 3, 80, device=device).to(torch.float16)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = layer_norm(*leaves)
+        assert [type(f).__name__ for f, _ in y.grad_fn.next_functions] == ["AccumulateGrad"] * 3
+        y.backward(dy)
+        runs.append([y] + [t.grad for t in leaves])
+    assert len(ln_mod._FWD._chosen) == 1 and len(ln_mod._BWD._chosen) == 1
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
 
 
 @pytest.mark.gpu

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels.rms_norm import rms_norm, rms_norm_fwd
+from hf_fastkern.kernels import rms_norm as rms_mod
+from hf_fastkern.kernels.rms_norm import rms_norm, rms_norm_fwd, sum_partials
 from tests.harness import check_op
 from tests.tolerances import assert_close
 
@@ -129,6 +130,78 @@ def test_rms_norm_torch_compile_fullgraph(device):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the dW partial-sum reduction (one launch replacing slice + sum + cast) and the host-cost fast paths
+
+
+def _partials(n_part, hidden, device, spare=3):
+    # rows past n_part are NaN: the reduction must never read them
+    part = torch.randn(n_part + spare, hidden, device=device)
+    part[n_part:] = float("nan")
+    return part
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("hidden", [1, 63, 1025])
+@pytest.mark.parametrize("n_part", [1, 17, 100])
+def test_sum_partials(n_part, hidden, out_dtype, device):
+    part = _partials(n_part, hidden, device)
+    out = torch.full((hidden,), float("nan"), dtype=out_dtype, device=device)
+    sum_partials(part, n_part, out)
+    assert_close(out, part[:n_part].double().sum(0), part[:n_part].sum(0).to(out_dtype), out_dtype, "output",
+                 f"sum_partials[{n_part}x{hidden}]")
+
+
+@pytest.mark.parametrize("n_part,hidden", [(1, 33), (5, 8193), (40, 200)], ids=["1x33", "5x8193", "40x200"])
+def test_sum_partials_two_outputs(n_part, hidden, device):
+    """layer_norm's dW and dB in one launch, each rounded to its own parameter dtype."""
+    p1, p2 = _partials(n_part, hidden, device), _partials(n_part, hidden, device, spare=1)
+    o1 = torch.full((hidden,), float("nan"), dtype=torch.bfloat16, device=device)
+    o2 = torch.full((hidden,), float("nan"), dtype=torch.float32, device=device)
+    sum_partials(p1, n_part, o1, p2, o2)
+    for p, o in ((p1, o1), (p2, o2)):
+        assert_close(o, p[:n_part].double().sum(0), p[:n_part].sum(0).to(o.dtype), o.dtype, "output",
+                     f"sum_partials[two outputs, {o.dtype}]")
+
+
+def test_sum_partials_deterministic(device):
+    part = _partials(64, 300, device)
+    a, b = torch.empty(300, device=device), torch.empty(300, device=device)
+    sum_partials(part, 64, a)
+    sum_partials(part, 64, b)
+    assert torch.equal(a, b)
+
+
+def test_rms_norm_tuned_launch_reuses_config(device):
+    """The first launch per key goes through the autotuner, later ones launch the remembered config directly
+    (TunedLaunch): both paths give bitwise-equal outputs and gradients."""
+    rms_mod._FWD._chosen.clear()
+    rms_mod._BWD._chosen.clear()
+    x, w = _x((3, 5, 96), torch.bfloat16, device), _w(96, torch.bfloat16, device)
+    dy = torch.randn(3, 5, 96, device=device).to(torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = rms_norm(xl, wl)
+        y.backward(dy)
+        runs.append((y, xl.grad, wl.grad))
+    assert len(rms_mod._FWD._chosen) == 1 and len(rms_mod._BWD._chosen) == 1
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64), (6, 64)], ids=["3d", "2d"])
+def test_rms_norm_one_autograd_node(shape, device):
+    """Host cost: leading dimensions are flattened inside the autograd.Function, so the graph holds one node
+    (no ViewBackward before and after it, each of which costs engine time in every backward)."""
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.ones(64, device=device, requires_grad=True)
+    y = rms_norm(x, w)
+    assert y.shape == shape and y.is_contiguous()
+    leaves = [type(fn).__name__ for fn, _ in y.grad_fn.next_functions if fn is not None]
+    assert leaves == ["AccumulateGrad", "AccumulateGrad"], f"{type(y.grad_fn).__name__} -> {leaves}"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # GPU: real sizes
 
 
@@ -175,3 +248,35 @@ def test_rms_norm_gpu_int64_offsets():
     reference.rms_norm(xb, w.detach()).backward(dy[-1:])
     assert_close(x.grad[-1:], xr.grad, xb.grad, torch.bfloat16, "grad", "last row dx")
     assert x.grad[0].abs().max().item() == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("hidden", [2048, 4096, 8192, 14336])
+def test_sum_partials_gpu(hidden, out_dtype):
+    """The real partial counts: up to SMs x MAX_PROGS_PER_SM rows (1056 on an H100)."""
+    n_part = torch.cuda.get_device_properties(0).multi_processor_count * rms_mod.MAX_PROGS_PER_SM
+    part = _partials(n_part, hidden, "cuda")
+    out = torch.full((hidden,), float("nan"), dtype=out_dtype, device="cuda")
+    sum_partials(part, n_part, out)
+    assert_close(out, part[:n_part].double().sum(0), part[:n_part].sum(0).to(out_dtype), out_dtype, "output",
+                 f"sum_partials[gpu {n_part}x{hidden}]")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [2048, 4096])
+def test_rms_norm_gpu_tuned_launch_bitwise(hidden):
+    """A fresh key: the first call autotunes (several configs under pytest), the second launches the chosen
+    config directly; dx and dW must be bitwise equal (same config, same partial count, fixed-order reduce)."""
+    rms_mod._FWD._chosen.clear()
+    rms_mod._BWD._chosen.clear()
+    x, w = _x((8192, hidden), torch.bfloat16, "cuda"), _w(hidden, torch.bfloat16, "cuda")
+    dy = torch.randn(8192, hidden, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = rms_norm(xl, wl)
+        y.backward(dy)
+        runs.append((y, xl.grad, wl.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

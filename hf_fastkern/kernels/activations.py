@@ -26,7 +26,7 @@ from hf_fastkern.kernels.dispatch import (
     device_check,
     use_kernel,
 )
-from hf_fastkern.kernels.rms_norm import round_to
+from hf_fastkern.kernels.rms_norm import TunedLaunch, cdiv, round_to
 
 # Activation codes (constexpr in the kernels).
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2
@@ -155,10 +155,19 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def _grid(n: int, rows: int, cols: int, contig: bool):
+_FWD = TunedLaunch(_glu_fwd_kernel)
+_BWD = TunedLaunch(_glu_bwd_kernel)
+
+
+def _grid(n: int, rows: int, cols: int, contig: bool, cfg: Optional[dict]):
+    """The launch grid: a tuple once the config for this launch is known, else a function of it (the
+    autotuner's first call tries several BLOCKs)."""
+    if cfg is not None:
+        block = cfg["BLOCK"]
+        return (cdiv(n, block),) if contig else (rows, cdiv(cols, block))
     if contig:
-        return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
-    return lambda meta: (rows, triton.cdiv(cols, meta["BLOCK"]))
+        return lambda meta: (cdiv(n, meta["BLOCK"]),)
+    return lambda meta: (rows, cdiv(cols, meta["BLOCK"]))
 
 
 def _row_stride(t: torch.Tensor) -> int:
@@ -177,9 +186,10 @@ def _glu_act_fwd_impl(gate: torch.Tensor, up: Optional[torch.Tensor], act: int) 
     cols = g2.shape[1]
     sg, su = _row_stride(g2), _row_stride(u2)
     contig = sg == cols and su == cols
-    grid = _grid(n, g2.shape[0], cols, contig)
-    _glu_fwd_kernel[grid](g2, u2, out, n, cols, size_class(n), sg, su,
-                          ACT=act, HAS_UP=up is not None, CONTIG=contig)
+    sc = size_class(n)
+    key = (sc, act, up is not None, contig, gate.dtype, u2.dtype)
+    _FWD(key, _grid(n, g2.shape[0], cols, contig, _FWD.chosen(key)), g2, u2, out, n, cols, sc, sg, su,
+         ACT=act, HAS_UP=up is not None, CONTIG=contig)
     return out
 
 
@@ -205,9 +215,11 @@ def _glu_act_bwd_impl(dy: torch.Tensor, gate: torch.Tensor, up: Optional[torch.T
     cols = g2.shape[1]
     sg, su = _row_stride(g2), _row_stride(u2)
     contig = sg == cols and su == cols
-    grid = _grid(n, g2.shape[0], cols, contig)
-    _glu_bwd_kernel[grid](dy, g2, u2, dg, du if up is not None else dg, n, cols, size_class(n), sg, su,
-                          ACT=act, HAS_UP=up is not None, CONTIG=contig)
+    sc = size_class(n)
+    key = (sc, act, up is not None, contig, gate.dtype, u2.dtype, dy.dtype)
+    _BWD(key, _grid(n, g2.shape[0], cols, contig, _BWD.chosen(key)),
+         dy, g2, u2, dg, du if up is not None else dg, n, cols, sc, sg, su,
+         ACT=act, HAS_UP=up is not None, CONTIG=contig)
     return dg, du
 
 

@@ -94,28 +94,39 @@ def capability_check(device: torch.device, dtypes: Iterable[torch.dtype]) -> tup
 
 def device_check(tensors: Sequence[torch.Tensor | None],
                  dtypes: Iterable[torch.dtype] = SUPPORTED_DTYPES) -> tuple[bool, str]:
-    """Can a Triton kernel run on these tensors? Returns ``(ok, reason)``; reason is empty when ok."""
+    """Can a Triton kernel run on these tensors? Returns ``(ok, reason)``; reason is empty when ok.
+
+    Runs on every call of every op, so it stays cheap (one environment read, one pass over the tensors);
+    the environment is read per call because tests and users flip HF_FASTKERN_FORCE_REFERENCE at run time."""
     if force_reference():
         return False, "HF_FASTKERN_FORCE_REFERENCE=1 is set"
-    ok, why = triton_importable()
-    if not ok:
-        return False, why
-    dtypes = tuple(dtypes)
+    if not _TRITON_STATUS[0]:
+        return _TRITON_STATUS
+    if not isinstance(dtypes, (tuple, frozenset, set)):
+        dtypes = tuple(dtypes)
+    first = None
+    interpret = None
     for t in tensors:
         if t is None:
             continue
-        if t.device.type == "cuda":
-            continue
-        if t.device.type == "cpu" and interpret_mode():
-            continue
-        return False, f"tensors on device '{t.device.type}' (Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+        device = t.device
+        if device.type != "cuda":
+            if interpret is None:
+                interpret = interpret_mode()
+            if device.type != "cpu" or not interpret:
+                return False, (f"tensors on device '{device.type}' (Triton kernels need CUDA, or TRITON_INTERPRET=1 "
+                               "on CPU)")
+        if first is None:
+            first = device
+    if first is None:
+        return True, ""
     present = [t for t in tensors if t is not None]
     for t in present:
         if t.dtype not in dtypes:
             return False, f"dtype {t.dtype} is not supported by the kernel (supported: {', '.join(map(str, dtypes))})"
-    if present:
-        return capability_check(present[0].device, {t.dtype for t in present})
-    return True, ""
+    if first.type != "cuda":
+        return True, ""
+    return capability_check(first, {t.dtype for t in present})
 
 
 def use_kernel(op: str, check: tuple[bool, str]) -> bool:
@@ -142,11 +153,16 @@ def check_floating(name: str, t: torch.Tensor) -> None:
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        desc = ", ".join(f"{k} on {v.device}" for k, v in present.items())
-        raise ValueError(f"tensors must be on one device, got {desc}")
+    first = None
+    for v in tensors.values():
+        if v is None:
+            continue
+        if first is None:
+            first = v.device
+        elif v.device != first:
+            present = {k: v for k, v in tensors.items() if v is not None}
+            desc = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+            raise ValueError(f"tensors must be on one device, got {desc}")
 
 
 def check_shape(name: str, t: torch.Tensor | None, expected: tuple[int, ...]) -> None:

@@ -4,10 +4,15 @@ Semantics are exactly ``reference.layer_norm``: mean, variance and the affine ma
 (GPT-2, GPT-NeoX, any ``nn.LayerNorm``).
 
 Design (same shape as rms_norm.py, whose tile heuristic and config filter it shares):
-- Forward: one tile of rows x the whole padded row per program; saves mean and rstd per row [rows] fp32.
+- Forward: one tile of rows x the whole padded row per program; saves the per-row statistics as one fp32
+  tensor ``stats [2, rows]`` (mean, rstd): one allocation and one saved tensor instead of two.
 - Backward: persistent grid of ``SMs x PROGS_PER_SM`` programs over row tiles; each keeps fp32 dW and dB
-  partial sums in registers and writes one row of ``[n_programs, hidden]`` partials, reduced by a torch sum
+  partial sums in registers and writes one row of ``[n_programs, hidden]`` partials; one launch of
+  rms_norm.py's ``sum_partials`` reduces both in a fixed order and writes dW and dB in the parameters' dtypes
   (deterministic, no atomics).
+- Host cost as rms_norm.py: leading dimensions flattened inside the autograd.Function, cached launch
+  parameters, ``TunedLaunch`` past the autotuner. Forward: 2 allocations + 1 launch; backward: 3-5
+  allocations + 2 launches.
 Limits: hidden <= ``MAX_FUSED_HIDDEN`` (else the reference, with a warning); last dimension contiguous (else
 copied once); int64 offsets.
 """
@@ -31,10 +36,15 @@ from hf_fastkern.kernels.rms_norm import (
     FWD_CONFIGS,
     MAX_FUSED_HIDDEN,
     MAX_PROGS_PER_SM,
+    TunedLaunch,
+    cdiv,
+    leading_rows,
     prune_by_elems_per_thread,
     round_to,
     row_class,
     row_tile,
+    rows_view,
+    sum_partials,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -44,7 +54,7 @@ from hf_fastkern.kernels.rms_norm import (
 @triton.autotune(configs=FWD_CONFIGS, key=["n_cols", "n_rows_class"],
                  prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
 @triton.jit(do_not_specialize=["n_rows", "eps"])
-def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, n_rows, n_cols, n_rows_class, stride_x, stride_y, eps,
+def _layer_norm_fwd_kernel(X, W, B, Y, STATS, n_rows, n_cols, n_rows_class, stride_x, stride_y, eps,
                            HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
@@ -58,8 +68,9 @@ def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, n_rows, n_cols, n_rows_class,
     # two-pass variance on the row already in registers: no cancellation, no extra memory traffic
     xc = tl.where(cmask[None, :], x - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
-    tl.store(MEAN + rows, mean, mask=rmask)
-    tl.store(RSTD + rows, rstd, mask=rmask)
+    # STATS [2, n_rows] fp32: mean in row 0, rstd in row 1
+    tl.store(STATS + rows, mean, mask=rmask)
+    tl.store(STATS + n_rows + rows, rstd, mask=rmask)
     y = xc * rstd[:, None]
     if HAS_W:
         y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -71,7 +82,7 @@ def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, n_rows, n_cols, n_rows_class,
 @triton.autotune(configs=BWD_CONFIGS, key=["n_cols", "n_rows_class"],
                  prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
 @triton.jit(do_not_specialize=["n_rows"])
-def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, n_rows, n_cols, n_rows_class,
+def _layer_norm_bwd_kernel(DY, X, W, STATS, DX, DW_PART, DB_PART, n_rows, n_cols, n_rows_class,
                            stride_dy, stride_x, stride_dx,
                            HAS_W: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
                            PROGS_PER_SM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -91,8 +102,8 @@ def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, n_rows, n
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        mean = tl.load(STATS + rows, mask=rmask, other=0.0)
+        rstd = tl.load(STATS + n_rows + rows, mask=rmask, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)  # [BM, BN]
         if HAS_W:
             g = dy * w[None, :]
@@ -116,28 +127,32 @@ def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, n_rows, n
 # ----------------------------------------------------------------------------------------------------------
 # launchers: plain functions, registered as torch.library custom ops (traced by torch.compile) and called
 # directly by the eager autograd.Function (less host overhead than custom-op dispatch; see rms_norm.py).
+# They take x with any leading dimensions (no view nodes in the autograd graph; see rms_norm.py).
+
+_FWD = TunedLaunch(_layer_norm_fwd_kernel)
+_BWD = TunedLaunch(_layer_norm_bwd_kernel)
 
 
-def _rows_view(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _dtype(t: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    return None if t is None else t.dtype
 
 
 def _layer_norm_fwd_impl(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [rows, hidden] fp32/bf16/fp16 -> (y [rows, hidden] x.dtype, mean [rows] fp32, rstd [rows] fp32)."""
-    rows, hidden = x.shape
-    y = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-    mean = torch.empty((rows,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [..., hidden] fp32/bf16/fp16 -> (y [..., hidden] contiguous x.dtype, stats [2, rows] fp32: mean, rstd)."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x2 = rows_view(x)
+    rows, hidden = x2.shape
+    stats = torch.empty((2, rows), dtype=torch.float32, device=x.device)
     if rows == 0:
-        return y, mean, rstd
-    x = _rows_view(x)
+        return y, stats
     block_m, block_n = row_tile(hidden)
-    _layer_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
-        x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
-        rows, hidden, row_class(rows), x.stride(0), y.stride(0), eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n)
-    return y, mean, rstd
+    rc = row_class(rows)
+    _FWD((hidden, rc, x.dtype, _dtype(weight), _dtype(bias)), (cdiv(rows, block_m),),
+         x2, weight if weight is not None else x2, bias if bias is not None else x2, y, stats,
+         rows, hidden, rc, x2.stride(0), hidden, eps,
+         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n)
+    return y, stats
 
 
 layer_norm_fwd = torch.library.custom_op("hf_fastkern::layer_norm_fwd", mutates_args=())(_layer_norm_fwd_impl)
@@ -145,42 +160,61 @@ layer_norm_fwd = torch.library.custom_op("hf_fastkern::layer_norm_fwd", mutates_
 
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
-    rows = x.shape[0]
-    return torch.empty_like(x), x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((2, leading_rows(x)), dtype=torch.float32)
 
 
-def _layer_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
-                   rstd: torch.Tensor, compute_dw: bool,
-                   compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dy, x: [rows, hidden]; mean, rstd: [rows] fp32. Returns (dx x.dtype, dw [hidden] fp32, db [hidden] fp32);
-    dw/db are empty tensors when not requested (the autograd wrapper casts them to the parameters' dtypes)."""
-    rows, hidden = x.shape
-    dx = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+def _param_grad(dtype: Optional[torch.dtype], wanted: bool, x: torch.Tensor, hidden: int,
+                fill_zero: bool = False) -> torch.Tensor:
+    """A parameter's gradient buffer ([hidden] in its dtype), or an empty fp32 tensor when not wanted."""
+    if not wanted:
+        return x.new_empty((0,), dtype=torch.float32)
+    if fill_zero:
+        return x.new_zeros((hidden,), dtype=dtype)
+    return x.new_empty((hidden,), dtype=dtype)
+
+
+def _layer_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                         stats: torch.Tensor, bias_dtype: Optional[torch.dtype], compute_dw: bool,
+                         compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy, x: [..., hidden]; stats: [2, rows] fp32 (mean, rstd); bias_dtype: the bias's dtype (the bias itself
+    is not needed). Returns (dx [..., hidden] contiguous x.dtype, dw [hidden] weight.dtype, db [hidden]
+    bias_dtype); dw/db are empty fp32 tensors when not requested."""
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x2, dy2 = rows_view(x), rows_view(dy)
+    rows, hidden = x2.shape
     # distinct tensors: custom-op outputs may not alias each other
-    empty = lambda: x.new_empty((0,), dtype=torch.float32)
     if rows == 0:
-        zeros = lambda: x.new_zeros((hidden,), dtype=torch.float32)
-        return dx, (zeros() if compute_dw else empty()), (zeros() if compute_db else empty())
-    x, dy = _rows_view(x), _rows_view(dy)
+        return (dx, _param_grad(_dtype(weight), compute_dw, x, hidden, True),
+                _param_grad(bias_dtype, compute_db, x, hidden, True))
     block_m, block_n = row_tile(hidden)
-    n_tiles = triton.cdiv(rows, block_m)
+    n_tiles = cdiv(rows, block_m)
     sms = device_props(x.device)["sms"]
-    max_progs = min(n_tiles, sms * MAX_PROGS_PER_SM)
-    dw_part = torch.empty((max_progs, hidden) if compute_dw else (1,), dtype=torch.float32, device=x.device)
-    db_part = torch.empty((max_progs, hidden) if compute_db else (1,), dtype=torch.float32, device=x.device)
-    launched = [max_progs]
-
-    def grid(meta):
-        # Remember the grid of the launch that counts (the autotuner calls this for every candidate first).
-        launched[0] = min(n_tiles, sms * meta["PROGS_PER_SM"])
-        return (launched[0],)
-
-    _layer_norm_bwd_kernel[grid](
-        dy, x, weight if weight is not None else x, mean, rstd, dx, dw_part, db_part,
-        rows, hidden, row_class(rows), dy.stride(0), x.stride(0), dx.stride(0),
-        HAS_W=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, BLOCK_M=block_m, BLOCK_N=block_n)
-    dw = dw_part[: launched[0]].sum(0) if compute_dw else empty()
-    db = db_part[: launched[0]].sum(0) if compute_db else empty()
+    rc = row_class(rows)
+    key = (hidden, rc, x.dtype, dy.dtype, _dtype(weight), compute_dw, compute_db)
+    cfg = _BWD.chosen(key)
+    if cfg is None:
+        # first launch for this key: the autotuner tries several PROGS_PER_SM, so size for the largest
+        n_prog = min(n_tiles, sms * MAX_PROGS_PER_SM)
+        grid = lambda meta: (min(n_tiles, sms * meta["PROGS_PER_SM"]),)  # noqa: E731
+    else:
+        n_prog = min(n_tiles, sms * cfg["PROGS_PER_SM"])
+        grid = (n_prog,)
+    dw_part = torch.empty((n_prog, hidden) if compute_dw else (1,), dtype=torch.float32, device=x.device)
+    db_part = torch.empty((n_prog, hidden) if compute_db else (1,), dtype=torch.float32, device=x.device)
+    cfg = _BWD(key, grid,
+               dy2, x2, weight if weight is not None else x2, stats, dx, dw_part, db_part,
+               rows, hidden, rc, dy2.stride(0), x2.stride(0), hidden,
+               HAS_W=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+               BLOCK_M=block_m, BLOCK_N=block_n)
+    n_prog = min(n_tiles, sms * cfg["PROGS_PER_SM"])
+    dw = _param_grad(_dtype(weight), compute_dw, x, hidden)
+    db = _param_grad(bias_dtype, compute_db, x, hidden)
+    if compute_dw and compute_db:
+        sum_partials(dw_part, n_prog, dw, db_part, db)
+    elif compute_dw:
+        sum_partials(dw_part, n_prog, dw)
+    elif compute_db:
+        sum_partials(db_part, n_prog, db)
     return dx, dw, db
 
 
@@ -188,44 +222,42 @@ layer_norm_bwd = torch.library.custom_op("hf_fastkern::layer_norm_bwd", mutates_
 
 
 @layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, compute_dw, compute_db):
-    hidden = x.shape[1]
-    dw = x.new_empty((hidden,) if compute_dw else (0,), dtype=torch.float32)
-    db = x.new_empty((hidden,) if compute_db else (0,), dtype=torch.float32)
-    return torch.empty_like(x), dw, db
+def _(dy, x, weight, stats, bias_dtype, compute_dw, compute_db):
+    hidden = x.shape[-1]
+    return (x.new_empty(x.shape), _param_grad(_dtype(weight), compute_dw, x, hidden),
+            _param_grad(bias_dtype, compute_db, x, hidden))
 
 
-def _save(ctx, x, weight, bias, mean, rstd):
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+def _save(ctx, x, weight, bias, stats):
+    ctx.save_for_backward(x, weight, stats)
+    ctx.bias_dtype = _dtype(bias)
 
 
 def _grads(ctx, dy, bwd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    w_dtype, b_dtype = ctx.param_dtypes
-    want_dw = w_dtype is not None and ctx.needs_input_grad[1]
-    want_db = b_dtype is not None and ctx.needs_input_grad[2]
-    dx, dw, db = bwd(dy, x, weight, mean, rstd, want_dw, want_db)
-    return dx, (dw.to(w_dtype) if want_dw else None), (db.to(b_dtype) if want_db else None), None
+    x, weight, stats = ctx.saved_tensors
+    want_dw = weight is not None and ctx.needs_input_grad[1]
+    want_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    dx, dw, db = bwd(dy, x, weight, stats, ctx.bias_dtype, want_dw, want_db)
+    return dx, (dw if want_dw else None), (db if want_db else None), None
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _ = inputs
-    ctx.mark_non_differentiable(output[1], output[2])
-    _save(ctx, x, weight, bias, output[1], output[2])
+    ctx.mark_non_differentiable(output[1])
+    _save(ctx, x, weight, bias, output[1])
 
 
-layer_norm_fwd.register_autograd(lambda ctx, dy, _dm, _dr: _grads(ctx, dy, layer_norm_bwd),
+layer_norm_fwd.register_autograd(lambda ctx, dy, _dstats: _grads(ctx, dy, layer_norm_bwd),
                                  setup_context=_setup_context)
 
 
 class LayerNormFunction(torch.autograd.Function):
-    """Eager autograd path over the same launchers as the custom ops. x: [rows, hidden] -> y [rows, hidden]."""
+    """Eager autograd path over the same launchers as the custom ops. x: [..., hidden] -> y [..., hidden]."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = _layer_norm_fwd_impl(x, weight, bias, eps)
-        _save(ctx, x, weight, bias, mean, rstd)
+        y, stats = _layer_norm_fwd_impl(x, weight, bias, eps)
+        _save(ctx, x, weight, bias, stats)
         return y
 
     @staticmethod
@@ -262,11 +294,11 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     if not use_kernel("layer_norm", _kernel_check(x, weight, bias)):
         return reference.layer_norm(x, weight, bias, eps)
     # The kernels index weight/bias as dense [hidden] vectors; strided views are copied (autograd-tracked).
-    weight = weight.contiguous() if weight is not None else None
-    bias = bias.contiguous() if bias is not None else None
-    args = (x.reshape(-1, x.shape[-1]), weight, bias, float(eps))
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    # x keeps its leading dimensions: the launchers flatten them (one autograd node, no views; see rms_norm)
     if torch.compiler.is_compiling():
-        y = layer_norm_fwd(*args)[0]
-    else:
-        y = LayerNormFunction.apply(*args)
-    return y.view(*x.shape[:-1], x.shape[-1])
+        return layer_norm_fwd(x, weight, bias, float(eps))[0]
+    return LayerNormFunction.apply(x, weight, bias, float(eps))

@@ -9,16 +9,25 @@ Design:
   program, so x is read once and y written once (the memory-traffic floor). Several rows per program only for
   narrow rows, to keep each program >= a few KiB of traffic.
 - Backward: a persistent grid of ``SMs x PROGS_PER_SM`` programs striding over row tiles. Each program keeps
-  its fp32 dW partial sum in registers and writes one row of ``dw_partial[n_programs, hidden]``; a torch sum
-  reduces it (deterministic: no atomics). The per-row rstd saved by the forward avoids a second reduction.
+  its fp32 dW partial sum in registers and writes one row of ``dw_partial[n_programs, hidden]``;
+  ``_sum_partials_kernel`` (one more launch, shared with layer_norm.py) sums the rows in a fixed order in fp32
+  and writes dW in the weight's dtype (deterministic: no atomics). The per-row rstd saved by the forward
+  avoids a second reduction.
 - ``save_rstd_only=True`` (default) keeps x, weight and the fp32 rstd per row [rows] for backward (never the
   normalised activation). ``save_rstd_only=False`` keeps only x and weight; the backward recomputes rstd
   from x in registers (same memory traffic, one more row reduction, no [rows] buffer).
+- Host cost per call decides these ops at training sizes (a ~0.1 ms kernel; Liger #323), so the launchers
+  keep Python small: leading dimensions are flattened inside the autograd.Function (no view nodes in the
+  graph), launch parameters are cached per (hidden, rows class, dtypes, flags), and ``TunedLaunch`` skips
+  the autotuner wrapper once it has chosen a config. Forward: 2 allocations + 1 launch; backward: 2-3
+  allocations + 2 launches.
 Limits: hidden <= ``MAX_FUSED_HIDDEN`` (the whole row must sit in registers); wider rows fall back to the
 reference with a warning. x's last dimension must be contiguous (otherwise it is copied once); rows may have
 any stride. Offsets are int64, so tokens * hidden may exceed 2**31.
 """
+import functools
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -43,12 +52,36 @@ MAX_FUSED_HIDDEN = 65536
 # launch configuration (shared with layer_norm.py)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code: ``triton.cdiv`` is a constexpr function in recent Triton, whose call wrapper
+    costs ~3 us per host call (triton 3.9), a visible share of a small op's launch path."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
 def row_tile(hidden: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for a row-wise norm: the whole row padded to a power of two, and enough rows per
     tile that a program moves >= 4096 elements (narrow rows would otherwise launch tiny programs)."""
     block_n = triton.next_power_of_2(max(hidden, 1))
     block_m = max(1, min(16, 4096 // block_n))
     return block_m, block_n
+
+
+@functools.lru_cache(maxsize=None)
+def partials_tile(hidden: int, n_part: int) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_N, num_warps, programs) of ``_sum_partials_kernel``.
+
+    The partials are up to SMs x MAX_PROGS_PER_SM rows (1056 on an H100) of fp32 and one program owns a column
+    strip, so the kernel is latency-bound unless each program keeps many loads in flight and there are about
+    as many programs as SMs: strips of hidden/128 columns (16..64: 64-256 bytes per row, whole 32-byte
+    sectors), and up to 4096 elements (16 KiB) loaded per loop step, 16 per thread over 8 warps. BLOCK_P
+    follows n_part (a power of two, at most 4096 / BLOCK_N) so a handful of partial rows do not drag masked
+    tiles; the summation order depends only on (hidden, n_part), so dW stays deterministic.
+    """
+    block_n = max(16, min(64, triton.next_power_of_2(max(hidden // 128, 1))))
+    block_p = min(4096 // block_n, triton.next_power_of_2(max(n_part, 1)))
+    warps = max(1, min(8, block_p * block_n // 512))
+    return block_p, block_n, warps, cdiv(hidden, block_n)
 
 
 def row_class(rows: int) -> int:
@@ -75,6 +108,40 @@ BWD_CONFIGS = tune_configs(
     [triton.Config({"PROGS_PER_SM": p}, num_warps=w) for w in (4, 8, 16) for p in (1, 2, 4, 8)],
     [triton.Config({"PROGS_PER_SM": 2}, num_warps=w) for w in (4, 8, 16)])
 MAX_PROGS_PER_SM = 8
+
+
+class TunedLaunch:
+    """An ``@triton.autotune`` kernel launched with less host time per call.
+
+    The first launch for a ``key`` goes through the autotuner, which benchmarks its configs (once per
+    autotuner key) and runs the winner; the config it ran is remembered under ``key`` and later launches call
+    the jit function with it directly. That skips the autotuner's per-call Python (an argument dict, a key
+    tuple holding every tensor argument's dtype string, a fresh config-kwargs dict): with the launch itself
+    stubbed out, 4.9 us through the autotuner vs 1.3 us direct on the CI CPU (triton 3.9), several times
+    that on the slower H100 host.
+    ``key`` must determine the autotuner's key (its ``key`` arguments and the dtype of every tensor argument),
+    so that the remembered config is the one the autotuner would pick for that launch.
+    """
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.jit = kernel.fn  # JITFunction on the GPU, InterpretedFunction under TRITON_INTERPRET=1
+        self._chosen: dict = {}
+
+    def chosen(self, key) -> Optional[dict]:
+        """The config kwargs (e.g. ``{"PROGS_PER_SM": 2, "num_warps": 8, ...}``) used for ``key``, or None
+        before the first launch with that key."""
+        return self._chosen.get(key)
+
+    def __call__(self, key, grid, *args, **constexprs) -> dict:
+        """Launch ``kernel[grid](*args, **constexprs)``; returns the config kwargs it ran with."""
+        cfg = self._chosen.get(key)
+        if cfg is not None:
+            self.jit.run(*args, grid=grid, warmup=False, **constexprs, **cfg)
+            return cfg
+        self.kernel[grid](*args, **constexprs)
+        cfg = self._chosen[key] = self.kernel.best_config.all_kwargs()
+        return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,39 +238,94 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, n_rows_cla
             tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cmask)
 
 
+@triton.jit(do_not_specialize=["n_part"])
+def _sum_partials_kernel(P, OUT, P2, OUT2, n_part, n_cols, HAS_2: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[c] = sum_p P[p, c] (and OUT2 from P2 when HAS_2): P, P2 [n_part, n_cols] fp32 contiguous; the sum is
+    fp32 in a fixed order (deterministic), rounded once to OUT's dtype. One program per BLOCK_N columns."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    cmask = cols < n_cols
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, n_part, BLOCK_P):
+        prow = p0 + tl.arange(0, BLOCK_P).to(tl.int64)  # [BP] int64: n_part * n_cols may exceed 2**31
+        mask = (prow < n_part)[:, None] & cmask[None, :]
+        offs = prow[:, None] * n_cols + cols[None, :]
+        acc += tl.load(P + offs, mask=mask, other=0.0)
+        if HAS_2:
+            acc2 += tl.load(P2 + offs, mask=mask, other=0.0)
+    tl.store(OUT + cols, round_to(tl.sum(acc, axis=0), OUT.dtype.element_ty), mask=cmask)
+    if HAS_2:
+        tl.store(OUT2 + cols, round_to(tl.sum(acc2, axis=0), OUT2.dtype.element_ty), mask=cmask)
+
+
+def sum_partials(part: torch.Tensor, n_part: int, out: torch.Tensor, part2: Optional[torch.Tensor] = None,
+                 out2: Optional[torch.Tensor] = None) -> None:
+    """out[:] = part[:n_part].sum(0) (and out2 from part2) in one launch, replacing torch's slice + sum + cast.
+
+    part, part2: [>= n_part, hidden] fp32 contiguous partial sums (rows past n_part are ignored); out, out2:
+    [hidden] in any supported dtype (a parameter's dtype: the cast is fused). Deterministic: each column is
+    summed in fp32 in a fixed order that depends only on n_part and hidden.
+    """
+    hidden = out.shape[0]
+    block_p, block_n, warps, programs = partials_tile(hidden, n_part)
+    has_2 = part2 is not None
+    _sum_partials_kernel[(programs,)](
+        part, out, part2 if has_2 else part, out2 if has_2 else out, n_part, hidden, HAS_2=has_2,
+        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launchers: plain functions, registered below as torch.library custom ops (what torch.compile traces) and
 # called directly by the eager autograd.Function (custom-op dispatch costs ~4x the host time of an
-# autograd.Function, which decides small shapes: Liger #323).
+# autograd.Function, which decides small shapes: Liger #323). They take x with any leading dimensions and
+# flatten it themselves: a reshape/view outside the Function would add two autograd nodes per call.
+
+_FWD = TunedLaunch(_rms_norm_fwd_kernel)
+_BWD = TunedLaunch(_rms_norm_bwd_kernel)
 
 
 def _out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], cast_before_weight: bool) -> torch.dtype:
-    if weight is None or not cast_before_weight:
+    if weight is None or not cast_before_weight or weight.dtype == x.dtype:
         return x.dtype
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _rows_view(t: torch.Tensor) -> torch.Tensor:
-    """[rows, hidden] with a unit last stride (rows may keep any stride)."""
+def rows_view(t: torch.Tensor) -> torch.Tensor:
+    """t: [..., hidden] -> [rows, hidden] with a unit last stride (rows may keep any stride; copies only when
+    no such view exists)."""
+    if t.dim() != 2:
+        t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def leading_rows(x: torch.Tensor) -> int:
+    """Product of the leading dimensions (works on fake tensors' symbolic shapes, and for hidden == 0)."""
+    return functools.reduce(operator.mul, x.shape[:-1], 1)
+
+
+def _round_w(weight: Optional[torch.Tensor], offset: float, cast_before_weight: bool) -> bool:
+    return weight is not None and cast_before_weight and offset != 0.0 and weight.dtype != torch.float32
+
+
 def _rms_norm_fwd_impl(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
-                 cast_before_weight: bool, save_rstd_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [rows, hidden] fp32/bf16/fp16 -> (y [rows, hidden] in the output dtype, rstd [rows] fp32)."""
-    rows, hidden = x.shape
-    y = torch.empty((rows, hidden), dtype=_out_dtype(x, weight, cast_before_weight), device=x.device)
+                       cast_before_weight: bool, save_rstd_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [..., hidden] fp32/bf16/fp16 -> (y [..., hidden] contiguous in the output dtype, rstd [rows] fp32)."""
+    y = torch.empty(x.shape, dtype=_out_dtype(x, weight, cast_before_weight), device=x.device)
+    x2 = rows_view(x)
+    rows, hidden = x2.shape
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
     if rows == 0:
         return y, rstd
-    x = _rows_view(x)
     block_m, block_n = row_tile(hidden)
-    round_w = weight is not None and cast_before_weight and offset != 0.0 and weight.dtype != torch.float32
-    grid = (triton.cdiv(rows, block_m),)
-    _rms_norm_fwd_kernel[grid](
-        x, weight if weight is not None else x, y, rstd, rows, hidden, row_class(rows), x.stride(0), y.stride(0),
-        eps, offset, HAS_W=weight is not None, CAST_BEFORE_W=cast_before_weight, ROUND_W=round_w,
-        BLOCK_M=block_m, BLOCK_N=block_n)
+    has_w = weight is not None
+    round_w = _round_w(weight, offset, cast_before_weight)
+    rc = row_class(rows)
+    # y is contiguous: its row stride is hidden whatever its leading shape
+    _FWD((hidden, rc, x.dtype, weight.dtype if has_w else None, cast_before_weight, round_w),
+         (cdiv(rows, block_m),),
+         x2, weight if has_w else x2, y, rstd, rows, hidden, rc, x2.stride(0), hidden, eps, offset,
+         HAS_W=has_w, CAST_BEFORE_W=cast_before_weight, ROUND_W=round_w, BLOCK_M=block_m, BLOCK_N=block_n)
     return y, rstd
 
 
@@ -212,44 +334,47 @@ rms_norm_fwd = torch.library.custom_op("hf_fastkern::rms_norm_fwd", mutates_args
 
 @rms_norm_fwd.register_fake
 def _(x, weight, eps, offset, cast_before_weight, save_rstd_only):
-    rows, hidden = x.shape
-    return (x.new_empty((rows, hidden), dtype=_out_dtype(x, weight, cast_before_weight)),
-            x.new_empty((rows,), dtype=torch.float32))
+    return (x.new_empty(x.shape, dtype=_out_dtype(x, weight, cast_before_weight)),
+            x.new_empty((leading_rows(x),), dtype=torch.float32))
 
 
-def _rms_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: Optional[torch.Tensor],
-                 eps: float, offset: float, cast_before_weight: bool,
-                 compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """dy: [rows, hidden] (output dtype); x: [rows, hidden]; rstd: [rows] fp32, or None to recompute it.
-    Returns (dx [rows, hidden] x.dtype, dw [hidden] weight.dtype; an empty tensor when not computed)."""
-    rows, hidden = x.shape
-    dx = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+def _rms_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                       rstd: Optional[torch.Tensor], eps: float, offset: float, cast_before_weight: bool,
+                       compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy: [..., hidden] (output dtype); x: [..., hidden]; rstd: [rows] fp32, or None to recompute it.
+    Returns (dx [..., hidden] contiguous x.dtype, dw [hidden] weight.dtype; an empty tensor when not computed)."""
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     want_dw = weight is not None and compute_dw
-    if not want_dw:
-        dw = x.new_empty((0,))
+    x2, dy2 = rows_view(x), rows_view(dy)
+    rows, hidden = x2.shape
     if rows == 0:
-        return dx, (torch.zeros_like(weight) if want_dw else dw)
-    x, dy = _rows_view(x), _rows_view(dy)
+        return dx, (torch.zeros_like(weight) if want_dw else x.new_empty((0,)))
     block_m, block_n = row_tile(hidden)
-    n_tiles = triton.cdiv(rows, block_m)
+    n_tiles = cdiv(rows, block_m)
     sms = device_props(x.device)["sms"]
-    max_progs = min(n_tiles, sms * MAX_PROGS_PER_SM)
-    dw_part = torch.empty((max_progs, hidden) if want_dw else (1,), dtype=torch.float32, device=x.device)
-    launched = [max_progs]
-
-    def grid(meta):
-        # Remember the grid of the launch that counts (the autotuner calls this for every candidate first).
-        launched[0] = min(n_tiles, sms * meta["PROGS_PER_SM"])
-        return (launched[0],)
-
-    round_w = weight is not None and cast_before_weight and offset != 0.0 and weight.dtype != torch.float32
-    _rms_norm_bwd_kernel[grid](
-        dy, x, weight if weight is not None else x, rstd if rstd is not None else x, dx, dw_part,
-        rows, hidden, row_class(rows), dy.stride(0), x.stride(0), dx.stride(0), eps, offset,
-        HAS_W=weight is not None, CAST_BEFORE_W=cast_before_weight, ROUND_W=round_w,
-        RECOMPUTE_RSTD=rstd is None, COMPUTE_DW=want_dw, BLOCK_M=block_m, BLOCK_N=block_n)
-    if want_dw:
-        dw = dw_part[: launched[0]].sum(0).to(weight.dtype)
+    has_w = weight is not None
+    round_w = _round_w(weight, offset, cast_before_weight)
+    rc = row_class(rows)
+    key = (hidden, rc, x.dtype, dy.dtype, weight.dtype if has_w else None, cast_before_weight, round_w,
+           rstd is None, want_dw)
+    cfg = _BWD.chosen(key)
+    if cfg is None:
+        # first launch for this key: the autotuner tries several PROGS_PER_SM, so size for the largest
+        n_prog = min(n_tiles, sms * MAX_PROGS_PER_SM)
+        grid = lambda meta: (min(n_tiles, sms * meta["PROGS_PER_SM"]),)  # noqa: E731
+    else:
+        n_prog = min(n_tiles, sms * cfg["PROGS_PER_SM"])
+        grid = (n_prog,)
+    dw_part = torch.empty((n_prog, hidden) if want_dw else (1,), dtype=torch.float32, device=x.device)
+    cfg = _BWD(key, grid,
+               dy2, x2, weight if has_w else x2, rstd if rstd is not None else x2, dx, dw_part,
+               rows, hidden, rc, dy2.stride(0), x2.stride(0), hidden, eps, offset,
+               HAS_W=has_w, CAST_BEFORE_W=cast_before_weight, ROUND_W=round_w,
+               RECOMPUTE_RSTD=rstd is None, COMPUTE_DW=want_dw, BLOCK_M=block_m, BLOCK_N=block_n)
+    if not want_dw:
+        return dx, x.new_empty((0,))
+    dw = torch.empty((hidden,), dtype=weight.dtype, device=x.device)
+    sum_partials(dw_part, min(n_tiles, sms * cfg["PROGS_PER_SM"]), dw)
     return dx, dw
 
 
@@ -258,8 +383,8 @@ rms_norm_bwd = torch.library.custom_op("hf_fastkern::rms_norm_bwd", mutates_args
 
 @rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd, eps, offset, cast_before_weight, compute_dw):
-    dw = torch.empty_like(weight) if (weight is not None and compute_dw) else x.new_empty((0,))
-    return torch.empty_like(x), dw
+    dw = weight.new_empty(weight.shape) if (weight is not None and compute_dw) else x.new_empty((0,))
+    return x.new_empty(x.shape), dw
 
 
 def _save(ctx, x, weight, rstd, eps, offset, cast_before_weight, save_rstd_only):
@@ -284,7 +409,7 @@ rms_norm_fwd.register_autograd(lambda ctx, dy, _drstd: _grads(ctx, dy, rms_norm_
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Eager autograd path over the same launchers as the custom ops. x: [rows, hidden] -> y [rows, hidden]."""
+    """Eager autograd path over the same launchers as the custom ops. x: [..., hidden] -> y [..., hidden]."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset, cast_before_weight, save_rstd_only):
@@ -327,11 +452,11 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
     if not use_kernel("rms_norm", _kernel_check(x, weight)):
         return reference.rms_norm(x, weight, eps, offset, cast_before_weight)
     # The kernels index weight as a dense [hidden] vector; a strided view (w[::2]) is copied (autograd-tracked).
-    weight = weight.contiguous() if weight is not None else None
-    args = (x.reshape(-1, x.shape[-1]), weight, float(eps), float(offset), bool(cast_before_weight),
-            bool(save_rstd_only))
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    # x goes in with its leading dimensions: the launchers flatten them, so autograd records one node, not
+    # the two views a reshape here and a view of the result would add (host time per call, forward and backward)
+    args = (x, weight, float(eps), float(offset), bool(cast_before_weight), bool(save_rstd_only))
     if torch.compiler.is_compiling():
-        y, _ = rms_norm_fwd(*args)
-    else:
-        y = RMSNormFunction.apply(*args)
-    return y.view(*x.shape[:-1], x.shape[-1])
+        return rms_norm_fwd(*args)[0]
+    return RMSNormFunction.apply(*args)
