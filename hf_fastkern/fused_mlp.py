@@ -197,6 +197,16 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype] | None:
     return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
+def _ac_cast(t: torch.Tensor | None, ac: tuple[str, bool, torch.dtype] | None) -> torch.Tensor | None:
+    """``t`` cast as autocast casts a matmul operand (floating, not fp64, on the autocast device), without
+    autocast's weight cache: that cache keeps the bf16 copy of every trainable fp32 weight until the autocast
+    region ends (the whole forward); this copy is freed right after its matmul. Same rounding (``.to``)."""
+    if t is None or ac is None or not ac[1] or t.device.type != ac[0] or not t.is_floating_point() \
+            or t.dtype in (torch.float64, ac[2]):
+        return t
+    return t.to(ac[2])
+
+
 class GLUDownFunction(torch.autograd.Function):
     """``y = down(act(g, u))`` saving g, u (or gate_up), the parameters and ``a = h A^T``; never ``h``.
 
@@ -212,8 +222,9 @@ class GLUDownFunction(torch.autograd.Function):
                 code: int, scaling: float, cast_input: bool, kernel: bool) -> torch.Tensor:
         g, u = gate.chunk(2, dim=-1) if up is None else (gate, up)
         h = _act_fwd(g, u, code, kernel)
+        ac = _autocast_state(gate.device.type)
         # The unfused path's ops, in its order, under the caller's autocast state (autocast is active here).
-        y0 = F.linear(h, weight, bias)
+        y0 = F.linear(h, _ac_cast(weight, ac), _ac_cast(bias, ac))
         a = None
         y = y0
         if lora_a is not None:
@@ -225,7 +236,7 @@ class GLUDownFunction(torch.autograd.Function):
             y = z.to(y0.dtype)
         ctx.code, ctx.scaling, ctx.cast_input, ctx.kernel = code, scaling, cast_input, kernel
         ctx.h_dtype, ctx.y0_dtype = h.dtype, y0.dtype
-        ctx.autocast = _autocast_state(gate.device.type)
+        ctx.autocast = ac
         ctx.save_for_backward(gate, up, weight, bias, lora_a, lora_b, a)
         return y
 
@@ -263,7 +274,7 @@ class GLUDownFunction(torch.autograd.Function):
             if need_b:
                 db = _rows(dy0).sum(0).to(bias.dtype)
             if need_h:
-                dh = torch.matmul(dy0, weight).to(ctx.h_dtype)  # [..., I]
+                dh = torch.matmul(dy0, _ac_cast(weight, ac)).to(ctx.h_dtype)  # [..., I]
                 if da is not None:
                     # the adapter's share; autograd sums the two uses of h in h's dtype, so do we
                     dh = dh + torch.matmul(da, lora_a).to(ctx.h_dtype)
