@@ -559,3 +559,40 @@ def test_glu_down_gpu_memory_and_time(setup):
     want = _autocast_saving(GPU_T, GPU_H, GPU_I, lora_down) if autocast else GPU_T * GPU_I * 2
     assert saved[False] - saved[True] == want
     assert held[False] - held[True] >= GPU_T * GPU_I * 2
+
+
+@pytest.mark.gpu
+def test_llama_step_peak_memory_gpu():
+    """A 4-layer slice of the e2e benchmark model (hidden 2048, intermediate 8192, 4 x 2048 tokens, bf16
+    autocast over fp32 weights): one training step's peak drops by at least 3 layers' h (the last layer's
+    backward recomputes its own). Peaks are printed (-s)."""
+    import transformers
+
+    layers, tokens, inter = 4, 4 * 2048, 8192
+    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=inter, num_hidden_layers=layers,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                   max_position_embeddings=4096)
+    ids = torch.randint(0, cfg.vocab_size, (4, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    peak = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = transformers.LlamaForCausalLM(cfg).train()
+        report = apply_fast_kernels(model, mlp_recompute=recompute)
+        assert report.count("mlp_recompute") == (layers if recompute else 0), str(report)
+        for _ in range(2):  # warm-up (autotune), then measured
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.cuda.synchronize()
+            peak[recompute] = torch.cuda.max_memory_allocated() - before
+            del loss
+        del model
+    h = tokens * inter * 2
+    print(f"\nstep peak above weights: unfused {peak[False] / 2**30:.2f} GiB, lean {peak[True] / 2**30:.2f} GiB "
+          f"(h = {h / 2**20:.0f} MiB per layer)")
+    assert peak[False] - peak[True] >= (layers - 1) * h
