@@ -7,7 +7,9 @@ geglu_tanh ``gelu_tanh(g) * u`` vs Liger's LigerGELUMulFunction (tanh form), geg
 swiglu on the two halves of one fused [T, 2I] gate_up tensor (``swiglu_fused``); shapes (T, I) =
 (16384, 14336) (the target), (4096, 14336), (16384, 8192).
 Bytes (as anchors/gpu_anchors.py): fwd reads g, u and writes y: 3*T*I*e; fwd+bwd adds the backward's reads
-of g, u, dy and writes of dg, du: (3 + 5)*T*I*e. Correctness-gated like bench_rms_norm.py.
+of g, u, dy and writes of dg, du: (3 + 5)*T*I*e. Correctness-gated like bench_rms_norm.py; do_bench ``ms``
+and profiler kernel time ``gpu_ms`` per row and ``--budget-s``: as bench_rms_norm.py (the target shape is the
+first of each op).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 try:
     from hf_fastkern.benchmarks.bench_rms_norm import (
         COLUMNS,
+        Budget,
         compiled,
         finish,
         gate,
@@ -35,6 +38,7 @@ except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks.bench_rms_norm import (
         COLUMNS,
+        Budget,
         compiled,
         finish,
         gate,
@@ -102,15 +106,18 @@ def _fused_swiglu_torch(gu):
     return F.silu(g) * u
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, budget_s: float | None = None) -> list[dict]:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16
     raise_compile_limits()
     rows: list[dict] = []
+    budget = Budget(budget_s)
     for op, (oracle_fn, *_rest, layout) in OPS.items():
         shapes = QUICK if quick else (SHAPES if op in ("swiglu", "geglu_tanh") else SHAPES[:1])
         for tokens, inter in shapes:
+            if not budget.allows({"op": op, "T": tokens, "I": inter}):
+                continue
             if layout == "fused":
                 inputs = [torch.randn(tokens, 2 * inter, device=device, dtype=dtype).requires_grad_()]
                 oracle_call = _fused(oracle_fn)

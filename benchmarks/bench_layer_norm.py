@@ -4,7 +4,8 @@ Run on the GPU:  PYTHONPATH=. python benchmarks/bench_layer_norm.py --json $OUT/
 
 Rows: bf16 x, bf16 weight and bias with grad, hidden 2048/4096/8192 x tokens 4096/16384/65536; modes "fwd"
 and "fwd+bwd" (dx, dW, dB). Bytes: fwd 2*T*H*e, fwd+bwd (2 + 3)*T*H*e (as bench_rms_norm.py).
-Correctness-gated like bench_rms_norm.py (output and all three gradients vs the fp32 reference).
+Correctness-gated like bench_rms_norm.py (output and all three gradients vs the fp32 reference); do_bench
+``ms`` and profiler kernel time ``gpu_ms`` per row, target shape first, ``--budget-s``: as bench_rms_norm.py.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 try:
     from hf_fastkern.benchmarks.bench_rms_norm import (
         COLUMNS,
+        TARGET,
+        Budget,
         compiled,
         finish,
         gate,
@@ -32,6 +35,8 @@ except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks.bench_rms_norm import (
         COLUMNS,
+        TARGET,
+        Budget,
         compiled,
         finish,
         gate,
@@ -79,14 +84,17 @@ def _impls(hidden: int, dtype: torch.dtype, device: str, gpu: bool) -> dict[str,
     return impls
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, budget_s: float | None = None) -> list[dict]:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16
     raise_compile_limits()
-    shapes = QUICK if quick else [(t, h) for h in HIDDEN for t in TOKENS]
+    shapes = QUICK if quick else [TARGET] + [(t, h) for h in HIDDEN for t in TOKENS if (t, h) != TARGET]
     rows: list[dict] = []
+    budget = Budget(budget_s)
     for tokens, hidden in shapes:
+        if not budget.allows({"op": "layer_norm", "T": tokens, "H": hidden}):
+            continue
         x = (torch.randn(tokens, hidden, device=device) + 0.5).to(dtype).requires_grad_()
         w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_()
         b = (0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_()

@@ -8,6 +8,14 @@ Bytes (as anchors/gpu_anchors.py): fwd reads x, writes y: 2*T*H*e; fwd+bwd adds 
 and dy and write of dx: (2 + 3)*T*H*e (e = element size; weight traffic ignored). GB/s = bytes / median time.
 Each implementation is gated on correctness first (output, dx and dW against the fp32 reference, bound
 2x eager's bf16 error + one bf16 rounding); a row that fails carries ``error`` and no timing.
+
+Two times per row: ``ms`` is do_bench's median (what a training step sees, host time included: at ~0.1 ms per
+call the GPU idles while the slow device host issues the next call) and ``gpu_ms`` the CUDA kernel time of
+one call from torch.profiler (every kernel the call launches; .grad reset between calls so the gradient-
+accumulation adds of repeated backwards do not count). ``GBps_gpu`` = bytes / gpu_ms is the kernels'
+bandwidth; ``vs_best_peer_gpu`` compares kernel time as ``vs_best_peer`` compares do_bench time.
+The issue-3 target shape runs first, and ``--budget-s`` stops before a shape that would not finish in time
+(``skipped_shapes`` in the JSON), so a run cut by its time limit still has the rows that matter.
 This file also holds the small shared helpers of bench_layer_norm.py and bench_activations.py.
 """
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 import types
 from collections.abc import Callable
 
@@ -32,8 +41,17 @@ from hf_fastkern.kernels.rms_norm import rms_norm
 
 HIDDEN = (2048, 4096, 8192)
 TOKENS = (4096, 16384, 65536)
+TARGET = (16384, 4096)  # (tokens, hidden) of issue 3: timed first
 QUICK = [(64, 128)]  # (tokens, hidden): CPU, fallback path, seconds
-COLUMNS = ["op", "impl", "T", "H", "I", "mode", "ms", "GBps", "peak_MiB", "vs_best_peer", "max_err", "error"]
+COLUMNS = ["op", "impl", "T", "H", "I", "mode", "ms", "gpu_ms", "GBps", "GBps_gpu", "peak_MiB", "vs_best_peer",
+           "vs_best_peer_gpu", "max_err", "error"]
+# do_bench budget per row (ms of repeated calls): 50 ms still gives >= 50 samples for a 1 ms call, and keeps
+# each op grid (up to 9 shapes x 4 implementations x 2 modes) within about a minute with compile and autotuning.
+WARMUP_MS, REP_MS = 10, 50
+# calls per torch.profiler window for gpu_ms (kernel durations are stable; the window costs host time only)
+PROFILE_CALLS = 5
+# default --budget-s of the op scripts: stop starting new shapes after this (device runs give each ~60 s)
+DEFAULT_BUDGET_S = 50.0
 # one bf16 rounding, relative to the largest reference value (tests/tolerances.py's floor)
 BF16_ROUNDING = 2.0**-7
 
@@ -90,16 +108,44 @@ def gate(results: dict[str, list[torch.Tensor]], oracle: list[torch.Tensor], bas
     return verdict
 
 
+def gpu_kernel_ms(fn: Callable, leaves: list[torch.Tensor], n: int = PROFILE_CALLS) -> float | None:
+    """CUDA kernel time of one call of ``fn`` (ms): the durations of every kernel, memset and copy that
+    torch.profiler records over ``n`` calls, divided by n. ``.grad`` of ``leaves`` is set to None before each
+    call (host-only), so a backward writes its gradients instead of adding them to the previous call's; no
+    other kernel is excluded. None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    for t in leaves:
+        t.grad = None
+    fn()  # outside the window: nothing lazy (allocator growth, autotuning) is counted
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            for t in leaves:
+                t.grad = None
+            fn()
+        torch.cuda.synchronize()
+    for t in leaves:
+        t.grad = None
+    # with only CUDA activity recorded, every event with device time is a kernel/memset/memcpy
+    return sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0) / n / 1e3
+
+
 def time_impl(row: dict, fwd: Callable, fwdbwd: Callable, leaves: list[torch.Tensor], bytes_fwd: int,
               bytes_fwdbwd: int, formula: tuple[str, str]) -> list[dict]:
-    """Two rows (fwd, fwd+bwd) with the median ms, GB/s and peak MiB of one implementation."""
+    """Two rows (fwd, fwd+bwd) of one implementation: do_bench median ``ms`` and ``GBps``, profiler kernel
+    time ``gpu_ms`` and ``GBps_gpu`` (None on CPU), peak MiB."""
     rows = []
     for mode, fn, nbytes, form in (("fwd", fwd, bytes_fwd, formula[0]), ("fwd+bwd", fwdbwd, bytes_fwdbwd, formula[1])):
         r = dict(row, mode=mode)
-        ms = bench_ms(fn, grad_to_none=leaves)
+        ms = bench_ms(fn, grad_to_none=leaves, warmup=WARMUP_MS, rep=REP_MS)
         for t in leaves:
             t.grad = None
-        r.update(ms=ms, GBps=nbytes / ms / 1e6, bytes_formula=form, peak_MiB=peak_mib(fn))
+        gpu = gpu_kernel_ms(fn, leaves)
+        r.update(ms=ms, gpu_ms=gpu, GBps=nbytes / ms / 1e6, GBps_gpu=(nbytes / gpu / 1e6) if gpu else None,
+                 bytes_formula=form, peak_MiB=peak_mib(fn))
         for t in leaves:
             t.grad = None
         rows.append(r)
@@ -110,11 +156,46 @@ def time_impl(row: dict, fwd: Callable, fwdbwd: Callable, leaves: list[torch.Ten
 # Rows timed so far in this process. main() saves them when a time limit stops the run (SIGTERM from
 # `timeout`): the 2026-11-25 device run lost all three op tables that way, keeping only a log tail.
 PARTIAL: list[dict] = []
+# Shapes a run left out because its --budget-s was spent (saved in the JSON as skipped_shapes).
+SKIPPED: list[dict] = []
+
+GROUP_KEYS = ["op", "T", "H", "I", "mode"]
 
 
 def finish(rows: list[dict]) -> list[dict]:
-    add_ratios(rows, ["op", "T", "H", "I", "mode"])
+    add_ratios(rows, GROUP_KEYS)
+    # the same ratio on kernel time: best peer gpu_ms / ours
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
+    for rs in groups.values():
+        peers = [r["gpu_ms"] for r in rs if r.get("impl") != "fastkern" and r.get("gpu_ms")]
+        for r in rs:
+            if r.get("impl") == "fastkern" and r.get("gpu_ms") and peers:
+                r["vs_best_peer_gpu"] = min(peers) / r["gpu_ms"]
     return rows
+
+
+class Budget:
+    """Stops a shape grid before a shape that would overrun ``seconds`` (None: no limit), judged by the
+    longest shape so far, so a run under a device time limit ends with its JSON written and says what it
+    left out."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.t0 = time.monotonic()
+        self.last = self.t0
+        self.longest = 0.0
+
+    def allows(self, what: dict) -> bool:
+        now = time.monotonic()
+        self.longest = max(self.longest, now - self.last)
+        self.last = now
+        if self.seconds is None or now - self.t0 + self.longest <= self.seconds:
+            return True
+        SKIPPED.append(what)
+        print(f"budget: {self.seconds:.0f} s would be exceeded, skipping {what}")
+        return False
 
 
 def liger_import(what: str):
@@ -126,19 +207,22 @@ def liger_import(what: str):
         return None
 
 
-def main(run: Callable[[bool], list[dict]], doc: str) -> None:
+def main(run: Callable[..., list[dict]], doc: str) -> None:
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--json", default=None, help="write rows + environment here")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU: the fallback path, seconds)")
+    ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                    help="start no shape that would end after this many seconds (0: no limit)")
     args = ap.parse_args()
     if args.json:
         def _save_partial(signum, frame):
-            save(args.json, finish(list(PARTIAL)), {"partial": True, "stopped_by_signal": signum})
+            save(args.json, finish(list(PARTIAL)),
+                 {"partial": True, "stopped_by_signal": signum, "skipped_shapes": SKIPPED})
             sys.exit(124)
         signal.signal(signal.SIGTERM, _save_partial)
-    rows = run(quick=args.quick or not torch.cuda.is_available())
+    rows = run(quick=args.quick or not torch.cuda.is_available(), budget_s=args.budget_s or None)
     print_table(rows, COLUMNS)
-    save(args.json, rows)
+    save(args.json, rows, {"skipped_shapes": SKIPPED} if SKIPPED else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,14 +255,17 @@ def _impls(hidden: int, dtype: torch.dtype, device: str, gpu: bool) -> dict[str,
     return impls
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, budget_s: float | None = None) -> list[dict]:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16
     raise_compile_limits()
-    shapes = QUICK if quick else [(t, h) for h in HIDDEN for t in TOKENS]
+    shapes = QUICK if quick else [TARGET] + [(t, h) for h in HIDDEN for t in TOKENS if (t, h) != TARGET]
     rows: list[dict] = []
+    budget = Budget(budget_s)
     for tokens, hidden in shapes:
+        if not budget.allows({"op": "rms_norm", "T": tokens, "H": hidden}):
+            continue
         x = torch.randn(tokens, hidden, device=device, dtype=dtype)
         w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
         dy = torch.randn(tokens, hidden, device=device, dtype=dtype)

@@ -7,13 +7,23 @@ SwiGLU at the issue-3 target shapes, for fastkern, Liger and torch.compile:
   gpu_ms     sum of CUDA kernel durations per call, from torch.profiler (every kernel the call launches)
   host_ms    wall time per call of a loop at a tiny shape (16 rows), GPU never the bottleneck
   kernels    the kernels one call launches, with their mean duration
+.grad is reset to None before every profiled call, so a fwd+bwd row's gpu_ms holds no gradient-accumulation
+adds (the first device run, 2026-11-25b, counted them).
+
+``--cpu-host`` (no GPU needed) measures our wrappers' own host cost on this CPU: TRITON_INTERPRET=1 with the
+interpreter's launch stubbed out, so what is timed is the Python and torch work around the launches (checks,
+allocations, autograd, the launch path up to Triton's run). Per op it reports the wall time per call, the
+launches per call, the top-level aten ops per call (torch.profiler, CPU) and the autograd nodes of the output.
+The GPU-side launch cost (Triton's argument binding, the driver call) is not in it.
 
     PYTHONPATH=. python benchmarks/profile_ops.py --json $OUT/profile_ops.json
+    PYTHONPATH=. python benchmarks/profile_ops.py --cpu-host [--json host.json]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -48,12 +58,15 @@ def _swiglu_torch(g, u):
     return F.silu(g) * u
 
 
-def _gpu_profile(fn, n: int = 10) -> tuple[float, list]:
+def _gpu_profile(fn, leaves: list[torch.Tensor], n: int = 10) -> tuple[float, list]:
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
+            # host-only: the backward then writes its gradients instead of adding to the previous call's
+            for t in leaves:
+                t.grad = None
             fn()
         torch.cuda.synchronize()
     kernels = [(e.key, e.device_time_total / n / 1e3, e.count / n) for e in prof.key_averages()
@@ -127,7 +140,7 @@ def run() -> list[dict]:
 
                         if key == "big":
                             row["bench_ms"] = bench_ms(call, grad_to_none=list(args))
-                            row["gpu_ms"], row["kernels"] = _gpu_profile(call)
+                            row["gpu_ms"], row["kernels"] = _gpu_profile(call, list(args))
                             row["n_kernels"] = sum(k[2] for k in row["kernels"])
                         else:
                             row["host_ms"] = _host_ms(call)
@@ -145,12 +158,122 @@ def run() -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --cpu-host: our wrappers' host cost with the launches stubbed out (TRITON_INTERPRET=1, no GPU)
+
+CPU_HOST_COLS = ["op", "shape", "fwd_us", "fwdbwd_us", "launches", "aten_fwd", "aten_fwdbwd", "graph"]
+
+
+def _top_aten(fn) -> list[str]:
+    """Names of the aten ops one call of fn runs at top level (not those nested in another aten op)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = []
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        p = e.cpu_parent
+        while p is not None and not p.name.startswith("aten::"):
+            p = p.cpu_parent
+        if p is None:
+            names.append(e.name[len("aten::"):])
+    return names
+
+
+def _graph(y: torch.Tensor) -> list[str]:
+    """The autograd nodes behind y (leaf accumulators left out): each one costs engine time in backward."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo += [f for f, _ in node.next_functions]
+    return sorted(type(n).__name__ for n in seen if type(n).__name__ != "AccumulateGrad")
+
+
+def _per_call_us(fn, n: int = 200, reps: int = 15) -> float:
+    """Best-of-reps wall time per call (the CPU is shared: the minimum is the least disturbed estimate)."""
+    for _ in range(20):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    return best
+
+
+def cpu_host() -> list[dict]:
+    from triton.runtime import interpreter
+
+    from hf_fastkern.kernels.activations import geglu
+
+    launches = [0]
+
+    def stub(self, *args, grid, warmup, **kwargs):
+        launches[0] += 1
+
+    bf = torch.bfloat16
+    H, I = 4096, 14336
+    x = torch.randn(16, H, dtype=bf, requires_grad=True)
+    x3 = torch.randn(2, 8, H, dtype=bf, requires_grad=True)
+    w = torch.ones(H, dtype=bf, requires_grad=True)
+    b = torch.zeros(H, dtype=bf, requires_grad=True)
+    dy = torch.randn(16, H, dtype=bf)
+    g = torch.randn(16, I, dtype=bf, requires_grad=True)
+    u = torch.randn(16, I, dtype=bf, requires_grad=True)
+    dyg = torch.randn(16, I, dtype=bf)
+    cases = [("rms_norm", "16x4096", lambda: rms_norm(x, w, 1e-6), (x, w), dy),
+             ("rms_norm", "2x8x4096", lambda: rms_norm(x3, w, 1e-6), (x3, w), dy.view(2, 8, H)),
+             ("layer_norm", "16x4096", lambda: layer_norm(x, w, b, 1e-5), (x, w, b), dy),
+             ("layer_norm", "2x8x4096", lambda: layer_norm(x3, w, b, 1e-5), (x3, w, b), dy.view(2, 8, H)),
+             ("swiglu", "16x14336", lambda: swiglu(g, u), (g, u), dyg),
+             ("geglu_tanh", "16x14336", lambda: geglu(g, u, "tanh"), (g, u), dyg)]
+    real_run = interpreter.InterpretedFunction.run
+    interpreter.InterpretedFunction.run = stub
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for op, shape, f, leaves, d in cases:
+            def fwdbwd(f=f, leaves=leaves, d=d):
+                f().backward(d)
+                for t in leaves:
+                    t.grad = None
+
+            launches[0] = 0
+            f()
+            n_fwd = launches[0]
+            launches[0] = 0
+            fwdbwd()
+            n_fwdbwd = launches[0]
+            rows.append(dict(op=op, shape=shape, fwd_us=_per_call_us(f), fwdbwd_us=_per_call_us(fwdbwd),
+                             launches=f"{n_fwd}/{n_fwdbwd}", aten_fwd=_top_aten(f),
+                             aten_fwdbwd=_top_aten(fwdbwd), graph=_graph(f())))
+            print_table(rows[-1:], CPU_HOST_COLS)
+    finally:
+        interpreter.InterpretedFunction.run = real_run
+    return rows
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
+    ap.add_argument("--cpu-host", action="store_true", help="our wrappers' host cost on this CPU (no GPU)")
     args = ap.parse_args()
+    if args.cpu_host:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            # the kernel modules read TRITON_INTERPRET when imported: rerun this script with it set
+            sys.exit(subprocess.call([sys.executable] + sys.argv, env=dict(os.environ, TRITON_INTERPRET="1")))
+        rows = cpu_host()
+        print_table(rows, CPU_HOST_COLS)
+        save(args.json, rows)
+        sys.exit(0)
     if not torch.cuda.is_available():
-        sys.exit("profile_ops.py needs a GPU")
+        sys.exit("profile_ops.py needs a GPU (or --cpu-host)")
     rows = run()
     print_table(rows, COLS)
     save(args.json, rows)

@@ -361,7 +361,7 @@ def _rms_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch
     if cfg is None:
         # first launch for this key: the autotuner tries several PROGS_PER_SM, so size for the largest
         n_prog = min(n_tiles, sms * MAX_PROGS_PER_SM)
-        grid = lambda meta: (min(n_tiles, sms * meta["PROGS_PER_SM"]),)  # noqa: E731
+        grid = lambda meta: (min(n_tiles, sms * meta["PROGS_PER_SM"]),)
     else:
         n_prog = min(n_tiles, sms * cfg["PROGS_PER_SM"])
         grid = (n_prog,)
