@@ -422,6 +422,22 @@ def test_patched_llama_lora_matches_peft(ckpt, monkeypatch):
     assert count.n == 2 * (1 if ckpt == "none" else 2)
 
 
+def test_lean_mlp_with_chunks_and_offload(monkeypatch):
+    """mlp_chunk_tokens (the chunk replay differentiates through the lean node) and offload_activations,
+    with non-reentrant checkpointing and LoRA: still the unpatched PEFT model's loss and adapter grads."""
+    from tests.test_lora_fast import CHUNK, check_step, lora
+
+    peft_ref = _gc(lora(build(LLAMA), 0.0), False)
+    patched = _gc(lora(build(LLAMA), 0.0), False)
+    report = apply_fast_kernels(patched, offload_activations=True, mlp_chunk_tokens=CHUNK)
+    assert report.patched.get("mlp_recompute") == 2 and report.patched.get("offload") == 1, str(report)
+    count = _Count(monkeypatch)
+    check_step(patched, peft_ref, "lean + chunks + offload")
+    # per layer: forward chunks (no grad), checkpoint recompute chunks, backward replay chunks
+    n_tokens = batch()[0].numel()
+    assert count.n == 2 * 3 * -(-n_tokens // CHUNK)
+
+
 def test_report_and_recompute_off(monkeypatch):
     """The report counts the lean MLPs and explains the others; mlp_recompute=False is the unfused path."""
     from tests.test_lora_fast import lora
