@@ -108,13 +108,10 @@ def gate(results: dict[str, list[torch.Tensor]], oracle: list[torch.Tensor], bas
     return verdict
 
 
-def gpu_kernel_ms(fn: Callable, leaves: list[torch.Tensor], n: int = PROFILE_CALLS) -> float | None:
-    """CUDA kernel time of one call of ``fn`` (ms): the durations of every kernel, memset and copy that
-    torch.profiler records over ``n`` calls, divided by n. ``.grad`` of ``leaves`` is set to None before each
-    call (host-only), so a backward writes its gradients instead of adding them to the previous call's; no
-    other kernel is excluded. None without CUDA."""
-    if not torch.cuda.is_available():
-        return None
+def kernel_table(fn: Callable, leaves: list[torch.Tensor], n: int = PROFILE_CALLS) -> list[tuple[str, float, float]]:
+    """[(kernel name, ms per call, launches per call)] of ``fn``, longest first: every kernel, memset and copy
+    torch.profiler records over ``n`` calls (CUDA). ``.grad`` of ``leaves`` is set to None before each call
+    (host-only), so a backward writes its gradients instead of adding them to the previous call's."""
     from torch.profiler import ProfilerActivity, profile
 
     for t in leaves:
@@ -130,7 +127,15 @@ def gpu_kernel_ms(fn: Callable, leaves: list[torch.Tensor], n: int = PROFILE_CAL
     for t in leaves:
         t.grad = None
     # with only CUDA activity recorded, every event with device time is a kernel/memset/memcpy
-    return sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0) / n / 1e3
+    rows = [(e.key, e.device_time_total / n / 1e3, e.count / n) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def gpu_kernel_ms(fn: Callable, leaves: list[torch.Tensor], n: int = PROFILE_CALLS) -> float | None:
+    """CUDA kernel time of one call of ``fn`` (ms): the sum of :func:`kernel_table`; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return sum(ms for _, ms, _ in kernel_table(fn, leaves, n))
 
 
 def time_impl(row: dict, fwd: Callable, fwdbwd: Callable, leaves: list[torch.Tensor], bytes_fwd: int,

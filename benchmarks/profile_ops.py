@@ -31,11 +31,16 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from hf_fastkern.benchmarks.bench_rms_norm import compiled, liger_import, raise_compile_limits
+    from hf_fastkern.benchmarks.bench_rms_norm import (
+        compiled,
+        kernel_table,
+        liger_import,
+        raise_compile_limits,
+    )
     from hf_fastkern.benchmarks.common import bench_ms, print_table, save
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.bench_rms_norm import compiled, liger_import, raise_compile_limits
+    from benchmarks.bench_rms_norm import compiled, kernel_table, liger_import, raise_compile_limits
     from benchmarks.common import bench_ms, print_table, save
 
 from hf_fastkern.kernels.activations import swiglu
@@ -59,19 +64,7 @@ def _swiglu_torch(g, u):
 
 
 def _gpu_profile(fn, leaves: list[torch.Tensor], n: int = 10) -> tuple[float, list]:
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            # host-only: the backward then writes its gradients instead of adding to the previous call's
-            for t in leaves:
-                t.grad = None
-            fn()
-        torch.cuda.synchronize()
-    kernels = [(e.key, e.device_time_total / n / 1e3, e.count / n) for e in prof.key_averages()
-               if e.device_time_total > 0]
-    kernels.sort(key=lambda k: -k[1])
+    kernels = kernel_table(fn, leaves, n)
     return sum(k[1] for k in kernels), [(name[:90], round(ms, 4), cnt) for name, ms, cnt in kernels[:8]]
 
 

@@ -35,10 +35,10 @@ from hf_fastkern.kernels.rms_norm import (
     BWD_CONFIGS,
     FWD_CONFIGS,
     MAX_FUSED_HIDDEN,
-    MAX_PROGS_PER_SM,
     TunedLaunch,
     cdiv,
     leading_rows,
+    persistent_grid,
     prune_by_elems_per_thread,
     round_to,
     row_class,
@@ -191,14 +191,7 @@ def _layer_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: Optional[tor
     sms = device_props(x.device)["sms"]
     rc = row_class(rows)
     key = (hidden, rc, x.dtype, dy.dtype, _dtype(weight), compute_dw, compute_db)
-    cfg = _BWD.chosen(key)
-    if cfg is None:
-        # first launch for this key: the autotuner tries several PROGS_PER_SM, so size for the largest
-        n_prog = min(n_tiles, sms * MAX_PROGS_PER_SM)
-        grid = lambda meta: (min(n_tiles, sms * meta["PROGS_PER_SM"]),)
-    else:
-        n_prog = min(n_tiles, sms * cfg["PROGS_PER_SM"])
-        grid = (n_prog,)
+    n_prog, grid = persistent_grid(_BWD, key, n_tiles, sms)
     dw_part = torch.empty((n_prog, hidden) if compute_dw else (1,), dtype=torch.float32, device=x.device)
     db_part = torch.empty((n_prog, hidden) if compute_db else (1,), dtype=torch.float32, device=x.device)
     cfg = _BWD(key, grid,

@@ -144,6 +144,17 @@ class TunedLaunch:
         return cfg
 
 
+def persistent_grid(launcher: TunedLaunch, key, n_tiles: int, sms: int):
+    """(programs, grid) of a persistent backward with a ``PROGS_PER_SM`` config (rms_norm, layer_norm):
+    ``programs`` sizes the per-program partial buffers. Before the first launch for ``key`` the autotuner tries
+    several PROGS_PER_SM, so the buffers are sized for the largest and the grid follows each candidate."""
+    cfg = launcher.chosen(key)
+    if cfg is None:
+        return min(n_tiles, sms * MAX_PROGS_PER_SM), (lambda meta: (min(n_tiles, sms * meta["PROGS_PER_SM"]),))
+    n_prog = min(n_tiles, sms * cfg["PROGS_PER_SM"])
+    return n_prog, (n_prog,)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 
@@ -357,14 +368,7 @@ def _rms_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch
     rc = row_class(rows)
     key = (hidden, rc, x.dtype, dy.dtype, weight.dtype if has_w else None, cast_before_weight, round_w,
            rstd is None, want_dw)
-    cfg = _BWD.chosen(key)
-    if cfg is None:
-        # first launch for this key: the autotuner tries several PROGS_PER_SM, so size for the largest
-        n_prog = min(n_tiles, sms * MAX_PROGS_PER_SM)
-        grid = lambda meta: (min(n_tiles, sms * meta["PROGS_PER_SM"]),)
-    else:
-        n_prog = min(n_tiles, sms * cfg["PROGS_PER_SM"])
-        grid = (n_prog,)
+    n_prog, grid = persistent_grid(_BWD, key, n_tiles, sms)
     dw_part = torch.empty((n_prog, hidden) if want_dw else (1,), dtype=torch.float32, device=x.device)
     cfg = _BWD(key, grid,
                dy2, x2, weight if has_w else x2, rstd if rstd is not None else x2, dx, dw_part,
