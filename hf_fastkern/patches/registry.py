@@ -400,6 +400,61 @@ def _attention_target(model: nn.Module) -> tuple[bool, str]:
     return True, ""
 
 
+# ----------------------------------------------------------------------------------------------------------
+# no implicit KV cache in a training forward (issue 11)
+
+_CACHE_GUARD = "_hf_fastkern_no_training_cache"
+
+
+def _no_training_cache_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: ``use_cache=False`` for a training forward with grad that asked for no cache.
+
+    Why: with ``config.use_cache=True`` (the default) a transformers decoder creates a ``DynamicCache`` in every
+    forward, training included, unless *its own* gradient checkpointing is on (``merge_with_config_defaults``).
+    Activation checkpointing applied from outside (Accelerate's ``fsdp_activation_checkpointing``, torch's
+    ``checkpoint_wrapper``) keeps that cache in the checkpointed layer's arguments, and the recompute in backward
+    appends the layer's keys/values a second time: attention then gets 2x the keys of the original forward. The
+    fastkern attention aligns a longer key axis bottom-right (decoding), so the recompute differs from the
+    forward and torch.utils.checkpoint raises "Recomputed values ... have different metadata" (SDPA's top-left
+    ``is_causal`` happens to give the same output on the duplicated keys). A cache is never read in such a
+    forward, so it is not built: only when nothing asked for one (``use_cache`` and the cache argument unset).
+    """
+    if not (module.training and torch.is_grad_enabled()):
+        return None
+    if getattr(getattr(module, "config", None), "_attn_implementation", None) != "fastkern":
+        return None
+    pos = module.__dict__.get(_CACHE_GUARD)
+    if pos is None or len(args) > pos:
+        return None  # use_cache (or an argument after it) passed positionally: the caller's choice
+    if kwargs.get("use_cache") is not None or kwargs.get("cache") is not None \
+            or kwargs.get("past_key_values") is not None:
+        return None
+    return args, {**kwargs, "use_cache": False}
+
+
+def _guard_training_cache(base: nn.Module) -> tuple[nn.Module, Any] | None:
+    """Install :func:`_no_training_cache_hook` on the decoder that builds the cache; returns (decoder, hook
+    handle) for revert, or None when the model's decoder takes no ``use_cache``."""
+    decoder = getattr(base, "base_model", None)
+    decoder = decoder if isinstance(decoder, nn.Module) else base
+    try:
+        params = list(inspect.signature(decoder.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if "use_cache" not in params:
+        return None
+    # positional index of use_cache in forward(*args) (bound method: self is not listed)
+    object.__setattr__(decoder, _CACHE_GUARD, params.index("use_cache"))
+    return decoder, decoder.register_forward_pre_hook(_no_training_cache_hook, with_kwargs=True)
+
+
+def _unguard_training_cache(guard: tuple[nn.Module, Any] | None) -> None:
+    if guard is not None:
+        decoder, handle = guard
+        handle.remove()
+        decoder.__dict__.pop(_CACHE_GUARD, None)
+
+
 def chunked_mlp_factory(factory: ForwardFactory, chunk_tokens: int) -> ForwardFactory:
     """``factory``'s MLP forward run over the tokens in chunks of ``chunk_tokens``, recomputed in backward.
 
@@ -509,6 +564,7 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
                     ok, why = False, f"set_attn_implementation('fastkern') failed: {e}"
             if ok:
                 state["attention"] = previous
+                state["cache_guard"] = _guard_training_cache(base)
                 report._add(report.patched, "attention")
             else:
                 report.skipped.append(("attention", why))
@@ -561,6 +617,7 @@ def revert_fast_kernels(model: nn.Module) -> int:
 
         restored += disable_activation_offload(base)
     if "attention" in state:
+        _unguard_training_cache(state.get("cache_guard"))
         base.set_attn_implementation(state["attention"])
         restored += 1
     if state.get("cross_entropy"):
