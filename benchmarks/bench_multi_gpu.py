@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,10 +114,28 @@ def _finish(job: dict, args: argparse.Namespace) -> dict:
                    patch_report=r.get("patch_report"))
     else:
         with open(job["out"][:-5] + ".log") as f:
-            tail = [ln for ln in f.read().splitlines() if ln.strip()][-4:]
-        row["error"] = (f"rc={rc}: " + " | ".join(tail))[-500:]
+            row["error"] = failure_text(f.read(), rc)
     print(f"  {job['impl']:<11} {job['mode']:<6} {'error' if 'error' in row else 'ok'} ({wall:.0f} s)", flush=True)
     return row
+
+
+# an exception line as Python prints it ("ValueError: ...", "torch.utils.checkpoint.CheckpointError: ..."),
+# possibly behind torchrun's "[rank0]: " prefix or the example's "[rank 0] FAILED: " line
+_EXC_LINE = re.compile(r"^(\[rank ?\d+\]:?\s*(FAILED:\s*)?)?([A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(Error|Exception|Interrupt)\b:?")
+TAIL_LINES = 30
+
+
+def failure_text(log: str, rc) -> str:
+    """The ``error`` of a failed launch: ``rc=..``, the first exception line of the log (the child's, which
+    comes before the launcher's ChildFailedError), then its last TAIL_LINES non-empty lines.
+
+    A time limit that kills the launcher leaves only the torchelastic summary at the end of the log, so the
+    first exception line is what names the cause (issue 11 kept only the summary's last 3 lines).
+    """
+    lines = [ln.rstrip() for ln in log.splitlines() if ln.strip()]
+    first = next((ln for ln in lines if _EXC_LINE.match(ln.strip())), None)
+    head = f"rc={rc}: " + (first.strip() if first else "(no exception line in the log)")
+    return head + "\n--- last lines of the log ---\n" + "\n".join(lines[-TAIL_LINES:])
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -218,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _save_partial)
     rows = run(args)
-    shown = [{k: v for k, v in r.items() if k in COLS} for r in rows]
+    # the table shows the first line of an error (rc and the exception); the JSON row keeps the log's tail
+    shown = [{k: (v.splitlines()[0] if k == "error" and isinstance(v, str) else v) for k, v in r.items() if k in COLS}
+             for r in rows]
     print_table(shown, COLS)
     save(args.json, rows, {"method": METHOD, "loss_rel_tol": LOSS_REL_TOL, "gate_loss0_rel": GATE_LOSS0_REL})
     return 0

@@ -233,8 +233,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _record(fn):
+    """torchelastic's ``record``: a failing process writes its traceback to the error file that
+    ``accelerate launch`` / ``torch.distributed.run`` print in their failure summary (without it the summary
+    says only "traceback : To enable traceback see ..."). Plain ``python`` runs are unaffected."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+    except ImportError:  # torch built without distributed
+        return fn
+    return record(fn)
+
+
+@_record
 def main(argv: list[str] | None = None) -> None:
-    train(parse_args(argv))
+    try:
+        train(parse_args(argv))
+    except BaseException as e:
+        if not isinstance(e, SystemExit | KeyboardInterrupt):
+            # one line naming the rank and the exception, flushed before the launcher tears the group down
+            # (the full traceback follows from Python and from record above)
+            rank = os.environ.get("RANK", "0")
+            print(f"[rank {rank}] FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                  file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":
