@@ -403,56 +403,65 @@ def _attention_target(model: nn.Module) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------------------------
 # no implicit KV cache in a training forward (issue 11)
 
-_CACHE_GUARD = "_hf_fastkern_no_training_cache"
+# decoder class -> position of use_cache in forward(*args) (self excluded); filled at bind time, read per call
+_USE_CACHE_POS: dict[type, int] = {}
 
 
-def _no_training_cache_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook: ``use_cache=False`` for a training forward with grad that asked for no cache.
+def _no_training_cache(self: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """True for a training forward with grad, fastkern attention, and no cache or ``use_cache`` given."""
+    if not (self.training and torch.is_grad_enabled()):
+        return False
+    if getattr(getattr(self, "config", None), "_attn_implementation", None) != "fastkern":
+        return False
+    pos = _USE_CACHE_POS.get(type(self))
+    if pos is None or len(args) > pos:
+        return False  # use_cache (or an argument after it) passed positionally: the caller's choice
+    return all(kwargs.get(k) is None for k in ("use_cache", "cache", "past_key_values"))
 
-    Why: with ``config.use_cache=True`` (the default) a transformers decoder creates a ``DynamicCache`` in every
+
+def _decoder_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The decoder's forward with ``use_cache=False`` in a training forward that asked for no cache.
+
+    Why: with ``config.use_cache=True`` (the default) a transformers decoder builds a ``DynamicCache`` in every
     forward, training included, unless *its own* gradient checkpointing is on (``merge_with_config_defaults``).
     Activation checkpointing applied from outside (Accelerate's ``fsdp_activation_checkpointing``, torch's
-    ``checkpoint_wrapper``) keeps that cache in the checkpointed layer's arguments, and the recompute in backward
-    appends the layer's keys/values a second time: attention then gets 2x the keys of the original forward. The
-    fastkern attention aligns a longer key axis bottom-right (decoding), so the recompute differs from the
-    forward and torch.utils.checkpoint raises "Recomputed values ... have different metadata" (SDPA's top-left
-    ``is_causal`` happens to give the same output on the duplicated keys). A cache is never read in such a
-    forward, so it is not built: only when nothing asked for one (``use_cache`` and the cache argument unset).
+    ``checkpoint_wrapper``) keeps that cache among the checkpointed layer's arguments, and the recompute in
+    backward appends the layer's keys/values to it a second time: attention then sees 2x the keys of the
+    original forward. The fastkern attention aligns a longer key axis bottom-right (decoding), so its recompute
+    differs from the forward and torch.utils.checkpoint raises "Recomputed values ... have different metadata"
+    (issue 11; SDPA's top-left ``is_causal`` happens to give the same output on the duplicated keys). Nothing
+    reads a cache built in a forward that is followed by backward, so none is built. Eval, no-grad forwards
+    (generation, rollouts) and explicit ``use_cache`` / cache arguments are passed through unchanged.
     """
-    if not (module.training and torch.is_grad_enabled()):
-        return None
-    if getattr(getattr(module, "config", None), "_attn_implementation", None) != "fastkern":
-        return None
-    pos = module.__dict__.get(_CACHE_GUARD)
-    if pos is None or len(args) > pos:
-        return None  # use_cache (or an argument after it) passed positionally: the caller's choice
-    if kwargs.get("use_cache") is not None or kwargs.get("cache") is not None \
-            or kwargs.get("past_key_values") is not None:
-        return None
-    return args, {**kwargs, "use_cache": False}
+    if _no_training_cache(self, args, kwargs):
+        kwargs["use_cache"] = False
+    # the forward that was there before (an instance-level one is kept in the mark), found through self so a
+    # deepcopy of the model calls its own decoder
+    own = self.__dict__[_MODULE_MARK][1]
+    return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
 
 
-def _guard_training_cache(base: nn.Module) -> tuple[nn.Module, Any] | None:
-    """Install :func:`_no_training_cache_hook` on the decoder that builds the cache; returns (decoder, hook
-    handle) for revert, or None when the model's decoder takes no ``use_cache``."""
+def _guard_training_cache(base: nn.Module) -> bool:
+    """Bind :func:`_decoder_forward` on the decoder that builds the cache (``base.base_model``); False when it
+    takes no ``use_cache`` or is already bound. Undone by :func:`revert_fast_kernels` with the other forwards."""
     decoder = getattr(base, "base_model", None)
     decoder = decoder if isinstance(decoder, nn.Module) else base
+    if _MODULE_MARK in decoder.__dict__:
+        return False
     try:
-        params = list(inspect.signature(decoder.forward).parameters)
+        sig = inspect.signature(type(decoder).forward)
     except (TypeError, ValueError):
-        return None
-    if "use_cache" not in params:
-        return None
-    # positional index of use_cache in forward(*args) (bound method: self is not listed)
-    object.__setattr__(decoder, _CACHE_GUARD, params.index("use_cache"))
-    return decoder, decoder.register_forward_pre_hook(_no_training_cache_hook, with_kwargs=True)
-
-
-def _unguard_training_cache(guard: tuple[nn.Module, Any] | None) -> None:
-    if guard is not None:
-        decoder, handle = guard
-        handle.remove()
-        decoder.__dict__.pop(_CACHE_GUARD, None)
+        return False
+    if "use_cache" not in sig.parameters:
+        return False
+    _USE_CACHE_POS[type(decoder)] = list(sig.parameters).index("use_cache") - 1  # minus self
+    # a fresh function object per model, to carry that model's signature
+    fn = types.FunctionType(_decoder_forward.__code__, _decoder_forward.__globals__, "forward")
+    # callers that inspect the decoder's forward (Trainer, PEFT) see the original signature
+    fn.__signature__ = sig
+    fn.__doc__ = _decoder_forward.__doc__
+    _bind(decoder, "training_cache", fn)
+    return True
 
 
 def chunked_mlp_factory(factory: ForwardFactory, chunk_tokens: int) -> ForwardFactory:
@@ -564,7 +573,7 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
                     ok, why = False, f"set_attn_implementation('fastkern') failed: {e}"
             if ok:
                 state["attention"] = previous
-                state["cache_guard"] = _guard_training_cache(base)
+                _guard_training_cache(base)
                 report._add(report.patched, "attention")
             else:
                 report.skipped.append(("attention", why))
@@ -617,7 +626,6 @@ def revert_fast_kernels(model: nn.Module) -> int:
 
         restored += disable_activation_offload(base)
     if "attention" in state:
-        _unguard_training_cache(state.get("cache_guard"))
         base.set_attn_implementation(state["attention"])
         restored += 1
     if state.get("cross_entropy"):
