@@ -9,11 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_fastkern.kernels import attention as attn_mod
 from hf_fastkern.kernels import dispatch, reference
 from hf_fastkern.kernels.attention import (
+    FlashAttnFunction,
     _flash_attn_fwd_op,
     attention_supported,
     flash_attention,
+    flash_attention_heads_first,
     flash_attention_varlen,
 )
 from tests.harness import check_op
@@ -277,6 +280,92 @@ def test_custom_op_opcheck_and_compile(device):
     eager = flash_attention(q.detach(), k.detach(), v.detach(), causal=True)
     torch.testing.assert_close(o, eager, rtol=0, atol=0)
     assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eager autograd.Function path vs the custom ops (host cost, issues 6/7): same launchers, so bitwise equal
+
+
+def _fwd_bwd(fn, leaves, dout):
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    out = fn(*leaves)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("opts", [pytest.param((True, 0, 0.0), id="causal"),
+                                  pytest.param((True, 5, 0.0), id="window5"),
+                                  pytest.param((False, 0, 20.0), id="bidir-softcap")])
+def test_eager_function_matches_custom_op_bitwise(opts, device):
+    causal, window, cap = opts
+    q, k, v = _make(2, 19, 19, 4, 2, 16, torch.bfloat16, device)
+    dout = torch.randn(q.shape, device=device).to(q.dtype)
+    args = (None, None, 19, 19, causal, 0.25, window, cap)
+    o1, g1 = _fwd_bwd(lambda q, k, v: FlashAttnFunction.apply(q, k, v, *args, False), (q, k, v), dout)
+    o2, g2 = _fwd_bwd(lambda q, k, v: _flash_attn_fwd_op(q, k, v, *args)[0], (q, k, v), dout)
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_eager_function_matches_custom_op_bitwise_varlen(device):
+    lens = [5, 0, 17]
+    cu = _cu(lens, device)
+    q = torch.randn(22, 4, 16, device=device).to(torch.float16)
+    k = torch.randn(22, 2, 16, device=device).to(torch.float16)
+    v = torch.randn(22, 2, 16, device=device).to(torch.float16)
+    dout = torch.randn(q.shape, device=device).to(q.dtype)
+    args = (cu, cu, 17, 17, True, 0.25, 0, 0.0)
+    o1, g1 = _fwd_bwd(lambda q, k, v: FlashAttnFunction.apply(q, k, v, *args, False), (q, k, v), dout)
+    o2, g2 = _fwd_bwd(lambda q, k, v: _flash_attn_fwd_op(q, k, v, *args)[0], (q, k, v), dout)
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_heads_first_is_one_node_and_matches_flash_attention(device):
+    """transformers' [b, h, s, d] layout goes in as it is: one autograd node straight to the leaves (no
+    transpose nodes), and the same bits as flash_attention on the transposed views."""
+    qh = torch.randn(1, 4, 13, 16, device=device).to(torch.bfloat16).requires_grad_(True)
+    kh = torch.randn(1, 2, 13, 16, device=device).to(torch.bfloat16).requires_grad_(True)
+    vh = torch.randn(1, 2, 13, 16, device=device).to(torch.bfloat16).requires_grad_(True)
+    out = flash_attention_heads_first(qh, kh, vh, True, None, None, None)
+    assert type(out.grad_fn).__name__ == "FlashAttnFunctionBackward"
+    assert all(type(f).__name__ == "AccumulateGrad" for f, _ in out.grad_fn.next_functions[:3])
+    dout = torch.randn(out.shape, device=device).to(out.dtype)
+    o1, g1 = _fwd_bwd(lambda q, k, v: flash_attention_heads_first(q, k, v, True, None, None, None),
+                      (qh, kh, vh), dout)
+    o2, g2 = _fwd_bwd(lambda q, k, v: flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
+                      (qh, kh, vh), dout)
+    assert torch.equal(o1, o2) and o1.shape == (1, 13, 4, 16)
+    for a, b in zip(g1, g2):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_tuned_launch_remembers_config(device):
+    """After the first launch of an autotune key, later launches skip the autotuner with its chosen config."""
+    q, k, v = _make(1, 21, 21, 2, 1, 32, torch.float16, device)
+    key = (32, True, False, False, False, attn_mod._seq_bucket(21), torch.float16)
+    first = flash_attention(q, k, v)
+    assert attn_mod._FWD.chosen(key) is not None
+    assert torch.equal(flash_attention(q, k, v), first)
+
+
+def test_heads_first_compiles(device):
+    """While torch.compile traces, the heads-first entry goes through the custom op (fullgraph, aot_eager)
+    and gives the eager Function's bits."""
+    qh = torch.randn(1, 4, 16, 16, device=device).to(torch.float16).requires_grad_(True)
+    kh = torch.randn(1, 2, 16, 16, device=device).to(torch.float16).requires_grad_(True)
+    vh = torch.randn(1, 2, 16, 16, device=device).to(torch.float16).requires_grad_(True)
+    fn = torch.compile(lambda q, k, v: flash_attention_heads_first(q, k, v, True, 0.25, None, None),
+                       backend="aot_eager", fullgraph=True)
+    dout = torch.randn(1, 16, 4, 16, device=device).to(torch.float16)
+    o1, g1 = _fwd_bwd(fn, (qh, kh, vh), dout)
+    o2, g2 = _fwd_bwd(lambda q, k, v: flash_attention_heads_first(q, k, v, True, 0.25, None, None),
+                      (qh, kh, vh), dout)
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels.cross_entropy import cross_entropy, default_chunk, fused_linear_cross_entropy
+from hf_fastkern.kernels.cross_entropy import (
+    CEFunction,
+    FLCEFunction,
+    check_label_range,
+    cross_entropy,
+    default_chunk,
+    fused_linear_cross_entropy,
+)
 from tests.harness import check_op
 from tests.tolerances import assert_close
 
@@ -242,6 +249,102 @@ def test_opcheck_custom_ops(device):
     torch.library.opcheck(torch.ops.hf_fastkern.flce_fwd,
                           (h, w, None, y, torch.tensor(5.0), -100, 0.0, 0.0, 0.0, True, True, True, False, 4),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eager autograd.Function path vs the custom ops (host cost, issues 6/7): same launchers, so bitwise equal
+
+
+def _grads_of(fn, leaves, g):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in leaves]
+    out = fn(*leaves)
+    out.backward(g)
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("reduce", [True, False], ids=["mean", "none"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_flce_function_matches_custom_op_bitwise(reduce, bias, device):
+    h, w, b = _flce_inputs(37, 16, 111, torch.bfloat16, bias, device)
+    y = _labels(37, 111).to(device)
+    denom = (y != -100).sum().to(torch.float32) if reduce else torch.ones((), device=device)
+    opts = (-100, 0.1, 1e-3, 0.0, reduce, True, True, bias, 16)
+    g = torch.tensor(0.5, device=device) if reduce else torch.randn(37, device=device)
+    o1, g1 = _grads_of(lambda h, w, b: FLCEFunction.apply(h, w, b, y, denom, *opts), (h, w, b), g)
+    o2, g2 = _grads_of(lambda h, w, b: torch.ops.hf_fastkern.flce_fwd(h, w, b, y, denom, *opts)[0], (h, w, b), g)
+    assert torch.equal(o1, o2)
+    for a, c in zip(g1, g2):
+        assert (a is None and c is None) or torch.equal(a, c)
+
+
+def test_ce_function_matches_custom_op_bitwise(device):
+    z = torch.randn(23, 70, device=device).to(torch.float16)
+    y = _labels(23, 70).to(device)
+    g = torch.randn(23, device=device)
+    opts = (-100, 0.05, 1e-3, 15.0)
+    o1, g1 = _grads_of(lambda z: CEFunction.apply(z, y, *opts), (z,), g)
+    o2, g2 = _grads_of(lambda z: torch.ops.hf_fastkern.ce_fwd(z, y, *opts)[0], (z,), g)
+    assert torch.equal(o1, o2) and torch.equal(g1[0], g2[0])
+
+
+def test_eager_entries_use_the_function(device):
+    """Eager calls build one Function node (no custom-op dispatch); compile keeps the custom ops (tested above)."""
+    h, w, _ = _flce_inputs(9, 8, 40, torch.float32, False, device)
+    h.requires_grad_(True)
+    y = _labels(9, 40).to(device)
+    loss = fused_linear_cross_entropy(h, w, y, reduction="sum")
+    assert type(loss.grad_fn).__name__ == "FLCEFunctionBackward"
+    rows = cross_entropy((h @ w.t()), y, reduction="none")
+    assert type(rows.grad_fn).__name__ == "CEFunctionBackward"
+
+
+def test_label_range_check_reads_the_host_once(device, monkeypatch):
+    """The documented label check stays, as one fused reduction and exactly one device->host read per call
+    (valid labels); the slow search for the bad position runs only when the check fails."""
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    y = _labels(64, 50).to(device)
+    check_label_range(y, 50, -100)
+    assert len(reads) == 1, reads
+    reads.clear()
+    check_label_range(torch.full((4,), -100, device=device), 0, -100)  # every label ignored, empty vocab
+    check_label_range(y[:0], 50, -100)
+    assert len(reads) <= 2
+    y[7] = 50
+    with pytest.raises(ValueError, match=r"labels\[7\] = 50 is out of range"):
+        check_label_range(y, 50, -100)
+    y32 = _labels(16, 50).to(device=device, dtype=torch.int32)
+    y32[3] = -7
+    with pytest.raises(ValueError, match=r"labels\[3\] = -7 is out of range"):
+        check_label_range(y32, 50, -100)
+
+
+@pytest.mark.gpu
+def test_label_range_check_one_sync_gpu():
+    """On the device: the check of valid labels synchronises once (CUDA sync debug mode counts it)."""
+    import warnings
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    y = torch.randint(0, 128256, (4, 2048), device="cuda")
+    y[:, -1] = -100
+    check_label_range(y, 128256, -100)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            check_label_range(y, 128256, -100)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [r for r in rec if "synchroniz" in str(r.message)]
+    assert len(syncs) == 1, [str(r.message) for r in syncs]
 
 
 def test_default_chunk():

@@ -162,6 +162,35 @@ def test_glu_down_hooks_take_unfused_path(monkeypatch):
     assert count.n == 1
 
 
+def test_glu_down_parts_cache_follows_module_changes(monkeypatch):
+    """down_parts is cached per nn.Linear (host cost per call, issue 7) but every change its verdict depends on
+    is seen at the next call: hooks added and removed, an instance forward, a replaced weight."""
+    mlp = _patched(_mlp(False, bias=False), "silu", True)
+    down = mlp.down_proj
+    count = _Count(monkeypatch)
+    mlp(_x())
+    assert count.n == 1
+    assert fused_mlp.down_parts_cached(down) is fused_mlp.down_parts_cached(down)  # a hit: no new walk
+    seen = []
+    handle = down.register_forward_hook(lambda m, a, out: seen.append(1))
+    mlp(_x())
+    assert count.n == 1 and seen == [1]
+    handle.remove()
+    mlp(_x())
+    assert count.n == 2
+    down.forward = types.MethodType(nn.Linear.forward, down)
+    mlp(_x())
+    assert count.n == 2
+    del down.forward
+    # a new weight object: the lean path must read it, not the cached one
+    down.weight = nn.Parameter(down.weight.detach() * 2)
+    got = mlp(_x())
+    assert count.n == 3
+    want = _patched(copy.deepcopy(mlp), "silu", False)(_x())
+    assert torch.equal(got, want)
+    assert fused_mlp.down_parts_cached(down)[0].weight is down.weight
+
+
 def test_glu_down_inference_mode():
     mlp = _patched(_mlp(False, bias=True), "gelu", True)
     want = _patched(copy.deepcopy(mlp), "gelu", False)

@@ -69,16 +69,23 @@ class KernelCalls:
         self.dense = 0
         self.varlen = 0
         dense, varlen = fk._kernels.flash_attention, fk._kernels.flash_attention_varlen
+        # the dense path of the attention function enters through the heads-first entry (checks done by then)
+        heads_first = fk._kernels.flash_attention_heads_first
 
         def d(*a, **k):
             self.dense += 1
             return dense(*a, **k)
+
+        def hf(*a, **k):
+            self.dense += 1
+            return heads_first(*a, **k)
 
         def v(*a, **k):
             self.varlen += 1
             return varlen(*a, **k)
 
         monkeypatch.setattr(fk._kernels, "flash_attention", d)
+        monkeypatch.setattr(fk._kernels, "flash_attention_heads_first", hf)
         monkeypatch.setattr(fk._kernels, "flash_attention_varlen", v)
 
 
@@ -336,6 +343,30 @@ def test_forward_features_vs_reference(case):
     oracle = reference.attention(q.double(), k.double(), v.double(), causal=causal, scale=0.3, **case)
     base = reference.attention(q, k, v, causal=causal, scale=0.3, **case)
     assert_close(out, oracle.transpose(1, 2), base.transpose(1, 2), torch.bfloat16, "output", str(case))
+
+
+@pytest.mark.parametrize("case", [dict(causal=True), dict(causal=True, sliding_window=3, softcap=5.0)],
+                         ids=["causal", "window-softcap"])
+def test_dense_path_is_one_autograd_node(case):
+    """Host cost (issues 6/7): the dense path records one autograd node per layer (the kernel's Function; no
+    transpose views), gradients reach q/k/v in their [batch, heads, seq, head_dim] layout, and they equal the
+    kernel's own custom-op path bit for bit."""
+    case = dict(case)
+    causal = case.pop("causal")
+    q, k, v = (t.requires_grad_(True) for t in _qkv())
+    out, _ = fk.fastkern_attention_forward(_Mod(causal), q, k, v, None, scaling=0.3, **case)
+    assert type(out.grad_fn).__name__ == "FlashAttnFunctionBackward"
+    assert all(type(f).__name__ == "AccumulateGrad" for f, _ in out.grad_fn.next_functions[:3])
+    dout = torch.randn(out.shape).to(out.dtype)
+    out.backward(dout)
+    q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    want = fk._kernels._flash_attn_fwd_op(q2.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2), None, None,
+                                          9, 9, causal, 0.3, case.get("sliding_window", 0),
+                                          case.get("softcap", 0.0))[0]
+    want.backward(dout)
+    assert torch.equal(out, want)
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert a.grad.shape == a.shape and torch.equal(a.grad, b.grad)
 
 
 def test_padding_mask_with_holes_and_window_falls_back():

@@ -23,12 +23,17 @@ Design (FlashAttention-2, Dao 2023):
 - head_dim 80/96 are padded to the next power of two inside the kernel with masks (HEAD_DIM_PAD).
 - Every tl.dot goes through ``mma`` (exact under the CPU interpreter for bf16).
 - Registered as ``hf_fastkern::flash_attn_fwd`` / ``hf_fastkern::flash_attn_bwd`` custom ops with fake and
-  autograd registrations, so ``torch.compile`` traces through.
+  autograd registrations, so ``torch.compile`` traces through. Eager calls take ``FlashAttnFunction`` over the
+  same launchers instead (custom-op dispatch costs several times an autograd.Function's host time, which
+  decides host-bound training steps); it also takes transformers' [batch, heads, seq, head_dim] tensors and
+  transposes them inside the node. After the first launch per autotune key, ``TunedLaunch`` skips the
+  autotuner wrapper.
 
 Limits: bf16/fp16 only (fp32 and dropout > 0 fall back to the PyTorch reference; the transformers
 integration uses ``attention_supported`` to fall back to SDPA instead); head_dim in {16, 32, 64, 80, 96,
 128, 256}; no TMA / warp specialization (not measured to pay yet, see docs/attention.md).
 """
+import functools
 import math
 import os
 from typing import Optional
@@ -39,6 +44,7 @@ import triton.language as tl
 
 from hf_fastkern.kernels import dispatch, reference
 from hf_fastkern.kernels._triton_utils import INTERPRET, UNDER_PYTEST, mma, tune_configs
+from hf_fastkern.kernels.rms_norm import TunedLaunch, cdiv
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -602,9 +608,20 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
+@functools.lru_cache(maxsize=None)
 def _flags(d: int, causal: bool, window: int, softcap: float, varlen: bool) -> dict:
+    """The kernels' constexpr flags, cached per combination (read-only: callers only unpack it)."""
     return dict(HEAD_DIM=d, HEAD_DIM_PAD=triton.next_power_of_2(d), CAUSAL=bool(causal),
                 HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0.0, IS_VARLEN=varlen)
+
+
+# Launch paths that skip the autotuner wrapper once it has chosen a config (rms_norm.TunedLaunch). Their key is
+# the autotuner's own: TUNE_KEY's values (d determines HEAD_DIM_PAD) and the dtype of every tensor argument
+# (q/k/v/out/dq.. share q's dtype, dO has its own, lse/delta are fp32, cu_seqlens int32 or q when dense).
+_FWD = TunedLaunch(_attn_fwd_kernel)
+_DKDV = TunedLaunch(_attn_bwd_dkdv_kernel)
+_DQ = TunedLaunch(_attn_bwd_dq_kernel)
+_PRE_BLOCK = 64 if not INTERPRET else 16
 
 
 def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window, softcap):
@@ -620,15 +637,19 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, c
         return out, lse
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k,
-        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
-        *_lse_strides(lse, varlen),
-        seqlen_q, seqlen_k, heads, heads // kv_heads,
-        scale, softcap, window, _seq_bucket(max(seqlen_q, seqlen_k)),
-        **_flags(d, causal, window, softcap, varlen),
-    )
+    bucket = _seq_bucket(max(seqlen_q, seqlen_k))
+    key = (d, bool(causal), window > 0, softcap > 0.0, varlen, bucket, q.dtype)
+    cfg = _FWD.chosen(key)
+    bh = batch * heads
+    grid = ((cdiv(seqlen_q, cfg["BLOCK_M"]), bh) if cfg is not None
+            else lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), bh))
+    _FWD(key, grid,
+         q, k, v, out, lse, cu_q, cu_k,
+         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+         *_lse_strides(lse, varlen),
+         seqlen_q, seqlen_k, heads, heads // kv_heads,
+         scale, softcap, window, bucket,
+         **_flags(d, causal, window, softcap, varlen))
     return out, lse
 
 
@@ -648,33 +669,39 @@ def _bwd_impl(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     delta = torch.empty_like(lse)
     lse_strides = _lse_strides(lse, varlen)
     flags = _flags(d, causal, window, softcap, varlen)
-    pre_block = 64 if not INTERPRET else 16
-    _attn_bwd_preprocess[(triton.cdiv(seqlen_q, pre_block), batch * heads)](
+    _attn_bwd_preprocess[(cdiv(seqlen_q, _PRE_BLOCK), batch * heads)](
         out, do, delta, cu_q, *_strides3(out, varlen), *_strides3(do, varlen), *lse_strides, seqlen_q, heads,
-        HEAD_DIM=d, HEAD_DIM_PAD=flags["HEAD_DIM_PAD"], IS_VARLEN=varlen, BLOCK_M=pre_block,
+        HEAD_DIM=d, HEAD_DIM_PAD=flags["HEAD_DIM_PAD"], IS_VARLEN=varlen, BLOCK_M=_PRE_BLOCK,
     )
     bucket = _seq_bucket(max(seqlen_q, seqlen_k))
-    grid_kv = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
-    _attn_bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
-        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
-        *_strides3(dk, varlen), *_strides3(dv, varlen), *lse_strides,
-        seqlen_q, seqlen_k, kv_heads, heads // kv_heads,
-        scale, softcap, window, bucket, **flags,
-    )
-    grid_q = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
-    _attn_bwd_dq_kernel[grid_q](
+    key = (d, bool(causal), window > 0, softcap > 0.0, varlen, bucket, q.dtype, do.dtype)
+    cfg = _DKDV.chosen(key)
+    bkv = batch * kv_heads
+    grid_kv = ((cdiv(seqlen_k, cfg["BLOCK_N"]), bkv) if cfg is not None
+               else lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), bkv))
+    _DKDV(key, grid_kv,
+          q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+          *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
+          *_strides3(dk, varlen), *_strides3(dv, varlen), *lse_strides,
+          seqlen_q, seqlen_k, kv_heads, heads // kv_heads,
+          scale, softcap, window, bucket, **flags)
+    cfg = _DQ.chosen(key)
+    bh = batch * heads
+    grid_q = ((cdiv(seqlen_q, cfg["BLOCK_M"]), bh) if cfg is not None
+              else lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), bh))
+    _DQ(key, grid_q,
         q, k, v, do, lse, delta, dq, cu_q, cu_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
         *_strides3(dq, varlen), *lse_strides,
         seqlen_q, seqlen_k, heads, heads // kv_heads,
-        scale, softcap, window, bucket, **flags,
-    )
+        scale, softcap, window, bucket, **flags)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------
-# torch.library custom ops (so torch.compile traces through; FlashAttention's flash_attn/utils/library.py idea)
+# torch.library custom ops (what torch.compile traces; FlashAttention's flash_attn/utils/library.py idea), and
+# the eager autograd.Function over the same launchers: custom-op dispatch costs ~4x the host time of an
+# autograd.Function (rms_norm.py), and the attention of a host-bound step is called once per layer.
 
 
 @torch.library.custom_op("hf_fastkern::flash_attn_fwd", mutates_args=())
@@ -730,6 +757,55 @@ def _backward(ctx, dout, _dlse):
 
 
 _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, seq, head_dim] -> the kernels' [batch, seq, heads, head_dim] (a view)."""
+    return t.transpose(1, 2)
+
+
+class FlashAttnFunction(torch.autograd.Function):
+    """Eager autograd path over the same launchers as the custom ops: one graph node per call.
+
+    Inputs as ``_flash_attn_fwd_op`` plus ``heads_first``: q/k/v given as [batch, heads, seq, head_dim]
+    (transformers' layout) are transposed here, inside the node, so the three transpose views of the caller
+    add no autograd nodes; their gradients go back in that layout. Returns out [batch, q_len, heads, head_dim]
+    (dense) or [total_q, heads, head_dim] (varlen), contiguous, q.dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, heads_first):
+        qs, ks, vs = (_heads_first(q), _heads_first(k), _heads_first(v)) if heads_first else (q, k, v)
+        out, lse = _fwd_impl(qs, ks, vs, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
+        # the caller's tensors are saved (inputs and the output), the transposed views are rebuilt in backward
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, causal, scale, window, softcap)
+        ctx.heads_first = heads_first
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        if ctx.heads_first:
+            q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        if ctx.heads_first:
+            dq, dk, dv = _heads_first(dq), _heads_first(dk), _heads_first(dv)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Optional[torch.Tensor],
+         cu_k: Optional[torch.Tensor], max_q: int, max_k: int, causal: bool, scale: float, window: int,
+         softcap: float, heads_first: bool = False) -> torch.Tensor:
+    """The kernel on validated inputs: the custom op while torch.compile traces, else the eager Function.
+    q/k/v: [batch, seq, heads, head_dim] ([batch, heads, seq, head_dim] when heads_first) or varlen
+    [total, heads, head_dim]. Returns out [batch, q_len, heads, head_dim] / [total_q, heads, head_dim]."""
+    if torch.compiler.is_compiling():
+        if heads_first:
+            q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+        return _flash_attn_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)[0]
+    return FlashAttnFunction.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, heads_first)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # validation, support check, functional entries
@@ -805,8 +881,19 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         o = reference.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
                                 scale=scale_, sliding_window=window or None, softcap=cap or None)
         return o.transpose(1, 2).contiguous()
-    out, _ = _flash_attn_fwd_op(q, k, v, None, None, q.shape[1], k.shape[1], bool(causal), scale_, window, cap)
-    return out
+    return _run(q, k, v, None, None, q.shape[1], k.shape[1], bool(causal), scale_, window, cap)
+
+
+def flash_attention_heads_first(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool,
+                                scale: float | None, sliding_window: int | None,
+                                softcap: float | None) -> torch.Tensor:
+    """``flash_attention`` for a caller that has validated its inputs and had ``attention_supported`` say yes
+    (the transformers integration does both per call): no second round of checks. query: [batch, heads, q_len,
+    head_dim]; key, value: [batch, kv_heads, k_len, head_dim] bf16/fp16, transformers' layout (the transpose
+    happens inside the autograd node). Returns [batch, q_len, heads, head_dim] contiguous, query.dtype."""
+    scale_, window, cap = _norm_opts(query.shape[-1], scale, sliding_window, softcap)
+    return _run(query, key, value, None, None, query.shape[2], key.shape[2], bool(causal), scale_, window, cap,
+                heads_first=True)
 
 
 _CU_CHECKED: dict = {}
@@ -861,6 +948,4 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                                           sliding_window=window or None, softcap=cap or None)
     cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32)
     cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32)
-    out, _ = _flash_attn_fwd_op(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), scale_,
-                                window, cap)
-    return out
+    return _run(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), scale_, window, cap)

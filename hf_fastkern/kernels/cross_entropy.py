@@ -28,6 +28,8 @@ Design:
   themselves plus that buffer.
 - All launchers are ``torch.library`` custom ops (``hf_fastkern::ce_fwd``, ``ce_bwd``, ``flce_fwd``,
   ``flce_bwd``, ``scale_``) with fake and autograd registrations, so ``torch.compile`` traces through them.
+  Eager calls take ``CEFunction`` / ``FLCEFunction`` over the same launchers instead: custom-op dispatch costs
+  several times an autograd.Function's host time (rms_norm.py), which decides host-bound training steps.
 
 Bad input: labels outside ``[0, vocab)`` that are not ``ignore_index`` raise ``ValueError`` naming the value
 and its position. That check costs one host sync per call; set ``HF_FASTKERN_SKIP_LABEL_CHECK=1`` to skip it
@@ -37,6 +39,7 @@ Limits: the last dimension of logits/hidden/weight must be contiguous (otherwise
 backward of the scalar reductions runs once (``retain_graph`` double backward is refused). Offsets are int64,
 so tokens x vocab may exceed 2**31.
 """
+import functools
 import math
 import os
 from typing import Optional
@@ -52,6 +55,7 @@ from hf_fastkern.kernels.dispatch import (
     device_check,
     use_kernel,
 )
+from hf_fastkern.kernels.rms_norm import cdiv
 
 # read by @triton.jit code, hence constexpr
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
@@ -62,6 +66,7 @@ _CHUNK_MB_DEFAULT = 128
 # launch heuristic
 
 
+@functools.lru_cache(maxsize=None)
 def _row_launch(n_cols: int) -> tuple[int, int]:
     """Block over the vocabulary and warps for the row kernels.
 
@@ -224,8 +229,7 @@ def _rowwise(t: torch.Tensor) -> torch.Tensor:
 # custom ops: plain cross-entropy from logits
 
 
-@torch.library.custom_op("hf_fastkern::ce_fwd", mutates_args=())
-def _ce_fwd_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+def _ce_fwd_impl(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
                z_loss: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [rows, vocab] (last dim contiguous), labels [rows] int -> (loss [rows] fp32, lse [rows] fp32)."""
     rows = logits.shape[0]
@@ -235,20 +239,25 @@ def _ce_fwd_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, la
     return loss, lse
 
 
+_ce_fwd_op = torch.library.custom_op("hf_fastkern::ce_fwd", mutates_args=())(_ce_fwd_impl)
+
+
 @_ce_fwd_op.register_fake
 def _(logits, labels, ignore_index, label_smoothing, z_loss, softcap):
     rows = logits.shape[0]
     return (logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("hf_fastkern::ce_bwd", mutates_args=())
-def _ce_bwd_op(grad_rows: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+def _ce_bwd_impl(grad_rows: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> torch.Tensor:
     """grad_rows [rows] (or one element) -> d(sum_r grad_rows[r] * loss[r]) / d(logits), logits.dtype."""
     grad = torch.empty_like(logits)
     g = grad_rows.float().contiguous()
     _launch_bwd(logits, grad, labels, lse, g, ignore_index, label_smoothing, z_loss, softcap)
     return grad
+
+
+_ce_bwd_op = torch.library.custom_op("hf_fastkern::ce_bwd", mutates_args=())(_ce_bwd_impl)
 
 
 @_ce_bwd_op.register_fake
@@ -271,6 +280,23 @@ def _ce_backward(ctx, g_loss, g_lse):
 
 
 _ce_fwd_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+class CEFunction(torch.autograd.Function):
+    """Eager autograd path over the same launchers as ``ce_fwd``/``ce_bwd`` (custom-op dispatch costs several
+    times an autograd.Function's host time). Inputs as ``ce_fwd``; returns the per-row loss [rows] fp32."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap):
+        rows, lse = _ce_fwd_impl(logits, labels, ignore_index, label_smoothing, z_loss, softcap)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.opts = (ignore_index, label_smoothing, z_loss, softcap)
+        return rows
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        logits, labels, lse = ctx.saved_tensors
+        return _ce_bwd_impl(g_loss, logits, labels, lse, *ctx.opts), None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,8 +356,7 @@ def _grad_buffers(hidden, weight, bias, need_dh, need_dw, need_db):
     return dh, dw, db
 
 
-@torch.library.custom_op("hf_fastkern::flce_fwd", mutates_args=())
-def _flce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+def _flce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                  denom: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
                  reduce: bool, need_dh: bool, need_dw: bool, need_db: bool, chunk: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -359,6 +384,9 @@ def _flce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             db.to(bias.dtype) if db is not None else hidden.new_empty(0))
 
 
+_flce_fwd_op = torch.library.custom_op("hf_fastkern::flce_fwd", mutates_args=())(_flce_fwd_impl)
+
+
 @_flce_fwd_op.register_fake
 def _(hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap, reduce, need_dh,
       need_dw, need_db, chunk):
@@ -370,8 +398,7 @@ def _(hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss
             bias.new_empty(weight.shape[0]) if reduce and need_db else hidden.new_empty(0))
 
 
-@torch.library.custom_op("hf_fastkern::flce_bwd", mutates_args=())
-def _flce_bwd_op(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _flce_bwd_impl(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, label_smoothing: float,
                  z_loss: float, softcap: float, need_dh: bool, need_dw: bool, need_db: bool, chunk: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -384,6 +411,9 @@ def _flce_bwd_op(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Te
             db.to(bias.dtype) if db is not None else hidden.new_empty(0))
 
 
+_flce_bwd_op = torch.library.custom_op("hf_fastkern::flce_bwd", mutates_args=())(_flce_bwd_impl)
+
+
 @_flce_bwd_op.register_fake
 def _(grad_rows, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, z_loss, softcap, need_dh,
       need_dw, need_db, chunk):
@@ -392,14 +422,23 @@ def _(grad_rows, hidden, weight, bias, labels, lse, ignore_index, label_smoothin
             bias.new_empty(weight.shape[0]) if need_db else hidden.new_empty(0))
 
 
-@torch.library.custom_op("hf_fastkern::scale_", mutates_args=("x",))
-def _scale_op(x: torch.Tensor, g: torch.Tensor) -> None:
-    """x *= g (g one element) in place; no memory traffic when g == 1."""
+_SCALE_BLOCK = 4096
+
+
+def _scale_launch(x: torch.Tensor, g1: torch.Tensor) -> None:
+    """x *= g1 in place; g1: [1] fp32 contiguous (prepared once for the several tensors of one backward)."""
     n = x.numel()
     if n == 0:
         return
-    block = 4096
-    _scale_kernel[(triton.cdiv(n, block),)](x, g.reshape(1).float().contiguous(), n, BLOCK=block, num_warps=8)
+    _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](x, g1, n, BLOCK=_SCALE_BLOCK, num_warps=8)
+
+
+def _scale_impl(x: torch.Tensor, g: torch.Tensor) -> None:
+    """x *= g (g one element) in place; no memory traffic when g == 1."""
+    _scale_launch(x, g.reshape(1).float().contiguous())
+
+
+_scale_op = torch.library.custom_op("hf_fastkern::scale_", mutates_args=("x",))(_scale_impl)
 
 
 @_scale_op.register_fake
@@ -447,6 +486,41 @@ def _flce_backward(ctx, g_loss, g_lse, g_dh, g_dw, g_db):
 _flce_fwd_op.register_autograd(_flce_backward, setup_context=_flce_setup)
 
 
+class FLCEFunction(torch.autograd.Function):
+    """Eager autograd path over the same launchers as ``flce_fwd``/``flce_bwd``/``scale_`` (custom-op dispatch
+    costs several times an autograd.Function's host time). Inputs as ``flce_fwd``; returns only the loss
+    (0-d fp32 when ``reduce``, else [T] fp32), so no internal output ever gets a materialised zero gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap, reduce,
+                need_dh, need_dw, need_db, chunk):
+        out = _flce_fwd_impl(hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap,
+                             reduce, need_dh, need_dw, need_db, chunk)
+        _flce_setup(ctx, (hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap,
+                          reduce, need_dh, need_dw, need_db, chunk), out)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        need_dh, need_dw, need_db = ctx.needs
+        if ctx.reduce:
+            if ctx.consumed:
+                raise RuntimeError("fused_linear_cross_entropy: the backward of a 'mean'/'sum' loss runs once "
+                                   "(its gradients are scaled in place); retain_graph double backward is "
+                                   "unsupported")
+            ctx.consumed = True
+            dh, dw, db = ctx.saved_tensors
+            g1 = g_loss.reshape(1).float().contiguous()
+            for t in (dh, dw, db):
+                _scale_launch(t, g1)
+        else:
+            hidden, weight, bias, labels, lse = ctx.saved_tensors
+            dh, dw, db = _flce_bwd_impl(g_loss, hidden, weight, bias, labels, lse, *ctx.opts, need_dh, need_dw,
+                                        need_db, ctx.chunk)
+        return (dh if need_dh else None, dw if need_dw else None, db if need_db and ctx.has_bias else None,
+                None, None, None, None, None, None, None, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # argument validation shared by both entry points
 
@@ -483,8 +557,16 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
     """
     if os.environ.get("HF_FASTKERN_SKIP_LABEL_CHECK", "0") == "1" or torch.compiler.is_compiling():
         return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
+    if labels.numel() == 0:
+        return
+    # Fast path, one reduction and one sync: ignored labels are replaced by 0 (a valid label), then the range
+    # [min, max] of what is left is read once. Only a failing check pays for locating the first bad label.
+    lo, hi = torch.where(labels == ignore_index, 0, labels).aminmax()
+    lo, hi = torch.stack((lo, hi)).tolist()
+    if lo < 0 or hi >= vocab:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if not bool(bad.any()):  # vocab 0 with every label ignored
+            return
         flat = int(bad.reshape(-1).nonzero()[0, 0])
         pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), labels.shape))
         value = int(labels.reshape(-1)[flat])
@@ -543,10 +625,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
         out = reference.cross_entropy(z2, y, **kw)
         return out.reshape(labels.shape) if reduction == "none" else out
     check_label_range(labels, vocab, ignore_index)
-    rows, _ = torch.ops.hf_fastkern.ce_fwd(_rowwise(z2), y.contiguous(), int(ignore_index),
-                                           float(label_smoothing), float(z_loss), float(softcap or 0.0))
+    args = (_rowwise(z2), y.contiguous(), int(ignore_index), float(label_smoothing), float(z_loss),
+            float(softcap or 0.0))
+    rows = torch.ops.hf_fastkern.ce_fwd(*args)[0] if torch.compiler.is_compiling() else CEFunction.apply(*args)
     if reduction == "none":
-        return rows.reshape(labels.shape)
+        # no view node when labels are already 1-D (an autograd node costs host time in backward)
+        return rows if rows.shape == labels.shape else rows.reshape(labels.shape)
     # an ordinary torch division: its gradient (g / denom per row) reaches the backward kernel per row
     return rows.sum() / _denominator(y, reduction, ignore_index, num_items_in_batch, z2.device)
 
@@ -605,11 +689,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     reduce = reduction != "none"
     denom = (_denominator(y, reduction, ignore_index, num_items_in_batch, h2.device) if reduce
              else torch.ones((), device=h2.device, dtype=torch.float32))
-    loss = torch.ops.hf_fastkern.flce_fwd(
-        _rowwise(h2), _rowwise(weight), bias.contiguous() if bias is not None else None, y.contiguous(), denom,
-        int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0), reduce,
-        need_dh, need_dw, need_db, int(chunk))[0]
-    return loss.reshape(labels.shape) if not reduce else loss
+    args = (_rowwise(h2), _rowwise(weight), bias.contiguous() if bias is not None else None, y.contiguous(), denom,
+            int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0), reduce,
+            need_dh, need_dw, need_db, int(chunk))
+    # eager: the autograd.Function over the same launchers; the custom op is what torch.compile traces
+    loss = torch.ops.hf_fastkern.flce_fwd(*args)[0] if torch.compiler.is_compiling() else FLCEFunction.apply(*args)
+    if reduce or loss.shape == labels.shape:
+        return loss
+    return loss.reshape(labels.shape)
 
 
 __all__ = ["cross_entropy", "fused_linear_cross_entropy", "check_label_range", "default_chunk"]

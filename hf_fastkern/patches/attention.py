@@ -429,10 +429,6 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         # Causal: the farthest key a query sees is sk - 1 positions back, so such a window masks nothing.
         window = None
 
-    q = query.transpose(1, 2)  # [b, sq, h, d]
-    k = key.transpose(1, 2)  # [b, sk, hk, d]
-    v = value.transpose(1, 2)
-
     def fallback(reason: str):
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap,
                          reason, kwargs)
@@ -445,13 +441,18 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         return fallback("the model built a dense 4-D mask (custom mask pattern or static cache)")
     if not causal and window is not None:
         return fallback("bidirectional sliding window")
-    ok, reason = _kernel_check(q, k, v, dropout)
+    # dtype, device and head_dim are all the check reads: the [b, h, s, d] tensors answer like their transposes
+    ok, reason = _kernel_check(query, key, value, dropout)
     if not ok:
         return fallback(reason)
     if kwargs.get("output_attentions", False):
         dispatch.warn_once("attention:output_attentions",
                            f"hf_fastkern: attn_implementation='{NAME}' does not return attention weights.")
     opts = dict(causal=causal, scale=scaling, sliding_window=window, softcap=softcap)
+    # [b, s, h, d] views for the varlen paths only (the dense path takes [b, h, s, d] as it is: views here would
+    # be autograd nodes of their own, host time per layer)
+    def bshd():
+        return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if attention_mask is None and cu_q is not None and cu_k is not None:
@@ -462,6 +463,7 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
         max_q = int(max_q) if max_q is not None else int(cu_q.diff().max())
         max_k = int(max_k) if max_k is not None else int(cu_k.diff().max())
+        q, k, v = bshd()
         out = _kernels.flash_attention_varlen(q.reshape(b * sq, h, d), k.reshape(b * sk, -1, d),
                                               v.reshape(b * sk, -1, d), cu_q.to(torch.int32),
                                               cu_k.to(torch.int32), max_q, max_k, **opts)
@@ -476,13 +478,17 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         # Not while compiling (it would break the graph in every layer); SDPA does not detect this case either.
         meta = _cached(pos, ("pos",), lambda: _segment_meta(_segments_from_positions(pos.reshape(1, -1))))
         if meta.cu_q.numel() > 2:
+            q, k, v = bshd()
             out = _kernels.flash_attention_varlen(q.reshape(sq, h, d), k.reshape(sk, -1, d), v.reshape(sk, -1, d),
                                                   meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, **opts)
             return out.view(b, sq, h, d), None
 
     if attention_mask is None:
-        return _kernels.flash_attention(q, k, v, **opts), None
+        # validated above and _kernel_check said yes: the kernel's heads-first entry skips a second round of
+        # checks and takes [b, h, s, d] as it is (the transposes happen inside its autograd node)
+        return _kernels.flash_attention_heads_first(query, key, value, causal, scaling, window, softcap), None
 
+    q, k, v = bshd()
     if attention_mask.dtype == torch.int32:
         meta = _cached(attention_mask, ("seg",), lambda: _segment_meta(attention_mask))
         out = _kernels.flash_attention_varlen(q.reshape(b * sq, h, d), k.reshape(b * sk, -1, d),
