@@ -37,6 +37,9 @@ SIZES = {
     # the end-to-end benchmark's model (benchmarks/bench_e2e.py): ~1.5B parameters, untied head
     "1.5b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # head_dim 64, so the Triton attention runs on the GPU (tiny's head_dim 16 takes the SDPA fallback)
+    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
 }

@@ -244,5 +244,48 @@ def test_fsdp2_accelerate_layout_two_processes():
     assert "rank 0: fsdp2 ok" in out and "rank 1: fsdp2 ok" in out, out[-3000:]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# GPU: the launch that failed in issue 11, at a small size (2 GPUs)
+
+
+@pytest.mark.gpu
+def test_gpu_fsdp2_accelerate_launch_two_gpus(tmp_path):
+    """``accelerate launch --config_file fsdp2.yaml --num_processes 2`` of the example (small model, head_dim 64
+    so the Triton attention runs): fastkern and sdpa both finish; fastkern's per-step global loss against one
+    fp64 CPU process on the same global batch (oracle), sdpa's FSDP2 error as the baseline."""
+    import json
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    example = ROOT / "examples" / "accelerate_multi_gpu.py"
+    common = ["--size", "small", "--seq", "256", "--steps", "4", "--warmup", "1", "--global-batch", "4",
+              "--micro-batch", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("HF_FASTKERN_FORCE_REFERENCE", None)
+    runs = {
+        "fastkern": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                     str(ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml"), "--num_processes", "2",
+                     "--main_process_port", "29531", str(example), "--impl", "fastkern", *common],
+        "sdpa": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                 str(ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml"), "--num_processes", "2",
+                 "--main_process_port", "29532", str(example), "--impl", "sdpa", *common],
+        "oracle": [sys.executable, str(example), "--impl", "sdpa", "--cpu", "--dtype", "float64", *common],
+    }
+    curves = {}
+    for name, cmd in runs.items():
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([*cmd, "--json", str(out)], env=env, capture_output=True, text=True, timeout=600,
+                              cwd=ROOT)
+        assert proc.returncode == 0, f"{name} (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-8000:]}"
+        r = json.loads(out.read_text())
+        if name != "oracle":
+            assert r["mode"] == "fsdp2" and r["grad_ckpt"], r["mode"]
+        curves[name] = torch.tensor(r["losses"], dtype=torch.float64)
+    assert_close(curves["sdpa"], curves["oracle"], None, torch.bfloat16, "output", "sdpa FSDP2 vs 1 process")
+    assert_close(curves["fastkern"], curves["oracle"], curves["sdpa"], torch.bfloat16, "output",
+                 "fastkern FSDP2 losses")
+
+
 if __name__ == "__main__":
     _fsdp_worker()
