@@ -617,7 +617,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     n_tok = math.prod(lead)
     _check_labels_tensor(labels, n_tok, "logits")
     check_same_device(logits=logits, labels=labels)
-    z2 = logits.reshape(n_tok, vocab)
+    # already 2-D (the patched model's case): no reshape, whose view would be one more autograd node
+    z2 = logits if logits.dim() == 2 else logits.reshape(n_tok, vocab)
     y = labels.reshape(n_tok)
     kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
               softcap=softcap, num_items_in_batch=num_items_in_batch)
@@ -671,7 +672,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     n_tok = math.prod(hidden.shape[:-1])
     _check_labels_tensor(labels, n_tok, "hidden")
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    h2 = hidden.reshape(n_tok, hdim)
+    # already 2-D (the patched model's case): no reshape, whose view would be one more autograd node
+    h2 = hidden if hidden.dim() == 2 else hidden.reshape(n_tok, hdim)
     y = labels.reshape(n_tok)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
