@@ -395,6 +395,30 @@ def test_flash_attention_gpu(case, dtype):
 
 
 @pytest.mark.gpu
+def test_eager_function_tuned_launch_matches_custom_op_gpu():
+    """On the device: the first eager call autotunes, later ones launch the remembered configs directly
+    (TunedLaunch); both give the custom op's bits, forward and backward, in transformers' layout (the 1B
+    model's attention shape, batch 4 x 512)."""
+    torch.manual_seed(0)
+    qh = torch.randn(4, 32, 512, 64, device="cuda", dtype=torch.bfloat16)
+    kh = torch.randn(4, 8, 512, 64, device="cuda", dtype=torch.bfloat16)
+    vh = torch.randn(4, 8, 512, 64, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(4, 512, 32, 64, device="cuda", dtype=torch.bfloat16)
+    runs = [_fwd_bwd(lambda q, k, v: flash_attention_heads_first(q, k, v, True, None, None, None),
+                     (qh, kh, vh), dout) for _ in range(3)]
+    runs.append(_fwd_bwd(lambda q, k, v: _flash_attn_fwd_op(q.transpose(1, 2), k.transpose(1, 2),
+                                                            v.transpose(1, 2), None, None, 512, 512, True,
+                                                            64 ** -0.5, 0, 0.0)[0], (qh, kh, vh), dout))
+    o0, g0 = runs[0]
+    for o, g in runs[1:]:
+        assert torch.equal(o, o0)
+        for a, b in zip(g, g0):
+            assert torch.equal(a, b)
+    key = (64, True, False, False, False, attn_mod._seq_bucket(512), torch.bfloat16)
+    assert attn_mod._FWD.chosen(key) is not None and attn_mod._DQ.chosen(key + (torch.bfloat16,)) is not None
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 512], ids=["causal", "window512"])
 def test_flash_attention_varlen_gpu(window):
     lq = [1000, 3, 2048, 0, 517, 1]
