@@ -173,6 +173,10 @@ def _linear_state(m: nn.Module) -> tuple | None:
 
 def down_parts_cached(down: nn.Module) -> tuple[DownParts | None, str]:
     """``down_parts(down)``, reused across calls while a plain nn.Linear's state key is unchanged."""
+    if torch.compiler.is_compiling():
+        # Dynamo would guard on the weak dictionary's entries (and fail building those guards); a compiled
+        # graph runs this walk once, at trace time, anyway
+        return down_parts(down)
     state = _linear_state(down)
     if state is None:
         return down_parts(down)
