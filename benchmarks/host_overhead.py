@@ -105,8 +105,8 @@ def _top_aten_once(fn) -> tuple[int, float]:
     return n, compute
 
 
-def autograd_nodes(y: torch.Tensor) -> int:
-    """Autograd nodes behind y, leaf accumulators excluded: each costs engine time in backward."""
+def autograd_node_names(y: torch.Tensor) -> list[str]:
+    """The autograd nodes behind y (leaf accumulators left out), sorted: each costs engine time in backward."""
     seen, todo = set(), [y.grad_fn]
     while todo:
         node = todo.pop()
@@ -114,7 +114,11 @@ def autograd_nodes(y: torch.Tensor) -> int:
             continue
         seen.add(node)
         todo += [f for f, _ in node.next_functions]
-    return sum(type(n).__name__ != "AccumulateGrad" for n in seen)
+    return sorted(type(n).__name__ for n in seen if type(n).__name__ != "AccumulateGrad")
+
+
+def autograd_nodes(y: torch.Tensor) -> int:
+    return len(autograd_node_names(y))
 
 
 def _launches(fn, counter: list[int]) -> int:

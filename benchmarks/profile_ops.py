@@ -38,10 +38,12 @@ try:
         raise_compile_limits,
     )
     from hf_fastkern.benchmarks.common import bench_ms, print_table, save
+    from hf_fastkern.benchmarks.host_overhead import autograd_node_names, per_call_us, stubbed_launches
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks.bench_rms_norm import compiled, kernel_table, liger_import, raise_compile_limits
     from benchmarks.common import bench_ms, print_table, save
+    from benchmarks.host_overhead import autograd_node_names, per_call_us, stubbed_launches
 
 from hf_fastkern.kernels.activations import swiglu
 from hf_fastkern.kernels.layer_norm import layer_norm
@@ -175,41 +177,10 @@ def _top_aten(fn) -> list[str]:
     return names
 
 
-def _graph(y: torch.Tensor) -> list[str]:
-    """The autograd nodes behind y (leaf accumulators left out): each one costs engine time in backward."""
-    seen, todo = set(), [y.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        todo += [f for f, _ in node.next_functions]
-    return sorted(type(n).__name__ for n in seen if type(n).__name__ != "AccumulateGrad")
-
-
-def _per_call_us(fn, n: int = 200, reps: int = 15) -> float:
-    """Best-of-reps wall time per call (the CPU is shared: the minimum is the least disturbed estimate)."""
-    for _ in range(20):
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / n * 1e6)
-    return best
-
-
 def cpu_host() -> list[dict]:
-    from triton.runtime import interpreter
-
     from hf_fastkern.kernels.activations import geglu
 
     launches = [0]
-
-    def stub(self, *args, grid, warmup, **kwargs):
-        launches[0] += 1
-
     bf = torch.bfloat16
     H, I = 4096, 14336
     x = torch.randn(16, H, dtype=bf, requires_grad=True)
@@ -226,11 +197,9 @@ def cpu_host() -> list[dict]:
              ("layer_norm", "2x8x4096", lambda: layer_norm(x3, w, b, 1e-5), (x3, w, b), dy.view(2, 8, H)),
              ("swiglu", "16x14336", lambda: swiglu(g, u), (g, u), dyg),
              ("geglu_tanh", "16x14336", lambda: geglu(g, u, "tanh"), (g, u), dyg)]
-    real_run = interpreter.InterpretedFunction.run
-    interpreter.InterpretedFunction.run = stub
     torch.set_num_threads(1)
     rows = []
-    try:
+    with stubbed_launches(launches):
         for op, shape, f, leaves, d in cases:
             def fwdbwd(f=f, leaves=leaves, d=d):
                 f().backward(d)
@@ -243,12 +212,10 @@ def cpu_host() -> list[dict]:
             launches[0] = 0
             fwdbwd()
             n_fwdbwd = launches[0]
-            rows.append(dict(op=op, shape=shape, fwd_us=_per_call_us(f), fwdbwd_us=_per_call_us(fwdbwd),
-                             launches=f"{n_fwd}/{n_fwdbwd}", aten_fwd=_top_aten(f),
-                             aten_fwdbwd=_top_aten(fwdbwd), graph=_graph(f())))
+            rows.append(dict(op=op, shape=shape, fwd_us=per_call_us(f, 200, 15),
+                             fwdbwd_us=per_call_us(fwdbwd, 200, 15), launches=f"{n_fwd}/{n_fwdbwd}",
+                             aten_fwd=_top_aten(f), aten_fwdbwd=_top_aten(fwdbwd), graph=autograd_node_names(f())))
             print_table(rows[-1:], CPU_HOST_COLS)
-    finally:
-        interpreter.InterpretedFunction.run = real_run
     return rows
 
 
