@@ -86,12 +86,13 @@ def top_aten(fn, reps: int = 3) -> tuple[int, float]:
     return min((_top_aten_once(fn) for _ in range(reps)), key=lambda r: r[1])
 
 
-def _top_aten_once(fn) -> tuple[int, float]:
+def top_level_aten(fn) -> list:
+    """The profiler events of the aten ops one call of ``fn`` runs at top level (not nested in another aten op)."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    n, compute = 0, 0.0
+    out = []
     for e in prof.events():
         if not e.name.startswith("aten::"):
             continue
@@ -99,10 +100,13 @@ def _top_aten_once(fn) -> tuple[int, float]:
         while p is not None and not p.name.startswith("aten::"):
             p = p.cpu_parent
         if p is None:
-            n += 1
-            if e.name in COMPUTE_OPS:
-                compute += e.cpu_time_total
-    return n, compute
+            out.append(e)
+    return out
+
+
+def _top_aten_once(fn) -> tuple[int, float]:
+    events = top_level_aten(fn)
+    return len(events), sum(e.cpu_time_total for e in events if e.name in COMPUTE_OPS)
 
 
 def autograd_node_names(y: torch.Tensor) -> list[str]:

@@ -38,12 +38,17 @@ try:
         raise_compile_limits,
     )
     from hf_fastkern.benchmarks.common import bench_ms, print_table, save
-    from hf_fastkern.benchmarks.host_overhead import autograd_node_names, per_call_us, stubbed_launches
+    from hf_fastkern.benchmarks.host_overhead import (
+        autograd_node_names,
+        per_call_us,
+        stubbed_launches,
+        top_level_aten,
+    )
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks.bench_rms_norm import compiled, kernel_table, liger_import, raise_compile_limits
     from benchmarks.common import bench_ms, print_table, save
-    from benchmarks.host_overhead import autograd_node_names, per_call_us, stubbed_launches
+    from benchmarks.host_overhead import autograd_node_names, per_call_us, stubbed_launches, top_level_aten
 
 from hf_fastkern.kernels.activations import swiglu
 from hf_fastkern.kernels.layer_norm import layer_norm
@@ -161,20 +166,7 @@ CPU_HOST_COLS = ["op", "shape", "fwd_us", "fwdbwd_us", "launches", "aten_fwd", "
 
 def _top_aten(fn) -> list[str]:
     """Names of the aten ops one call of fn runs at top level (not those nested in another aten op)."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    names = []
-    for e in prof.events():
-        if not e.name.startswith("aten::"):
-            continue
-        p = e.cpu_parent
-        while p is not None and not p.name.startswith("aten::"):
-            p = p.cpu_parent
-        if p is None:
-            names.append(e.name[len("aten::"):])
-    return names
+    return [e.name[len("aten::"):] for e in top_level_aten(fn)]
 
 
 def cpu_host() -> list[dict]:
