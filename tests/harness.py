@@ -1,7 +1,11 @@
 """Shared comparison harness: kernel vs fp64 oracle vs PyTorch's same-dtype result, forward and gradients."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -47,3 +51,27 @@ def check_op(kernel_fn: Callable, reference_fn: Callable, inputs: Sequence, dtyp
         if isinstance(a, torch.Tensor) and a.requires_grad:
             assert a.grad is not None, f"{name}: no gradient reached input {i}"
             assert_close(a.grad, r.grad, b.grad, dtype, "grad", f"{name} grad[{i}]")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# multi-process CPU launches (DDP / FSDP2 tests)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_launch_env() -> dict:
+    """Environment of a child process that must run our kernels on the CPU: the interpreter on, one thread per
+    process (two ranks share the CI's two cores), CUDA hidden even on a GPU machine, no forced reference."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("HF_FASTKERN_FORCE_REFERENCE", None)
+    return env
+
+
+def torchrun_module(module: str, nproc: int = 2, timeout: float = 240) -> tuple[int, str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m module`` on the CPU (gloo);
+    returns (return code, stdout + stderr)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", module]
+    proc = subprocess.run(cmd, env=cpu_launch_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return proc.returncode, proc.stdout + proc.stderr

@@ -12,7 +12,6 @@ The per-step global losses are compared with the one tolerance table (tests/tole
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.harness import cpu_launch_env, torchrun_module
 from tests.tolerances import assert_close
 
 pytest.importorskip("accelerate")
@@ -35,12 +35,8 @@ def _launch(tmp_path: Path, name: str, nproc: int, extra: list[str]) -> subproce
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     else:
         cmd = [sys.executable, *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    # a CUDA machine running the CPU suite: keep the launch on the CPU as well
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env.pop("HF_FASTKERN_FORCE_REFERENCE", None)
     log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    return subprocess.Popen(cmd, env=cpu_launch_env(), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
 
 
 def test_ddp_gloo_two_processes_patched_matches_unpatched(tmp_path):
@@ -173,14 +169,8 @@ def _dtensor_worker() -> None:
 
 
 def test_fused_loss_dtensor_head_two_processes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tests.test_ddp"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("HF_FASTKERN_FORCE_REFERENCE", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
+    rc, out = torchrun_module("tests.test_ddp")
+    assert rc == 0, out[-6000:]
     assert "rank 0: dtensor ok" in out and "rank 1: dtensor ok" in out, out[-3000:]
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.harness import torchrun_module
 from tests.tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,14 +234,8 @@ def test_fsdp2_accelerate_layout_two_processes():
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
         pytest.skip("this torch has no FSDP2 fully_shard")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tests.test_fsdp"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("HF_FASTKERN_FORCE_REFERENCE", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-8000:]
+    rc, out = torchrun_module("tests.test_fsdp")
+    assert rc == 0, out[-8000:]
     assert "rank 0: fsdp2 ok" in out and "rank 1: fsdp2 ok" in out, out[-3000:]
 
 
