@@ -29,10 +29,10 @@ import time
 import torch
 
 try:
-    from hf_fastkern.benchmarks.common import emit_result, print_table, save, worker_result
+    from hf_fastkern.benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import emit_result, print_table, save, worker_result
+    from benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
 LLAMA_1B5 = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -51,14 +51,7 @@ def build_model(variant: str, cfg_kwargs: dict, device: str, grad_ckpt: bool = F
     """Random-init LlamaForCausalLM for ``variant``; returns (model, notes). Imports Liger/fastkern lazily."""
     from transformers import LlamaConfig, LlamaForCausalLM
     notes: dict = {}
-    attn = "sdpa"
-    if variant == "sdpa+liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-        # class-level patch, as the anchors did; harmless here because each variant owns its process
-        apply_liger_kernel_to_llama()
-    if variant == "fastkern":
-        import hf_fastkern  # noqa: F401  (registers "fastkern")
-        attn = "fastkern"
+    attn = prepare_variant(variant)
     torch.manual_seed(0)
     try:
         # attn_implementation as a config argument, as the anchors build their model

@@ -33,10 +33,10 @@ import time
 import torch
 
 try:
-    from hf_fastkern.benchmarks.common import emit_result, print_table, save, worker_result
+    from hf_fastkern.benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import emit_result, print_table, save, worker_result
+    from benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
 ALL_VARIANTS = VARIANTS + ("fastkern_offload",)
@@ -75,14 +75,7 @@ def build_model(variant: str, cfg_kwargs: dict, device: str):
 
     base, offload = parse_variant(variant)
     notes: dict = {}
-    attn = "sdpa"
-    if base == "sdpa+liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-        # class-level patch (Liger's way); harmless here because each variant owns its process
-        apply_liger_kernel_to_llama()
-    if base == "fastkern":
-        import hf_fastkern  # noqa: F401  (registers "fastkern")
-        attn = "fastkern"
+    attn = prepare_variant(base)
     torch.manual_seed(0)
     cfg = LlamaConfig(**cfg_kwargs, attn_implementation=attn, use_cache=False)
     default = torch.get_default_dtype()

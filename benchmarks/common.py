@@ -33,6 +33,19 @@ def worker_result(stdout: str):
     return None
 
 
+def prepare_variant(variant: str) -> str:
+    """Set up a training variant in this process before its model is built; returns the attn_implementation.
+    ``sdpa``: nothing. ``sdpa+liger``: Liger's class-level Llama patch (Liger's way, as the anchors did;
+    harmless because each variant owns its process). ``fastkern``: registers ``"fastkern"``."""
+    if variant == "sdpa+liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama()
+    if variant == "fastkern":
+        import hf_fastkern  # noqa: F401  (registers "fastkern")
+        return "fastkern"
+    return "sdpa"
+
+
 def environment() -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
