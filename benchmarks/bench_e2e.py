@@ -29,10 +29,24 @@ import time
 import torch
 
 try:
-    from hf_fastkern.benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
+    from hf_fastkern.benchmarks.common import (
+        emit_result,
+        prepare_variant,
+        print_table,
+        profile_steps,
+        save,
+        worker_result,
+    )
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
+    from benchmarks.common import (
+        emit_result,
+        prepare_variant,
+        print_table,
+        profile_steps,
+        save,
+        worker_result,
+    )
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
 LLAMA_1B5 = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -84,37 +98,6 @@ def _forward_backward(model, ids, device: str):
         out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     return out.loss
-
-
-KERNEL_CLASSES = (  # first match wins; names as CUDA/Triton/cuBLAS report them
-    ("attention", ("attn", "flash", "fmha", "sdpa", "_fwd_kernel", "_bwd_kernel", "cudnn")),
-    ("cross_entropy", ("cross_entropy", "_ce_", "lse", "logsumexp", "nll", "softmax")),
-    ("norm", ("rms", "layer_norm", "norm")),
-    ("activation", ("glu", "silu", "gelu", "swiglu")),
-    ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "wgmma")),
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("copy/cast", ("copy", "cast", "to_copy", "memcpy", "fill", "zero")),
-)
-
-
-def profile_steps(step, n: int = 2, top: int = 20) -> dict:
-    """GPU time per step by kernel class and the top kernels, from torch.profiler over ``n`` steps."""
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-    kernels = [(e.key, e.device_time_total / n / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
-    kernels.sort(key=lambda k: -k[1])
-    by_class: dict = {}
-    for name, ms in kernels:
-        low = name.lower()
-        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
-        by_class[cls] = by_class.get(cls, 0.0) + ms
-    return {"gpu_ms_per_step": sum(ms for _, ms in kernels),
-            "by_class_ms": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": [(name[:100], round(ms, 3)) for name, ms in kernels[:top]]}
 
 
 def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwargs: dict,

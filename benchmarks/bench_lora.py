@@ -33,10 +33,24 @@ import time
 import torch
 
 try:
-    from hf_fastkern.benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
+    from hf_fastkern.benchmarks.common import (
+        emit_result,
+        prepare_variant,
+        print_table,
+        profile_steps,
+        save,
+        worker_result,
+    )
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
+    from benchmarks.common import (
+        emit_result,
+        prepare_variant,
+        print_table,
+        profile_steps,
+        save,
+        worker_result,
+    )
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
 ALL_VARIANTS = VARIANTS + ("fastkern_offload",)
@@ -117,8 +131,10 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev: str = "cuda") -> list[dict]:
-    """One variant in this process (CUDA; ``dev="cpu"`` only exercises the code): every shape, one row each."""
+def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev: str = "cuda",
+           profile: bool = False) -> list[dict]:
+    """One variant in this process (CUDA; ``dev="cpu"`` only exercises the code): every shape, one row each;
+    ``profile``: add a torch.profiler kernel-class breakdown of 2 steps per shape (after the timed steps)."""
     model, notes = build_model(variant, cfg_kwargs, dev)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = _optimizer(model, dev)
@@ -144,6 +160,8 @@ def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev:
             dt = (time.perf_counter() - t0) / steps
             row.update(step_ms=dt * 1e3, tok_per_s=batch * seq / dt, loss=float(loss),
                        peak_GiB=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None)
+            if profile and dev == "cuda":
+                row["profile"] = profile_steps(lambda ids=ids: _step(model, opt, ids, dev))
         except torch.OutOfMemoryError:
             row["error"] = "CUDA out of memory"
             opt.zero_grad(set_to_none=True)
@@ -252,7 +270,8 @@ def cpu_smoke(batch: int = 2, seq: int = 32) -> list[dict]:
 
 def _spawn(variant: str, args: argparse.Namespace) -> list[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--shapes", args.shapes,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else []) \
+        + (["--profile"] if args.profile else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -290,6 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="2-layer model (smoke test of the harness)")
+    ap.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of 2 steps per shape")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per variant subprocess")
     ap.add_argument("--longctx", action="store_true", help="also search the longest batch-1 sequence per variant")
     ap.add_argument("--longctx-variants", default="sdpa,sdpa+liger,fastkern,fastkern_offload")
@@ -309,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         emit_result(trial_worker(args.trial[0], int(args.trial[1]), args.tiny))
         return 0
     if args.worker:
-        rows = worker(args.variant, _shapes(args.shapes), args.steps, args.warmup, cfg, args.device)
+        rows = worker(args.variant, _shapes(args.shapes), args.steps, args.warmup, cfg, args.device, args.profile)
         emit_result(rows)
         return 0
     if not torch.cuda.is_available():
@@ -325,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.longctx:
             rows += longctx_rows(args.longctx_variants.split(","), args.longctx_budget, args.tiny, args.longctx_start)
     print_table(rows, COLS)
+    for r in rows:
+        if r.get("profile"):
+            print(r["impl"], f"{r['B']}x{r['S']}", "GPU ms/step by class:", r["profile"]["by_class_ms"])
     save(args.json, rows, {"method": METHOD, "issue_anchors": ISSUE_ANCHORS, "targets_vs_sdpa": TARGETS_VS_SDPA})
     return 0
 

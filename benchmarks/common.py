@@ -148,3 +148,40 @@ def save(path: str | None, rows: list[dict], extra: dict | None = None) -> None:
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     print(f"wrote {path}")
+
+
+# Kernel classes of a profiled training step; the first match wins, so the names of our own kernels
+# (``_rms_norm_bwd_kernel``, ``_glu_fwd_kernel``) are matched before the generic attention patterns.
+KERNEL_CLASSES = (
+    ("norm", ("rms_norm", "layer_norm", "_ln_", "norm_")),
+    ("activation", ("glu", "silu", "gelu", "swiglu")),
+    ("cross_entropy", ("cross_entropy", "_ce_", "flce", "lse", "logsumexp", "nll", "softmax")),
+    ("attention", ("attn", "flash", "fmha", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "wgmma")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy/cast", ("copy", "cast", "to_copy", "memcpy", "fill", "zero")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+
+
+def profile_steps(step: Callable[[], object], n: int = 2, top: int = 25) -> dict:
+    """GPU time per training step by kernel class and the top kernels, from torch.profiler over ``n`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.device_time_total / n / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    kernels.sort(key=lambda k: -k[1])
+    by_class: dict = {}
+    for name, ms in kernels:
+        cls = kernel_class(name)
+        by_class[cls] = by_class.get(cls, 0.0) + ms
+    return {"gpu_ms_per_step": sum(ms for _, ms in kernels),
+            "by_class_ms": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [(name[:100], round(ms, 3)) for name, ms in kernels[:top]]}

@@ -6,6 +6,9 @@ import torch
 if not torch.cuda.is_available():
     # Every Triton kernel executes in the CPU interpreter when there is no GPU (CI, laptops).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The patched models' tests check our attention kernel: on Hopper the default ("auto") would hand the plain
+# dense case to SDPA/cuDNN (hf_fastkern.patches.attention). tests/test_patch_attention.py tests "auto" itself.
+os.environ.setdefault("HF_FASTKERN_ATTENTION", "triton")
 
 
 def pytest_collection_modifyitems(config, items):

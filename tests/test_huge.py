@@ -52,7 +52,7 @@ S = dict(
 
 def _sync():
     if DEV == "cuda":
-        _sync()
+        torch.cuda.synchronize()
 
 
 @pytest.fixture(autouse=True)

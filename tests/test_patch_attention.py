@@ -456,6 +456,47 @@ def test_mask_function_outputs():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# dense backend choice (HF_FASTKERN_ATTENTION): auto / triton / sdpa
+
+
+def test_dense_backend_env_values(monkeypatch):
+    q = torch.zeros(1, 4, 8, 64, dtype=torch.bfloat16)
+    monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "nonsense")
+    with pytest.raises(ValueError, match="HF_FASTKERN_ATTENTION"):
+        fk._route_dense_to_sdpa(q, True, 8, 8)
+    monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "auto")
+    assert not fk._route_dense_to_sdpa(q, True, 8, 8)  # auto routes only on Hopper GPUs
+    monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "triton")
+    assert not fk._route_dense_to_sdpa(q, True, 8, 8)
+    monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "sdpa")
+    assert fk._route_dense_to_sdpa(q, True, 8, 8) and fk._route_dense_to_sdpa(q, False, 1, 8)
+    # SDPA's is_causal is top-left aligned: KV-cache decoding / chunked prefill always stay on the kernel
+    assert not fk._route_dense_to_sdpa(q, True, 1, 8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_dense_backend_sdpa_matches_and_keeps_kernel_cases(arch, monkeypatch):
+    """HF_FASTKERN_ATTENTION=sdpa: the plain dense case runs SDPA (same output as the sdpa model); sliding
+    windows and padded batches still run the kernel."""
+    monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "sdpa")
+    torch.manual_seed(0)
+    cfg = make_config(arch)
+    if arch == "mistral":
+        cfg.sliding_window = 8
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
+    fast = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastkern").eval()
+    fast.load_state_dict(ref.state_dict())
+    calls = KernelCalls(monkeypatch)
+    ids = torch.randint(1, VOCAB, (2, 24))
+    compare(fast, ref, torch.bfloat16, ids)
+    assert (calls.dense > 0) == (arch == "mistral")  # the window keeps Mistral on the kernel
+    am = torch.ones_like(ids)
+    am[0, :5] = 0
+    compare(fast, ref, torch.bfloat16, ids, select=am.bool(), attention_mask=am)
+    assert calls.varlen > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # GPU: real-ish sizes, bf16 on CUDA
 
 
@@ -540,3 +581,26 @@ def test_gpu_generate_32_tokens(arch):
         gap = float(top[0] - top[1])
         assert gap < 2 * 2.0**-7 * float(logits.abs().max()), (
             f"{arch}: tokens differ at {t} with fp32 top-2 gap {gap:.3e} (not a near tie)")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_routes_dense_on_hopper(monkeypatch):
+    """The default backend ("auto") on an H100: dense causal attention of a 2K-token Llama runs SDPA (cuDNN),
+    matches the sdpa model by the tolerance rule; deterministic mode keeps the kernel."""
+    monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "auto")
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    torch.manual_seed(0)
+    cfg = make_config("llama", head_dim=128, heads=4, kv_heads=2)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").cuda().eval()
+    fast = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastkern").cuda().eval()
+    fast.load_state_dict(ref.state_dict())
+    calls = KernelCalls(monkeypatch)
+    ids = torch.randint(1, VOCAB, (2, 2048), device="cuda")
+    compare(fast, ref, torch.bfloat16, ids)
+    assert (calls.dense == 0) == hopper
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        q = torch.zeros(1, 4, 8, 128, device="cuda", dtype=torch.bfloat16)
+        assert not fk._route_dense_to_sdpa(q, True, 8, 8)
+    finally:
+        torch.use_deterministic_algorithms(False)

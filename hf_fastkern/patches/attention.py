@@ -34,6 +34,7 @@ where anything not recognised means "dense mask + SDPA", never a guess.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 from hf_fastkern.kernels import attention as _kernels
 from hf_fastkern.kernels import dispatch
+from hf_fastkern.kernels._triton_utils import device_props
 
 NAME = "fastkern"
 # head_dims the kernel is built for (the kernel's own ``attention_supported`` is the authority once it exists).
@@ -240,6 +242,46 @@ def _kernel_check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, d
     if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return False, f"head_dim {query.shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}"
     return True, ""
+
+
+# Dense attention backend (no mask, no window, no softcap): "auto" (default), "triton" or "sdpa".
+# Why "auto" exists: on Hopper, cuDNN's attention (which SDPA picks there) uses wgmma/TMA, FA3-style, and runs
+# fwd+bwd at 1.2-1.4x our FlashAttention-2-style Triton kernel at head_dim 64 and 128 (benchmarks/results/h100/
+# attention.json: 0.70-0.84x), while our kernel beats SDPA's own FA2 backend by 1.15-1.26x. So on sm90, for the
+# plain dense case SDPA runs it, and our kernel runs everything SDPA cannot do as fast or at all: sliding
+# windows, softcap, padding (unpadded varlen) and packed sequences, KV-cache (bottom-right causal), other GPUs.
+ATTENTION_BACKEND_ENV = "HF_FASTKERN_ATTENTION"
+_SDPA_HEAD_DIMS = (64, 128)  # the head dims measured on the H100 (cuDNN supports these in fwd and bwd)
+
+
+def _dense_backend() -> str:
+    mode = os.environ.get(ATTENTION_BACKEND_ENV, "auto")
+    if mode not in ("auto", "triton", "sdpa"):
+        raise ValueError(f"{ATTENTION_BACKEND_ENV} must be 'auto', 'triton' or 'sdpa', got {mode!r}")
+    return mode
+
+
+def _route_dense_to_sdpa(query: torch.Tensor, causal: bool, sq: int, sk: int) -> bool:
+    """Should the dense, unmasked, unwindowed, uncapped case run SDPA (cuDNN on Hopper) instead of the kernel?"""
+    mode = _dense_backend()
+    if mode == "triton":
+        return False
+    # SDPA's is_causal is top-left aligned: only q_len == kv_len means what the model asked for.
+    if causal and sq != sk:
+        return False
+    if mode == "sdpa":
+        return True
+    # auto: Hopper, measured head dims, and not when deterministic algorithms are requested (cuDNN's backward
+    # accumulates dQ with atomics; our kernel's backward is deterministic).
+    return (query.shape[-1] in _SDPA_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
+            and torch.version.hip is None and device_props(query.device)["cc"][0] == 9)
+
+
+def _sdpa_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float):
+    """q [b, h, s, d], k/v [b, hk, s, d] -> [b, s, h, d] contiguous, through SDPA with native GQA."""
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -484,6 +526,8 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
             return out.view(b, sq, h, d), None
 
     if attention_mask is None:
+        if window is None and not softcap and _route_dense_to_sdpa(query, causal, sq, sk):
+            return _sdpa_dense(query, key, value, causal and sq > 1, scaling), None
         # validated above and _kernel_check said yes: the kernel's heads-first entry skips a second round of
         # checks and takes [b, h, s, d] as it is (the transposes happen inside its autograd node)
         return _kernels.flash_attention_heads_first(query, key, value, causal, scaling, window, softcap), None
