@@ -107,6 +107,40 @@ class LossRecorder(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
+class StepProfiler(TrainerCallback):
+    """torch.profiler over optimizer steps [start, stop): prints the host (self CPU) and GPU time per step and
+    the top ops by each, to see where a host-bound step goes."""
+
+    def __init__(self, start: int, stop: int, top: int = 25) -> None:
+        self.start, self.stop, self.top = start, stop, top
+        self.prof = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.start and self.prof is None:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is None or state.global_step < self.stop:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - self.t0) / (self.stop - self.start) * 1e3
+        prof, self.prof = self.prof, None
+        prof.__exit__(None, None, None)
+        n = self.stop - self.start
+        ev = prof.key_averages()
+        cpu_ms = sum(e.self_cpu_time_total for e in ev) / n / 1e3
+        gpu_ms = sum(e.self_device_time_total for e in ev) / n / 1e3
+        print(f"[profile] steps {self.start}-{self.stop}: wall {wall_ms:.1f} ms/step (profiled), self CPU {cpu_ms:.1f} ms/step, GPU {gpu_ms:.1f} ms/step")
+        print(ev.table(sort_by="self_cpu_time_total", row_limit=self.top, max_name_column_width=60))
+        print(ev.table(sort_by="self_device_time_total", row_limit=self.top, max_name_column_width=60), flush=True)
+
+
 def patch(model: torch.nn.Module, enabled: bool) -> str:
     if not enabled:
         return "unpatched"
@@ -127,14 +161,18 @@ def train(args: argparse.Namespace) -> dict:
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="fastkern_trainer_"), max_steps=args.steps,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accum, learning_rate=args.lr,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, args.steps // 10), weight_decay=0.0,
+        lr_scheduler_type="constant_with_warmup", weight_decay=0.0,
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else min(10, args.steps // 10),
         logging_steps=1, report_to=[], seed=args.seed, data_seed=args.seed, save_strategy="no",
         bf16=bf16, gradient_checkpointing=args.gradient_checkpointing, use_cpu=not cuda,
         optim="adamw_torch_fused" if cuda else "adamw_torch", dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=False)
     recorder = LossRecorder()
     collator = DataCollatorWithFlattening() if args.packing else default_data_collator
-    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collator, callbacks=[recorder])
+    callbacks = [recorder]
+    if args.profile_steps:
+        callbacks.append(StepProfiler(*(int(x) for x in args.profile_steps.split(","))))
+    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collator, callbacks=callbacks)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -197,6 +235,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="per-device batch (toy: 4, otherwise 4)")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=None, help="learning rate (toy: 1e-3, otherwise 3e-4)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up (default: steps // 10, <= 10)")
+    p.add_argument("--profile-steps", default=None, metavar="START,STOP",
+                   help="torch.profiler over these optimizer steps: host and GPU time per step, top ops")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token-range", type=int, default=None,
                    help="motif tokens from [3, N) (default: the whole vocabulary for toy, 1024 otherwise)")
