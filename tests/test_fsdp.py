@@ -277,7 +277,10 @@ def test_gpu_fsdp2_accelerate_launch_two_gpus(tmp_path):
         if name != "oracle":
             assert r["mode"] == "fsdp2" and r["grad_ckpt"], r["mode"]
         curves[name] = torch.tensor(r["losses"], dtype=torch.float64)
-    assert_close(curves["sdpa"], curves["oracle"], None, torch.bfloat16, "output", "sdpa FSDP2 vs 1 process")
+    # No bound on sdpa alone: its bf16 FSDP2 losses (bf16 parameters and logits, losses reported in bf16: one
+    # ulp is 0.016 at 7) differ from the fp64 oracle by ~1-2% (0.13 at loss 7 on the H100), more than the
+    # output bound of one kernel (device call 2026-11-25f). The rule is the one of every kernel test: fastkern's
+    # error against the oracle, bounded by PyTorch's (sdpa's) error in the same setting.
     assert_close(curves["fastkern"], curves["oracle"], curves["sdpa"], torch.bfloat16, "output",
                  "fastkern FSDP2 losses")
 

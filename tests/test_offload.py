@@ -292,13 +292,18 @@ def test_offload_cuda_round_trip_special_values():
 
 @pytest.mark.gpu
 def test_offload_saves_gpu_memory():
-    """8 layers of hidden 2048 at 8192 tokens, bf16: offload keeps (layers - 1) x [S, H] off the GPU."""
+    """8 layers of hidden 2048 at 8192 tokens, bf16: offload keeps (layers - 1) x [S, H] off the GPU.
+
+    Measured as the GPU memory the forward leaves held for backward (what offload moves). Not the peak of the
+    step: with every weight trainable the peak is the end of backward, where the weight gradients (~1 GB here)
+    dominate and the checkpoints are already freed (the first version of this test compared peaks and saw no
+    difference on the H100)."""
     import transformers
 
     cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
                                    num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
                                    max_position_embeddings=8192)
-    peaks, losses = [], []
+    held, losses = [], []
     for offload in (False, True):
         torch.manual_seed(0)
         with torch.device("cuda"):
@@ -307,16 +312,15 @@ def test_offload_saves_gpu_memory():
         apply_fast_kernels(model, offload_activations=offload)
         ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
         torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated() - base)
+        held.append(torch.cuda.memory_allocated() - base)
+        loss.backward()
         losses.append(loss.item())
         del model, loss
         torch.cuda.empty_cache()
-    saved = peaks[0] - peaks[1]
+    saved = held[0] - held[1]
     layer_input = 8192 * 2048 * 2
-    assert saved >= 4 * layer_input, f"offload saved {saved / 2**20:.0f} MiB (peaks {peaks})"
+    assert saved >= 4 * layer_input, f"offload saved {saved / 2**20:.0f} MiB (held after forward {held})"
     assert losses[0] == losses[1]
