@@ -61,8 +61,10 @@ METHOD = ("random-init Llama 1.5B, fp32 weights + bf16 autocast, fused AdamW, on
           "timed steps; FLOPs/step = 6*N_matmul*tokens + 6*L*H*D*B*S^2; MFU vs 989.4 TFLOP/s (datasheet dense bf16)")
 
 
-def build_model(variant: str, cfg_kwargs: dict, device: str, grad_ckpt: bool = False, offload: bool = False):
-    """Random-init LlamaForCausalLM for ``variant``; returns (model, notes). Imports Liger/fastkern lazily."""
+def build_model(variant: str, cfg_kwargs: dict, device: str, grad_ckpt: bool = False, offload: bool = False,
+                mlp_chunk_tokens: int | None = None):
+    """Random-init LlamaForCausalLM for ``variant``; returns (model, notes). Imports Liger/fastkern lazily.
+    ``mlp_chunk_tokens``: fastkern only, ``apply_fast_kernels(mlp_chunk_tokens=...)`` (long sequences)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     notes: dict = {}
     attn = prepare_variant(variant)
@@ -79,7 +81,7 @@ def build_model(variant: str, cfg_kwargs: dict, device: str, grad_ckpt: bool = F
             model = LlamaForCausalLM(cfg)
     if variant == "fastkern":
         from hf_fastkern import apply_fast_kernels
-        report = apply_fast_kernels(model)
+        report = apply_fast_kernels(model, mlp_chunk_tokens=mlp_chunk_tokens)
         notes["patch_report"] = str(report)[:400]
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

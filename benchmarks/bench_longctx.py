@@ -8,7 +8,8 @@ start length until a trial fails, then bisects on multiples of 1024 until ``hi -
 the reported ``max_seq`` is the longest length that trained. ``--grow`` changes the doubling factor (1.25 for the expensive lengths).
 
 Variants: ``sdpa``, ``sdpa+liger``, ``fastkern``; suffix ``_gc`` = gradient checkpointing (non-reentrant, as the
-anchors), ``_gc_offload`` = the same checkpointing with the checkpointed layer inputs kept in pinned host memory
+anchors), ``_chunk`` (fastkern) = ``apply_fast_kernels(mlp_chunk_tokens=16384)``,
+``_gc_offload`` = the same checkpointing with the checkpointed layer inputs kept in pinned host memory
 (``hf_fastkern.offload.enable_activation_offload``, the mechanism behind ``apply_fast_kernels(offload_activations=True)``).
 
 Time: one trial near the limit is one long step (a 250k-token causal step is ~3e16 attention FLOPs, about a
@@ -42,8 +43,23 @@ COLS = ["bench", "impl", "grad_ckpt", "max_seq", "exact", "first_fail", "peak_Gi
         "vs_liger", "trials", "secs", "error"]
 
 
+MLP_CHUNK = 16384  # tokens per MLP chunk of the ``_chunk`` variants (apply_fast_kernels(mlp_chunk_tokens=...))
+
+
+def split_chunk(v: str) -> tuple[str, int | None]:
+    """'fastkern_gc_chunk_offload' -> ('fastkern_gc_offload', MLP_CHUNK): the MLP runs in token chunks, so a
+    long sequence never holds [seq, intermediate] gate/up tensors for the whole sequence (fastkern only)."""
+    if "_chunk" not in v:
+        return v, None
+    rest = v.replace("_chunk", "")
+    if not rest.startswith("fastkern"):
+        raise ValueError(f"{v}: _chunk is a fastkern option (apply_fast_kernels(mlp_chunk_tokens=...))")
+    return rest, MLP_CHUNK
+
+
 def parse_variant(v: str) -> tuple[str, bool, bool]:
-    """'fastkern_gc_offload' -> ('fastkern', True, True)."""
+    """'fastkern_gc_offload' -> ('fastkern', True, True); a '_chunk' flag is ignored here (split_chunk)."""
+    v = split_chunk(v)[0]
     offload = v.endswith("_offload")
     base = v[: -len("_offload")] if offload else v
     gc = base.endswith("_gc")
@@ -69,7 +85,7 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
         from benchmarks.bench_e2e import LLAMA_1B5, TINY, _forward_backward, build_model
     base, gc, offload = parse_variant(variant)
     cfg = dict(TINY if tiny else LLAMA_1B5, max_position_embeddings=max(seq, 8192))
-    model, _ = build_model(base, cfg, "cuda", gc, offload)
+    model, _ = build_model(base, cfg, "cuda", gc, offload, mlp_chunk_tokens=split_chunk(variant)[1])
     ids = torch.randint(0, cfg["vocab_size"], (1, seq), device="cuda")
     try:
         t0 = time.perf_counter()
@@ -141,7 +157,7 @@ def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float 
         return bool(res.get("ok"))
 
     row = dict(bench="longctx", impl=parse_variant(variant)[0], variant=variant, grad_ckpt=parse_variant(variant)[1],
-               offload=parse_variant(variant)[2], B=1)
+               offload=parse_variant(variant)[2], mlp_chunk_tokens=split_chunk(variant)[1], B=1)
     try:
         s = max(1024, start // 1024 * 1024)
         r = ok(s)

@@ -140,6 +140,14 @@ def test_longctx_search_bisection(monkeypatch, limit, start, grow):
         assert row["first_fail"] > limit
 
 
+def test_longctx_chunk_variants():
+    """'_chunk' = fastkern's MLP in token chunks; parse_variant ignores it, split_chunk returns the chunk."""
+    assert bench_longctx.split_chunk("fastkern_gc_chunk_offload") == ("fastkern_gc_offload", bench_longctx.MLP_CHUNK)
+    assert bench_longctx.parse_variant("fastkern_gc_chunk") == ("fastkern", True, False)
+    with pytest.raises(ValueError, match="fastkern option"):
+        bench_longctx.split_chunk("sdpa_gc_chunk")
+
+
 def test_longctx_budget_gives_lower_bound(monkeypatch):
     monkeypatch.setattr(bench_longctx, "_trial", lambda v, s, t, tiny: {"ok": True})
     row = bench_longctx.search("sdpa", start=4096, cap=1 << 20, budget_s=0.0, log=lambda *a: None)
