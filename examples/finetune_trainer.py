@@ -39,6 +39,9 @@ SIZES = {
                 num_key_value_heads=2, vocab_size=256),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    # Llama-3.1-8B's shape (issue 12's LoRA scenario); built in bf16 (--dtype bf16): fp32 would need 32 GB
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
 }
 
 
@@ -54,8 +57,14 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     config = LlamaConfig(**SIZES[args.size], max_position_embeddings=max(args.seq, 64), pad_token_id=0,
                          bos_token_id=1, eos_token_id=2)
     # Initialise directly on the device: a 1B model initialised on the CPU takes longer than its training run.
-    with torch.device(device):
-        return LlamaForCausalLM(config)
+    dtype = torch.bfloat16 if getattr(args, "dtype", "fp32") == "bf16" else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def motif_dataset(n: int, seq: int, vocab: int, seed: int = 0, ragged: bool = False,
@@ -173,26 +182,33 @@ def train(args: argparse.Namespace) -> dict:
     if args.profile_steps:
         callbacks.append(StepProfiler(*(int(x) for x in args.profile_steps.split(","))))
     trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collator, callbacks=callbacks)
+    return timed_train(trainer, recorder, args, label)
+
+
+def timed_train(trainer: Trainer, recorder: LossRecorder, args: argparse.Namespace, label: str) -> dict:
+    """``trainer.train()`` with wall time, steady-state tokens/s and peak GPU memory: one run's result."""
+    cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    tokens = args.steps * args.batch * args.accum * args.seq
+    accum = getattr(args, "accum", 1)
+    tokens = args.steps * args.batch * accum * args.seq
     print(f"[{label}] losses: " + " ".join(f"{x:.4f}" for x in recorder.losses), flush=True)
     # Steady state: the steps after the first WARMUP_STEPS (which include Triton autotuning and compilation).
     ends = recorder.step_ends
     steady = None
     if len(ends) > WARMUP_STEPS + 1:
         n = len(ends) - 1 - WARMUP_STEPS
-        steady = n * args.batch * args.accum * args.seq / (ends[-1] - ends[WARMUP_STEPS])
+        steady = n * args.batch * accum * args.seq / (ends[-1] - ends[WARMUP_STEPS])
     return {"label": label, "losses": recorder.losses, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "tokens_per_s_steady": steady, "warmup_steps_excluded": WARMUP_STEPS, "peak_memory_gib": peak}
 
 
-def compare(args: argparse.Namespace) -> dict:
-    """Run patched and unpatched in two fresh processes (same seed, same data) and compare the curves."""
+def compare(args: argparse.Namespace, script: str = __file__) -> dict:
+    """Run ``script`` patched and unpatched in two fresh processes (same seed, same data), compare the curves."""
     runs = {}
     for label, extra in (("unpatched", ["--no-patch"]), ("patched", [])):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -201,7 +217,7 @@ def compare(args: argparse.Namespace) -> dict:
         if "--json" in argv:
             i = argv.index("--json")
             del argv[i:i + 2]
-        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, *extra, "--json", path], check=True)
+        subprocess.run([sys.executable, os.path.abspath(script), *argv, *extra, "--json", path], check=True)
         with open(path) as f:
             runs[label] = json.load(f)["run"]
         os.unlink(path)
@@ -254,15 +270,21 @@ def main() -> None:
     args.lr = args.lr or (1e-3 if toy else 3e-4)
     args.token_range = args.token_range or (None if toy else 1024)
 
+    run_or_compare(args, train, __file__)
+
+
+def run_or_compare(args: argparse.Namespace, train_fn, script: str) -> dict:
+    """``--compare``: ``script`` patched vs unpatched in two processes; else one ``train_fn(args)`` run. Prints a
+    summary line and writes ``--json`` (losses, timing, environment). Shared by finetune_lora.py."""
     if args.compare:
-        result = compare(args)
+        result = compare(args, script)
         print(f"summary: {args.steps} steps, max rel diff {result['max_rel_diff']:.4f} per step, "
               f"{result['max_rel_diff_smoothed10']:.4f} smoothed (within 1%: {result['within_1pct']}), "
               f"final loss patched {result['final_loss']['patched']:.4f} / unpatched "
               f"{result['final_loss']['unpatched']:.4f}, speedup {result['speedup']:.2f}x (steady state, after "
               f"{WARMUP_STEPS} steps; whole run {result['speedup_whole_run']:.2f}x)")
     else:
-        run = train(args)
+        run = train_fn(args)
         result = {"run": run}
         print(f"summary: [{run['label']}] {args.steps} steps, loss {run['losses'][0]:.4f} -> "
               f"{run['losses'][-1]:.4f}, {run['tokens_per_s']:.0f} tokens/s"
@@ -273,6 +295,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -47,12 +47,15 @@ def test_example_runs(name, tmp_path):
         assert len(out["run"]["losses"]) == 3 and out["environment"]["torch"]
 
 
-def test_trainer_compare_mode(tmp_path):
-    """--compare runs unpatched and patched in two processes and writes both curves."""
+@pytest.mark.parametrize("script", ["finetune_trainer", "finetune_lora"])
+def test_compare_mode(script, tmp_path):
+    """--compare runs unpatched and patched in two processes and writes both curves (the LoRA one: issue 12's
+    loss-curve tooling, with gradient checkpointing as in the scenario)."""
     env = {**os.environ, "HF_FASTKERN_FORCE_REFERENCE": "1", "PYTHONPATH": str(EXAMPLES.parent)}
     env.pop("TRITON_INTERPRET", None)
     out = tmp_path / "cmp.json"
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "finetune_trainer.py"), "--steps", "3", "--compare",
+    extra = ["--gradient-checkpointing"] if script == "finetune_lora" else []
+    proc = subprocess.run([sys.executable, str(EXAMPLES / f"{script}.py"), "--steps", "3", "--compare", *extra,
                            "--json", str(out)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import json
@@ -61,3 +64,5 @@ def test_trainer_compare_mode(tmp_path):
     assert len(res["patched"]["losses"]) == len(res["unpatched"]["losses"]) == 3
     # the reference path computes what the unpatched model computes: the curves agree to the logged digits
     assert res["within_1pct"] and res["max_rel_diff"] < 1e-3, res
+    if script == "finetune_lora":
+        assert res["patched"]["base_frozen"] and res["patched"]["trainable_params"] > 0
