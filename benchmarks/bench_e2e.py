@@ -29,24 +29,12 @@ import time
 import torch
 
 try:
-    from hf_fastkern.benchmarks.common import (
-        emit_result,
-        prepare_variant,
-        print_table,
-        profile_steps,
-        save,
-        worker_result,
-    )
+    from hf_fastkern.benchmarks import common
+    from hf_fastkern.benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import (
-        emit_result,
-        prepare_variant,
-        print_table,
-        profile_steps,
-        save,
-        worker_result,
-    )
+    from benchmarks import common
+    from benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
 LLAMA_1B5 = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -139,7 +127,7 @@ def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwar
                mfu_peak_TFLOPs=peak, flops_formula="6*N_matmul*tokens + 6*L*H*D*B*S^2",
                peak_GiB=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss.item()), loss0=loss0, **notes)
     if profile:
-        row["profile"] = profile_steps(step)
+        row["profile"] = common.profile_steps(step)
     return row
 
 

@@ -33,24 +33,12 @@ import time
 import torch
 
 try:
-    from hf_fastkern.benchmarks.common import (
-        emit_result,
-        prepare_variant,
-        print_table,
-        profile_steps,
-        save,
-        worker_result,
-    )
+    from hf_fastkern.benchmarks import common
+    from hf_fastkern.benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import (
-        emit_result,
-        prepare_variant,
-        print_table,
-        profile_steps,
-        save,
-        worker_result,
-    )
+    from benchmarks import common
+    from benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
 ALL_VARIANTS = VARIANTS + ("fastkern_offload",)
@@ -161,7 +149,7 @@ def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev:
             row.update(step_ms=dt * 1e3, tok_per_s=batch * seq / dt, loss=float(loss),
                        peak_GiB=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None)
             if profile and dev == "cuda":
-                row["profile"] = profile_steps(lambda ids=ids: _step(model, opt, ids, dev))
+                row["profile"] = common.profile_steps(lambda ids=ids: _step(model, opt, ids, dev))
         except torch.OutOfMemoryError:
             row["error"] = "CUDA out of memory"
             opt.zero_grad(set_to_none=True)

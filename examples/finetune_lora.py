@@ -21,9 +21,9 @@ import torch
 
 # examples/ is on sys.path when a script in it runs, so the shared helpers import by name.
 from finetune_trainer import (
-    SIZES,
     LossRecorder,
     build_model,
+    common_args,
     motif_dataset,
     patch,
     run_or_compare,
@@ -83,24 +83,11 @@ def train_lora(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="path or hub id of a pretrained causal LM (default: random-init Llama)")
-    p.add_argument("--size", choices=sorted(SIZES), default="toy")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="weights of the random-init model (bf16 for --size 8b: fp32 needs 32 GB)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--seq", type=int, default=None)
+    p = common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--token-range", type=int, default=None,
-                   help="motif tokens from [3, N) (default: the whole vocabulary for toy, 1024 otherwise)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--qlora", action="store_true", help="4-bit NF4 base via bitsandbytes (GPU, --model)")
-    p.add_argument("--no-patch", action="store_true", help="train the unpatched HF + PEFT model (the baseline)")
-    p.add_argument("--compare", action="store_true", help="run unpatched and patched, compare the loss curves")
-    p.add_argument("--json", help="write results (losses, timing, environment) to this file")
     args = p.parse_args()
     toy = args.size == "toy" and not args.model
     args.seq = args.seq or (32 if toy else 1024)

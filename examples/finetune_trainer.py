@@ -242,27 +242,34 @@ def compare(args: argparse.Namespace, script: str = __file__) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments finetune_trainer.py and finetune_lora.py share (model, data, comparison, output)."""
     p.add_argument("--model", help="path or hub id of a pretrained causal LM (default: random-init Llama)")
     p.add_argument("--size", choices=sorted(SIZES), default="toy", help="random-init model size")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="weights of the random-init model (bf16 for --size 8b: fp32 needs 32 GB)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seq", type=int, default=None, help="sequence length (toy: 32, otherwise 1024)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token-range", type=int, default=None,
+                   help="motif tokens from [3, N) (default: the whole vocabulary for toy, 1024 otherwise)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-patch", action="store_true", help="train the unpatched model (the baseline)")
+    p.add_argument("--compare", action="store_true", help="run unpatched and patched, compare the loss curves")
+    p.add_argument("--json", help="write results (losses, timing, environment) to this file")
+    return p
+
+
+def main() -> None:
+    p = common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--batch", type=int, default=None, help="per-device batch (toy: 4, otherwise 4)")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=None, help="learning rate (toy: 1e-3, otherwise 3e-4)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up (default: steps // 10, <= 10)")
     p.add_argument("--profile-steps", default=None, metavar="START,STOP",
                    help="torch.profiler over these optimizer steps: host and GPU time per step, top ops")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--token-range", type=int, default=None,
-                   help="motif tokens from [3, N) (default: the whole vocabulary for toy, 1024 otherwise)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--packing", action="store_true", help="ragged rows packed by DataCollatorWithFlattening")
     p.add_argument("--no-bf16", action="store_true", help="fp32 training on the GPU")
-    p.add_argument("--no-patch", action="store_true", help="train the unpatched model (the baseline)")
-    p.add_argument("--compare", action="store_true", help="run unpatched and patched, compare the loss curves")
-    p.add_argument("--json", help="write results (losses, timing, environment) to this file")
     args = p.parse_args()
     toy = args.size == "toy" and not args.model
     args.seq = args.seq or (32 if toy else 1024)

@@ -55,9 +55,7 @@ def model_pair(arch: str, **cfg_kw):
     """(sdpa model, fastkern model) with the same weights, eval mode, fp32."""
     torch.manual_seed(0)
     cfg = make_config(arch, **cfg_kw)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
-    fast = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastkern").eval()
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = pair_from_config(cfg)
     assert fast.config._attn_implementation == "fastkern"
     return ref, fast
 
@@ -100,6 +98,14 @@ def run(model, dtype, ids, grads=True, **kw):
         out.loss.backward()
         g = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
     return out.logits.detach(), out.loss.detach(), g
+
+
+def pair_from_config(cfg, device: str = "cpu"):
+    """(sdpa model, fastkern model) of ``cfg`` in eval mode on ``device``, with the same weights."""
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").to(device).eval()
+    fast = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastkern").to(device).eval()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
 
 
 def compare(fast, ref, dtype, ids, select=None, grads=True, **kw):
@@ -483,9 +489,7 @@ def test_dense_backend_sdpa_matches_and_keeps_kernel_cases(arch, monkeypatch):
     cfg = make_config(arch)
     if arch == "mistral":
         cfg.sliding_window = 8
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
-    fast = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastkern").eval()
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = pair_from_config(cfg)
     calls = KernelCalls(monkeypatch)
     ids = torch.randint(1, VOCAB, (2, 24))
     compare(fast, ref, torch.bfloat16, ids)
@@ -507,9 +511,7 @@ def test_gpu_model_matches_sdpa_2k(arch, monkeypatch):
     cfg = make_config(arch, head_dim=128, heads=4, kv_heads=2)
     if arch == "mistral":
         cfg.sliding_window = 512
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").cuda().eval()
-    fast = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastkern").cuda().eval()
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = pair_from_config(cfg, "cuda")
     calls = KernelCalls(monkeypatch)
     ids = torch.randint(1, VOCAB, (2, 2048), device="cuda")
     compare(fast, ref, torch.bfloat16, ids)
@@ -528,9 +530,7 @@ def test_gpu_packed_2k_matches_separate(arch, monkeypatch):
     cfg = make_config(arch, head_dim=128, heads=4, kv_heads=2)
     if arch == "mistral":
         cfg.sliding_window = 256
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").cuda().eval()
-    fast = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastkern").cuda().eval()
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = pair_from_config(cfg, "cuda")
     calls = KernelCalls(monkeypatch)
     feats, batch = _packed_batch([700, 1100, 248])
     fm = copy.deepcopy(fast).to(torch.bfloat16)
@@ -556,9 +556,7 @@ def test_gpu_generate_32_tokens(arch):
     cfg = make_config(arch, head_dim=128, heads=4, kv_heads=2)
     if arch == "mistral":
         cfg.sliding_window = 24
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").cuda().eval()
-    fast = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastkern").cuda().eval()
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = pair_from_config(cfg, "cuda")
     ids = torch.randint(1, VOCAB, (2, 40), device="cuda")
     am = torch.ones_like(ids)
     am[1, :9] = 0
@@ -591,9 +589,7 @@ def test_gpu_auto_backend_routes_dense_on_hopper(monkeypatch):
     hopper = torch.cuda.get_device_capability()[0] == 9
     torch.manual_seed(0)
     cfg = make_config("llama", head_dim=128, heads=4, kv_heads=2)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").cuda().eval()
-    fast = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastkern").cuda().eval()
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = pair_from_config(cfg, "cuda")
     calls = KernelCalls(monkeypatch)
     ids = torch.randint(1, VOCAB, (2, 2048), device="cuda")
     compare(fast, ref, torch.bfloat16, ids)
