@@ -280,6 +280,7 @@ def info(json_path: str | None = None) -> dict:
     env["platform"] = platform.platform()
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
     env["HF_FASTKERN_FORCE_REFERENCE"] = os.environ.get("HF_FASTKERN_FORCE_REFERENCE")
+    env["HF_FASTKERN_ATTENTION"] = os.environ.get("HF_FASTKERN_ATTENTION")
     if torch.cuda.is_available():
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     print("hf_fastkern environment")
@@ -313,6 +314,11 @@ def registration() -> dict:
         out["mask 'fastkern'"] = "registered" if "fastkern" in ALL_MASK_ATTENTION_FUNCTIONS else "not registered"
     except Exception as e:
         out["mask 'fastkern'"] = f"unknown ({type(e).__name__})"
+    try:
+        from hf_fastkern.patches.attention import dense_backend_summary
+        out["dense attention"] = dense_backend_summary()
+    except Exception as e:
+        out["dense attention"] = f"unknown ({type(e).__name__}: {e})"
     for peer in ("liger_kernel", "cut_cross_entropy", "matplotlib", "tqdm"):
         try:
             importlib.import_module(peer)

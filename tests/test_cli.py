@@ -79,6 +79,8 @@ def test_info_main_and_subprocess(tmp_path, capsys):
     for r in doc["ops"]:
         assert r["path"] in ("triton kernel", "pytorch reference")
         assert r["why"]
+    # which backend the dense attention case takes here (the suite pins HF_FASTKERN_ATTENTION=triton)
+    assert doc["integration"]["dense attention"].startswith(os.environ.get("HF_FASTKERN_ATTENTION", "auto"))
     r = subprocess.run([sys.executable, "-m", "hf_fastkern.cli", "info"], capture_output=True, text=True,
                        env=_cpu_env(), timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -277,6 +277,28 @@ def _route_dense_to_sdpa(query: torch.Tensor, causal: bool, sq: int, sk: int) ->
             and torch.version.hip is None and device_props(query.device)["cc"][0] == 9)
 
 
+def dense_backend_summary(device: torch.device | str | None = None) -> str:
+    """What ``attn_implementation="fastkern"`` runs for the plain dense case on ``device`` (for ``hf-fastkern
+    info``): the ``HF_FASTKERN_ATTENTION`` mode and the backend it picks there."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    try:
+        mode = _dense_backend()
+    except ValueError as e:
+        return str(e)
+    rest = "windows, softcap, padding, packed sequences and KV-cache decoding run the Triton kernel"
+    if mode == "triton":
+        return f"triton: the Triton kernel for every supported case ({ATTENTION_BACKEND_ENV}=triton)"
+    if mode == "sdpa":
+        return f"sdpa: SDPA for the plain dense case ({ATTENTION_BACKEND_ENV}=sdpa); {rest}"
+    hopper = (device.type == "cuda" and torch.version.hip is None and device_props(device)["cc"][0] == 9)
+    if hopper:
+        return (f"auto: SDPA (cuDNN on this Hopper GPU) for the plain dense case at head_dim {_SDPA_HEAD_DIMS}, "
+                f"unless deterministic algorithms are on; {rest}")
+    return f"auto: the Triton kernel (SDPA is preferred only on Hopper GPUs, this device is {device.type})"
+
+
 def _sdpa_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float):
     """q [b, h, s, d], k/v [b, hk, s, d] -> [b, s, h, d] contiguous, through SDPA with native GQA."""
     out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling,
