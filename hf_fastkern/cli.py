@@ -45,7 +45,7 @@ _METRIC_ORDER = ("ms", "fwd_ms", "fwdbwd_ms", "bwd_ms", "step_ms", "tok_per_s", 
                  "mfu", "peak_MiB", "peak_GiB", "max_seq", "exact", "vs_best_peer", "vs_sdpa", "mem_vs_sdpa",
                  "vs_liger", "loss", "gate", "loss_rel_err", "grad_rel_err", "max_err", "error")
 _HIDDEN = {"trials", "patch_report", "attn_note", "flops_formula", "mfu_peak_TFLOPs", "note", "first_fail",
-           "liger_ref", "variant", "best_peer", "mem_vs_best_peer", "offload", "model",
+           "liger_ref", "variant", "best_peer", "mem_vs_best_peer", "model",
            "trainable_params", "command", "distributed_type", "wall_s", "loss0", "global_batch"}
 
 
