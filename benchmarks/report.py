@@ -25,8 +25,6 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RESULTS = os.path.join(ROOT, "benchmarks", "results", "h100")
 DEFAULT_README = os.path.join(ROOT, "README.md")
-_SKIP = {"trials", "patch_report", "attn_note", "mfu_peak_TFLOPs", "note", "liger_ref", "variant",
-         "first_fail"}  # offload stays: it tells the long-context rows apart
 
 
 def load(results_dir: str) -> list[dict]:
@@ -69,13 +67,10 @@ def md_table(rows: list[dict], cols: list[str], headers: list[str] | None = None
 
 
 def _columns(rows: list[dict]) -> list[str]:
-    try:
-        from hf_fastkern.cli import table_columns
-    except ImportError:  # report.py run without the package importable
-        seen: list[str] = []
-        for r in rows:
-            seen += [k for k in r if k not in seen]
-        return seen
+    """The columns ``hf-fastkern bench`` prints for these rows (one list of hidden keys: cli._HIDDEN)."""
+    if ROOT not in sys.path:  # run as a script from a source checkout, package not installed
+        sys.path.insert(0, ROOT)
+    from hf_fastkern.cli import table_columns
     return table_columns(rows)
 
 
@@ -170,7 +165,7 @@ def render(docs: list[dict], plots_rel: str | None = None) -> str:
         if r["bench"] not in benches:
             benches.append(r["bench"])
     for b in benches:
-        brow = [{k: v for k, v in r.items() if k not in _SKIP} for r in rows if r["bench"] == b]
+        brow = [r for r in rows if r["bench"] == b]
         cols = _op_columns([c for c in _columns(brow) if c != "bench"])
         formulas = sorted({f"{k}: `{v}`" for r in brow for k, v in r.items() if k.endswith("_formula") and v})
         note = ("\n\n" + "; ".join(formulas)) if formulas else ""

@@ -107,7 +107,8 @@ def table_columns(rows: list[dict]) -> list[str]:
                 seen.append(k)
     head = [k for k in ("bench", "op", "impl") if k in seen]
     metrics = [k for k in _METRIC_ORDER if k in seen and k != "error"]
-    extra_tp = [k for k in seen if (k.endswith("GBps") or k.endswith("TFLOPs")) and k not in metrics]
+    extra_tp = [k for k in seen if (k.endswith("GBps") or k.endswith("TFLOPs")) and k not in metrics
+                and k not in _HIDDEN]
     shape = [k for k in seen if k not in head and k not in metrics and k not in extra_tp and k not in _HIDDEN
              and k != "error" and not k.endswith("_formula") and not any(isinstance(r.get(k), (dict, list)) for r in rows)]
     return head + shape + metrics + extra_tp + (["error"] if "error" in seen else [])
