@@ -293,6 +293,16 @@ def _fwd_bwd(fn, leaves, dout):
     return out.detach(), [t.grad for t in leaves]
 
 
+def _assert_function_matches_custom_op(q, k, v, dout, args):
+    """The eager autograd.Function and the custom op (what torch.compile traces) give the same bits, forward and
+    every gradient. args: (cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)."""
+    o1, g1 = _fwd_bwd(lambda q, k, v: FlashAttnFunction.apply(q, k, v, *args, False), (q, k, v), dout)
+    o2, g2 = _fwd_bwd(lambda q, k, v: _flash_attn_fwd_op(q, k, v, *args)[0], (q, k, v), dout)
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("opts", [pytest.param((True, 0, 0.0), id="causal"),
                                   pytest.param((True, 5, 0.0), id="window5"),
                                   pytest.param((False, 0, 20.0), id="bidir-softcap")])
@@ -300,12 +310,7 @@ def test_eager_function_matches_custom_op_bitwise(opts, device):
     causal, window, cap = opts
     q, k, v = _make(2, 19, 19, 4, 2, 16, torch.bfloat16, device)
     dout = torch.randn(q.shape, device=device).to(q.dtype)
-    args = (None, None, 19, 19, causal, 0.25, window, cap)
-    o1, g1 = _fwd_bwd(lambda q, k, v: FlashAttnFunction.apply(q, k, v, *args, False), (q, k, v), dout)
-    o2, g2 = _fwd_bwd(lambda q, k, v: _flash_attn_fwd_op(q, k, v, *args)[0], (q, k, v), dout)
-    assert torch.equal(o1, o2)
-    for a, b in zip(g1, g2):
-        assert torch.equal(a, b)
+    _assert_function_matches_custom_op(q, k, v, dout, (None, None, 19, 19, causal, 0.25, window, cap))
 
 
 def test_eager_function_matches_custom_op_bitwise_varlen(device):
@@ -315,12 +320,7 @@ def test_eager_function_matches_custom_op_bitwise_varlen(device):
     k = torch.randn(22, 2, 16, device=device).to(torch.float16)
     v = torch.randn(22, 2, 16, device=device).to(torch.float16)
     dout = torch.randn(q.shape, device=device).to(q.dtype)
-    args = (cu, cu, 17, 17, True, 0.25, 0, 0.0)
-    o1, g1 = _fwd_bwd(lambda q, k, v: FlashAttnFunction.apply(q, k, v, *args, False), (q, k, v), dout)
-    o2, g2 = _fwd_bwd(lambda q, k, v: _flash_attn_fwd_op(q, k, v, *args)[0], (q, k, v), dout)
-    assert torch.equal(o1, o2)
-    for a, b in zip(g1, g2):
-        assert torch.equal(a, b)
+    _assert_function_matches_custom_op(q, k, v, dout, (cu, cu, 17, 17, True, 0.25, 0, 0.0))
 
 
 def test_heads_first_is_one_node_and_matches_flash_attention(device):

@@ -171,19 +171,27 @@ def test_sum_partials_deterministic(device):
     assert torch.equal(a, b)
 
 
-def test_rms_norm_tuned_launch_reuses_config(device):
-    """The first launch per key goes through the autotuner, later ones launch the remembered config directly
-    (TunedLaunch): both paths give bitwise-equal outputs and gradients."""
+def _tuned_launch_twice(shape: tuple, device) -> list[tuple]:
+    """Forget the remembered configs, then run bf16 rms_norm forward + backward twice on the same inputs: the
+    first call goes through the autotuner, the second launches the chosen config (TunedLaunch). Returns
+    [(y, dx, dw)] per run."""
     rms_mod._FWD._chosen.clear()
     rms_mod._BWD._chosen.clear()
-    x, w = _x((3, 5, 96), torch.bfloat16, device), _w(96, torch.bfloat16, device)
-    dy = torch.randn(3, 5, 96, device=device).to(torch.bfloat16)
+    x, w = _x(shape, torch.bfloat16, device), _w(shape[-1], torch.bfloat16, device)
+    dy = torch.randn(shape, device=device).to(torch.bfloat16)
     runs = []
     for _ in range(2):
         xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = rms_norm(xl, wl)
         y.backward(dy)
         runs.append((y, xl.grad, wl.grad))
+    return runs
+
+
+def test_rms_norm_tuned_launch_reuses_config(device):
+    """The first launch per key goes through the autotuner, later ones launch the remembered config directly
+    (TunedLaunch): both paths give bitwise-equal outputs and gradients."""
+    runs = _tuned_launch_twice((3, 5, 96), device)
     assert len(rms_mod._FWD._chosen) == 1 and len(rms_mod._BWD._chosen) == 1
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -268,15 +276,6 @@ def test_sum_partials_gpu(hidden, out_dtype):
 def test_rms_norm_gpu_tuned_launch_bitwise(hidden):
     """A fresh key: the first call autotunes (several configs under pytest), the second launches the chosen
     config directly; dx and dW must be bitwise equal (same config, same partial count, fixed-order reduce)."""
-    rms_mod._FWD._chosen.clear()
-    rms_mod._BWD._chosen.clear()
-    x, w = _x((8192, hidden), torch.bfloat16, "cuda"), _w(hidden, torch.bfloat16, "cuda")
-    dy = torch.randn(8192, hidden, device="cuda", dtype=torch.bfloat16)
-    runs = []
-    for _ in range(2):
-        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = rms_norm(xl, wl)
-        y.backward(dy)
-        runs.append((y, xl.grad, wl.grad))
+    runs = _tuned_launch_twice((8192, hidden), "cuda")
     for a, b in zip(*runs):
         assert torch.equal(a, b)
