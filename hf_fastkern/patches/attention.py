@@ -261,6 +261,11 @@ def _dense_backend() -> str:
     return mode
 
 
+def _is_hopper(device: torch.device) -> bool:
+    """An NVIDIA sm90 GPU (device_props reports (0, 0) for the CPU), where "auto" prefers SDPA/cuDNN."""
+    return torch.version.hip is None and device_props(device)["cc"][0] == 9
+
+
 def _route_dense_to_sdpa(query: torch.Tensor, causal: bool, sq: int, sk: int) -> bool:
     """Should the dense, unmasked, unwindowed, uncapped case run SDPA (cuDNN on Hopper) instead of the kernel?"""
     mode = _dense_backend()
@@ -274,7 +279,7 @@ def _route_dense_to_sdpa(query: torch.Tensor, causal: bool, sq: int, sk: int) ->
     # auto: Hopper, measured head dims, and not when deterministic algorithms are requested (cuDNN's backward
     # accumulates dQ with atomics; our kernel's backward is deterministic).
     return (query.shape[-1] in _SDPA_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
-            and torch.version.hip is None and device_props(query.device)["cc"][0] == 9)
+            and _is_hopper(query.device))
 
 
 def dense_backend_summary(device: torch.device | str | None = None) -> str:
@@ -292,8 +297,7 @@ def dense_backend_summary(device: torch.device | str | None = None) -> str:
         return f"triton: the Triton kernel for every supported case ({ATTENTION_BACKEND_ENV}=triton)"
     if mode == "sdpa":
         return f"sdpa: SDPA for the plain dense case ({ATTENTION_BACKEND_ENV}=sdpa); {rest}"
-    hopper = (device.type == "cuda" and torch.version.hip is None and device_props(device)["cc"][0] == 9)
-    if hopper:
+    if _is_hopper(device):
         return (f"auto: SDPA (cuDNN on this Hopper GPU) for the plain dense case at head_dim {_SDPA_HEAD_DIMS}, "
                 f"unless deterministic algorithms are on; {rest}")
     return f"auto: the Triton kernel (SDPA is preferred only on Hopper GPUs, this device is {device.type})"
