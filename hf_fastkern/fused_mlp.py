@@ -22,10 +22,12 @@ Supported ``down`` projections (checked per call: PEFT may wrap the model after 
 Anything else (LoRA dropout > 0, DoRA, several adapters, merged, Conv1D, a quantized or sharded base, hooks on
 the projection) takes the unfused path, which is correct, just not lean; a warning names the reason once.
 
-Numerics are the unfused path's, op for op: the forward runs the same ``F.linear`` calls under the caller's
-autocast state, and the backward runs its matmuls under the forward's autocast state (what
+Numerics are the unfused path's, op for op, except for the adapter: the forward runs the same ``F.linear`` calls
+under the caller's autocast state, and the backward runs its matmuls under the forward's autocast state (what
 ``torch.amp.custom_bwd`` does), so fp32 master weights are cast to bf16 exactly as autocast casts them and
-weight gradients reach the parameters in their own dtype. The weights are saved as the parameters themselves
+weight gradients reach the parameters in their own dtype. The adapter's share is summed in the GEMM epilogue
+(``addmm_``, rounded once) and PEFT's exact up-cast of ``h`` before autocast's down-cast is skipped, as in
+:mod:`hf_fastkern.fused_lora`. The weights are saved as the parameters themselves
 and cast again in backward, where the unfused path under autocast keeps a bf16 copy of every weight.
 
 Limits: the Triton recompute runs where the activation kernel runs (CUDA, or CPU under ``TRITON_INTERPRET=1``);
@@ -63,6 +65,11 @@ class DownParts(NamedTuple):
     cast_input: bool
 
 
+# Set by the registry on every replacement forward it binds: an instance-level forward carrying it is this
+# plugin's own (a PEFT lora.Linear bound to hf_fastkern.fused_lora), not a hook library's.
+PATCH_FLAG = "_hf_fastkern_forward"
+
+
 def _global_hooks() -> bool:
     """Module hooks registered for every module (``nn.modules.module.register_module_forward_hook`` ...)."""
     mod = nn.modules.module
@@ -73,7 +80,7 @@ def _global_hooks() -> bool:
 def _call_reason(m: nn.Module) -> str:
     """Why calling ``m`` does more than its class forward ("" when it does not): skipping the call would skip
     an accelerate device hook, a PEFT ``adapter_names`` pre-hook, a tensor-parallel hook..."""
-    if "forward" in m.__dict__:
+    if "forward" in m.__dict__ and not getattr(getattr(m.__dict__["forward"], "__func__", None), PATCH_FLAG, False):
         return f"{type(m).__name__} has an instance-level forward (a hook library such as accelerate)"
     if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
         return f"{type(m).__name__} has module hooks"
@@ -244,6 +251,36 @@ def _ac_cast(t: torch.Tensor | None, ac: tuple[str, bool, torch.dtype] | None) -
     return t.to(ac[2])
 
 
+def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every ``src`` value is representable in ``dst`` (the cast changes no value)."""
+    return src == dst or dst == torch.float64 or (dst == torch.float32 and src in (torch.bfloat16, torch.float16))
+
+
+def lora_input(x: torch.Tensor, lora_dtype: torch.dtype, cast_input: bool,
+               ac: tuple[str, bool, torch.dtype] | None) -> torch.Tensor:
+    """The operand ``lora_A``'s matmul sees in PEFT's forward: ``x.to(lora_A.dtype)`` (``_cast_input_dtype``,
+    when ``cast_input``) and then autocast's cast. When the first cast is exact and autocast casts again to a
+    dtype ``x`` already has (bf16 activations, fp32 adapters, bf16 autocast), the round trip is the identity
+    and ``x`` itself is returned: no two ``[tokens, in]`` copies."""
+    if cast_input and x.dtype != lora_dtype:
+        # autocast casts both dtypes to its own (neither is fp64): round(x.to(lora), D) == round(x, D) when the
+        # first cast is exact
+        autocast_casts = ac is not None and ac[1] and x.device.type == ac[0] \
+            and torch.float64 not in (x.dtype, lora_dtype)
+        if not (autocast_casts and _exact_cast(x.dtype, lora_dtype)):
+            x = x.to(lora_dtype)
+    return _ac_cast(x, ac)
+
+
+def add_adapter_(y: torch.Tensor, a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``y + scaling * a @ lora_b^T``: in place into ``y`` through one GEMM with beta 1 (the epilogue sums it in
+    fp32 and rounds once) when the dtypes agree, the usual case; else PEFT's ops, in ``y``'s dtype."""
+    if a.dtype == y.dtype == lora_b.dtype and y.is_contiguous():
+        _rows(y).addmm_(_rows(a), lora_b.t(), alpha=scaling)
+        return y
+    return (y + F.linear(a, lora_b) * scaling).to(y.dtype)
+
+
 class GLUDownFunction(torch.autograd.Function):
     """``y = down(act(g, u))`` saving g, u (or gate_up), the parameters and ``a = h A^T``; never ``h``.
 
@@ -265,12 +302,9 @@ class GLUDownFunction(torch.autograd.Function):
         a = None
         y = y0
         if lora_a is not None:
-            xl = h.to(lora_a.dtype) if cast_input else h
-            a = F.linear(xl, lora_a)  # [..., r]: small, saved instead of recomputing h A^T
-            ls = F.linear(a, lora_b) * scaling
-            z = y0 + ls
-            ctx.l_dtype, ctx.z_dtype = ls.dtype, z.dtype
-            y = z.to(y0.dtype)
+            # [..., r]: small, saved instead of recomputing h A^T; no copies of h for PEFT's input cast
+            a = F.linear(lora_input(h, lora_a.dtype, cast_input, ac), _ac_cast(lora_a, ac))
+            y = add_adapter_(y0, a, _ac_cast(lora_b, ac), scaling)
         ctx.code, ctx.scaling, ctx.cast_input, ctx.kernel = code, scaling, cast_input, kernel
         ctx.h_dtype, ctx.y0_dtype = h.dtype, y0.dtype
         ctx.autocast = ac
@@ -287,22 +321,20 @@ class GLUDownFunction(torch.autograd.Function):
         with torch.autocast(ac[0], dtype=ac[2], enabled=ac[1]) if ac else contextlib.nullcontext():
             g, u = gate.chunk(2, dim=-1) if up is None else (gate, up)
             dw = db = dla = dlb = da = dh = dgate = dup = None
+            dy0 = dy.to(ctx.y0_dtype)  # y has y0's dtype (add_adapter_)
             if lora_a is not None:
-                dz = dy.to(ctx.z_dtype)
-                dy0 = dz.to(ctx.y0_dtype)
-                dl = dz.to(ctx.l_dtype) * ctx.scaling  # [..., H]
+                # s dy^T a and s dy B: the scaling goes on the [H, r] / [..., r] products, not on dy
                 if need_lb:
-                    dlb = torch.matmul(_rows(dl).t(), _rows(a)).to(lora_b.dtype)  # [H, r]
+                    dlb = (torch.matmul(_rows(dy0).t().to(a.dtype), _rows(a)) * ctx.scaling).to(lora_b.dtype)
                 if need_la or need_h:
-                    da = torch.matmul(dl, lora_b).to(a.dtype)  # [..., r]
-            else:
-                dy0 = dy.to(ctx.y0_dtype)
+                    lb = _ac_cast(lora_b, ac)
+                    da = (torch.matmul(dy0.to(lb.dtype), lb) * ctx.scaling).to(a.dtype)  # [..., r]
             if need_w or need_la:
                 # The recompute that replaces the stored h: only the weight gradients read h (dh does not),
                 # and it is dropped before dh, dg, du exist, so the backward never holds h beside them.
                 h = _act_fwd(g, u, ctx.code, ctx.kernel)  # [..., I]
                 if need_la:
-                    xl = h.to(lora_a.dtype) if ctx.cast_input else h
+                    xl = lora_input(h, lora_a.dtype, ctx.cast_input, ac)
                     dla = torch.matmul(_rows(da).t(), _rows(xl)).to(lora_a.dtype)  # [r, I]
                     del xl
                 if need_w:
@@ -311,10 +343,16 @@ class GLUDownFunction(torch.autograd.Function):
             if need_b:
                 db = _rows(dy0).sum(0).to(bias.dtype)
             if need_h:
-                dh = torch.matmul(dy0, _ac_cast(weight, ac)).to(ctx.h_dtype)  # [..., I]
-                if da is not None:
-                    # the adapter's share; autograd sums the two uses of h in h's dtype, so do we
-                    dh = dh + torch.matmul(da, lora_a).to(ctx.h_dtype)
+                dh = torch.matmul(dy0, _ac_cast(weight, ac))  # [..., I]
+                la = _ac_cast(lora_a, ac)
+                if da is not None and da.dtype == dh.dtype == la.dtype:
+                    _rows(dh).addmm_(_rows(da), la)  # the adapter's share, summed in the GEMM epilogue
+                    dh = dh.to(ctx.h_dtype)
+                elif da is not None:
+                    # mixed dtypes (no autocast): autograd sums the two uses of h in h's dtype, so do we
+                    dh = dh.to(ctx.h_dtype) + torch.matmul(da, la).to(ctx.h_dtype)
+                else:
+                    dh = dh.to(ctx.h_dtype)
                 dg, du = _act_bwd(dh, g, u, ctx.code, ctx.kernel)
                 del dh
                 if up is None:

@@ -341,6 +341,7 @@ def _bind(module: nn.Module, kind: str, fn: Forward) -> None:
     # otherwise revert deletes our attribute so the class forward shows through again.
     own = module.__dict__.get("forward")
     object.__setattr__(module, _MODULE_MARK, (kind, own))
+    setattr(fn, _fused_mlp.PATCH_FLAG, True)  # lets fused_mlp tell our instance forwards from a hook library's
     module.forward = types.MethodType(fn, module)
 
 
@@ -494,7 +495,8 @@ def _lm_head_target(model: nn.Module) -> nn.Module | None:
 
 def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = True, mlp: bool = True,
                        cross_entropy: bool = True, offload_activations: bool = False,
-                       mlp_chunk_tokens: int | None = None, mlp_recompute: bool = True) -> PatchReport:
+                       mlp_chunk_tokens: int | None = None, mlp_recompute: bool = True,
+                       lora: bool = True) -> PatchReport:
     """Swap this model instance's norms, MLPs, attention and causal-LM loss for the fused kernels.
 
     model: a transformers ``*Model`` / ``*ForCausalLM``, or a PEFT model wrapping one (patched before or after
@@ -511,6 +513,10 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
     ``[tokens, intermediate]`` tensor (:mod:`hf_fastkern.fused_mlp`). The report counts the MLPs whose down
     projection takes this lean path now ("mlp_recompute") and says why the others do not; the choice is made
     again per call (PEFT may wrap the projections after patching). False: today's unfused path.
+    lora: PEFT ``lora.Linear`` layers found now (any architecture, recipe or not) run one fused autograd node
+    (:mod:`hf_fastkern.fused_lora`: no input casts, the adapter summed in the GEMM epilogue); checked per call,
+    PEFT's forward otherwise (dropout > 0, DoRA, several adapters ...). LoRA added by ``get_peft_model`` *after*
+    this call is not bound: call ``apply_fast_kernels`` again on the PEFT model (it patches only what is new).
     """
     if mlp_chunk_tokens is not None and (not isinstance(mlp_chunk_tokens, int) or mlp_chunk_tokens <= 0):
         raise ValueError(f"mlp_chunk_tokens must be a positive int or None, got {mlp_chunk_tokens!r}")
@@ -526,9 +532,14 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
         state = {}
         object.__setattr__(base, _MODEL_STATE, state)
 
-    if norm or mlp:
+    if norm or mlp or lora:
         for name, module in base.named_modules():
             cls = type(module).__name__
+            if lora and _fused_mlp._is_lora_linear(module):
+                from hf_fastkern.fused_lora import lora_linear_factory
+
+                _patch_module(module, name, "lora_linear", lora_linear_factory, config, report)
+                continue
             if norm:
                 if recipe is not None and cls in recipe.norms:
                     _patch_module(module, name, "norm", recipe.norms[cls], config, report)

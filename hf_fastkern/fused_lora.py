@@ -1,0 +1,137 @@
+"""PEFT LoRA linear in one autograd node: no input casts, the adapter summed in the GEMM epilogue (issue 12).
+
+PEFT's ``lora.Linear`` computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``. With fp32 adapters under bf16
+autocast (PEFT's default ``autocast_adapter_dtype``) and dropout 0 that is, per projection and call:
+- ``x.to(float32)`` (``_cast_input_dtype``) and autocast's cast of it back to bf16: two full ``[tokens, in]``
+  copies whose round trip is exact (bf16 -> fp32 -> bf16 is the identity);
+- ``lora_B``'s ``[tokens, out]`` output, ``* scaling`` and ``+ result``: three more full-size elementwise passes;
+- a bf16 copy of ``x`` kept by ``lora_A`` for its weight gradient, beside ``x`` itself;
+- and in backward, the same passes mirrored (the scaled gradient, the casts, the sum of the two input gradients).
+On the Llama-3.1-8B LoRA benchmark these elementwise passes took ~330 of ~980 GPU ms per step (profile in
+``benchmarks/results/h100/lora.json``), about as much as half the model's GEMMs.
+
+:class:`LoRALinearFunction` computes the same function with the two GEMMs it needs, and nothing else of size
+``[tokens, *]``:
+
+    y  = x W^T + b;   a = x A^T  ([tokens, r]);   y += s * a B^T      (addmm_, beta 1: the epilogue sums it)
+    dB = s dy^T a;    da = s dy B;   dA = da^T x
+    dx = dy W  (+= da A, addmm_)                                      dW, db only when the base is trainable
+
+It saves ``x`` (the tensor the caller passed, no copy, when autocast does not cast it), ``a`` and the parameters
+themselves (cast again in backward; ``A`` and ``B`` are tiny, a frozen bf16 ``W`` needs no cast).
+
+Numerics: operands are cast exactly as autocast casts them; PEFT's exact up-cast of ``x`` before autocast's
+down-cast is skipped (same values). ``y + s * a B^T`` is rounded once in the GEMM's fp32 epilogue where PEFT
+rounds ``a B^T``, its product with ``s`` and the sum separately; likewise ``dx``. Both are at least as accurate;
+the tests hold them to the tolerance table against an fp64 oracle.
+
+Taken per call, for a PEFT ``lora.Linear`` (exactly that class) with one active adapter, dropout 0 (an
+``nn.Identity``), no DoRA or other variant, not merged, no ``lora_bias``, not ``fan_in_fan_out``, a plain
+``nn.Linear`` base and no hooks (:func:`hf_fastkern.fused_mlp.down_parts` decides), and no extra forward
+arguments (``adapter_names``). Anything else runs PEFT's own forward, warning once with the reason.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hf_fastkern.fused_mlp import (
+    _ac_cast,
+    _autocast_state,
+    _is_lora_linear,
+    _rows,
+    _tensor_reason,
+    add_adapter_,
+    down_parts,
+    lora_input,
+)
+from hf_fastkern.kernels.dispatch import warn_once
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``y = x W^T + b + scaling * (x' A^T) B^T`` (x' = PEFT's input to ``lora_A``): see the module docstring.
+
+    Inputs: x [..., in], weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r], scaling,
+    cast_input (PEFT's cast of x to lora_A's dtype). Output [..., out] in the base linear's output dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cast_input: bool) -> torch.Tensor:
+        ac = _autocast_state(x.device.type)
+        xb = _ac_cast(x, ac)  # the base matmul's operand
+        xl = lora_input(x, lora_a.dtype, cast_input, ac)  # lora_A's operand: usually the same tensor
+        y = F.linear(xb, _ac_cast(weight, ac), _ac_cast(bias, ac))
+        a = F.linear(xl, _ac_cast(lora_a, ac))  # [..., r]
+        y = add_adapter_(y, a, _ac_cast(lora_b, ac), scaling)
+        ctx.autocast, ctx.scaling, ctx.x_dtype, ctx.x_shape = ac, scaling, x.dtype, x.shape
+        ctx.same = xl is xb
+        ctx.save_for_backward(xb, None if ctx.same else xl, weight, bias, lora_a, lora_b, a)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        xb, xl, weight, bias, lora_a, lora_b, a = ctx.saved_tensors
+        xl = xb if ctx.same else xl
+        need_x, need_w, need_b, need_la, need_lb = ctx.needs_input_grad[:5]
+        ac, s = ctx.autocast, ctx.scaling
+        dy2 = _rows(dy)
+        dx = dw = db = dla = dlb = da = None
+        la, lb = _ac_cast(lora_a, ac), _ac_cast(lora_b, ac)
+        if need_lb:
+            dlb = (torch.mm(dy2.t().to(a.dtype), _rows(a)) * s).to(lora_b.dtype)  # [out, r]
+        if need_la or need_x:
+            da = torch.mm(dy2.to(lb.dtype), lb) * s  # [tokens, r]
+        if need_la:
+            dla = torch.mm(da.t().to(xl.dtype), _rows(xl)).to(lora_a.dtype)  # [r, in]
+        if need_w:
+            dw = torch.mm(dy2.t().to(xb.dtype), _rows(xb)).to(weight.dtype)
+        if need_b:
+            db = dy2.sum(0).to(bias.dtype)
+        if need_x:
+            w = _ac_cast(weight, ac)
+            dx = torch.mm(dy2.to(w.dtype), w)  # [tokens, in]
+            if da.dtype == dx.dtype == la.dtype:
+                dx.addmm_(da, la)  # the adapter's share, summed in the epilogue
+            else:
+                dx = dx + torch.mm(da.to(la.dtype), la).to(dx.dtype)
+            dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return dx, dw, db, dla, dlb, None, None
+
+
+def lora_linear_reason(module: nn.Module, x: torch.Tensor) -> tuple[Any, str]:
+    """(parts, "") when :class:`LoRALinearFunction` computes ``module(x)``, else (None, why)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None, f"input is {getattr(x, 'dtype', type(x).__name__)}"
+    parts, why = down_parts(module)
+    if parts is None:
+        return None, why
+    if parts.lora_a is None:
+        return None, "no active adapter"
+    return (parts, "") if not (why := _tensor_reason(parts, x)) else (None, why)
+
+
+def lora_linear_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Replacement forward for a PEFT ``lora.Linear`` instance: the fused node, or PEFT's forward."""
+    if not args and not kwargs:
+        parts, why = lora_linear_reason(self, x)
+        if parts is not None:
+            return LoRALinearFunction.apply(x, parts.weight, parts.bias, parts.lora_a, parts.lora_b,
+                                            parts.scaling, parts.cast_input)
+        if why != "no active adapter":  # (disabled adapters: PEFT's forward is just the base linear)
+            warn_once(f"lora_linear:{why}", f"hf_fastkern: a LoRA linear runs PEFT's forward: {why}.")
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+def lora_linear_factory(module: nn.Module, config: Any) -> Any:
+    """Registry factory: bind :func:`lora_linear_forward` on PEFT ``lora.Linear`` instances only."""
+    from hf_fastkern.patches.registry import Unsupported
+
+    if not _is_lora_linear(module):
+        raise Unsupported(f"{type(module).__name__} is not PEFT's lora.Linear")
+    if "forward" in module.__dict__:
+        raise Unsupported("has an instance-level forward (a hook library such as accelerate)")
+    return lora_linear_forward
