@@ -17,15 +17,23 @@ minute), so the search has a total ``--time-budget``; when it runs out, the row 
 ``max_seq`` is a lower bound. ``--start auto`` starts each search at the anchors' result (peers) or at the
 target, 1.5x Liger's anchor (fastkern), which saves most of the doubling trials.
 
+With ``--json`` the file is rewritten after every finished trial (``partial: true`` until the last variant ends;
+the row of a search still running says ``in_progress: true`` and holds the longest length that trained so far),
+so a run that a time limit kills still leaves every trial it finished. SIGTERM ends the running trial too.
+
     PYTHONPATH=. python benchmarks/bench_longctx.py --variants fastkern,fastkern_gc --json results/h100/longctx.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -128,17 +136,23 @@ def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
 
 
 def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float = 600, trial_timeout: float = 420,
-           tiny: bool = False, log=print, grow: float = 2.0, trial=None) -> dict:
+           tiny: bool = False, log=print, grow: float = 2.0, trial=None,
+           on_trial: Callable[[dict], None] | None = None) -> dict:
     """Grow (x2 by default) then bisect (multiples of 1024, to 1/8 of the result) under a time budget.
 
     ``trial(variant, seq, timeout, tiny) -> {"ok": bool, "oom"/"timeout"/"error": ...}`` runs one attempt
     (default: this script's subprocess); bench_lora.py passes its own to search with the 8B LoRA model.
+    ``on_trial(row)`` is called after every finished trial with the row as it stands (``in_progress: True``,
+    ``exact: False``, ``max_seq`` the longest length that trained so far), so a caller can save it before the
+    next trial, which may be the one a time limit kills.
 
     A step costs about S^2 at these lengths, so a smaller ``grow`` (1.25) keeps the trial above a passing start
     affordable; the first trial at ``start`` already answers "does it train at this length?".
     """
     t0 = time.time()
     lo, hi, best, trials = 0, None, {}, []
+    row = dict(bench="longctx", impl=parse_variant(variant)[0], variant=variant, grad_ckpt=parse_variant(variant)[1],
+               offload=parse_variant(variant)[2], mlp_chunk_tokens=split_chunk(variant)[1], B=1)
 
     def ok(seq: int) -> bool | None:
         left = budget_s - (time.time() - t0)
@@ -147,17 +161,17 @@ def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float 
         res = (trial or _trial)(variant, seq, min(trial_timeout, left), tiny)
         trials.append([seq, "ok" if res.get("ok") else ("timeout" if res.get("timeout") else "fail")])
         log(f"  {variant} S={seq}: {trials[-1][1]}" + (f" ({res['error']})" if res.get("error") else ""))
+        if res.get("ok"):
+            best.clear()
+            best.update(res)
+        if on_trial is not None:
+            on_trial(_row_so_far(row, trials, best, t0, res.get("error")))
         if res.get("error"):
             raise RuntimeError(res["error"])
         if res.get("timeout"):
             return None
-        if res.get("ok"):
-            best.clear()
-            best.update(res)
         return bool(res.get("ok"))
 
-    row = dict(bench="longctx", impl=parse_variant(variant)[0], variant=variant, grad_ckpt=parse_variant(variant)[1],
-               offload=parse_variant(variant)[2], mlp_chunk_tokens=split_chunk(variant)[1], B=1)
     try:
         s = max(1024, start // 1024 * 1024)
         r = ok(s)
@@ -202,6 +216,22 @@ def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float 
     return row
 
 
+def _row_so_far(row: dict, trials: list, best: dict, t0: float, error: str | None = None) -> dict:
+    """The search's row from its finished trials alone (longest ok length, the shortest failure above it):
+    what a run killed before the search ends can still report. Never exact: the search had not finished."""
+    oks = [s for s, r in trials if r == "ok"]
+    lo = max(oks) if oks else None
+    fails = [s for s, r in trials if r == "fail" and (lo is None or s > lo)]
+    out = dict(row, **{k: v for k, v in best.items() if k != "ok"})
+    out.update(max_seq=lo, exact=False, first_fail=min(fails) if fails else None, trials=[list(t) for t in trials],
+               in_progress=True, secs=round(time.time() - t0))
+    if error:
+        out["error"] = error
+    if ANCHORS.get(row["variant"]):
+        out["anchor"] = ANCHORS[row["variant"]]
+    return out
+
+
 def add_longctx_ratios(rows: list[dict]) -> None:
     """vs_liger: max_seq / Liger's (same run when measured, else the anchor) for the same checkpointing mode."""
     for r in rows:
@@ -215,18 +245,50 @@ def add_longctx_ratios(rows: list[dict]) -> None:
                 r["vs_best_peer"] = r["vs_liger"]
 
 
+def save_progress(path: str | None, rows: list[dict], extra: dict | None = None) -> None:
+    """Write ``rows`` (ratios added on copies) to ``path`` without printing: called after every trial."""
+    if not path:
+        return
+    rows = [dict(r) for r in rows]
+    add_longctx_ratios(rows)
+    with contextlib.redirect_stdout(io.StringIO()):  # save() announces every write; once per trial is noise
+        save(path, rows, {"anchors": ANCHORS, **(extra or {})})
+
+
 def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS, budget_s: float | None = None,
-        progress=None) -> list[dict]:
-    """Rows per variant. Without CUDA: nothing can run out of GPU memory, so one row says so."""
+        progress=None, trial_timeout: float | None = None, json_path: str | None = None, start: str | int = "auto",
+        cap: int = 1 << 20, tiny: bool = False, grow: float = 2.0, on_row: Callable[[dict], None] | None = None,
+        log=print) -> list[dict]:
+    """Rows per variant. Without CUDA: nothing can run out of GPU memory, so one row says so.
+
+    The variants share ``budget_s`` (default 500 s, 240 quick): each gets an equal part of what is left when it
+    starts, so time a fast search leaves goes to the later ones. ``trial_timeout`` caps one trial (default 420 s;
+    a trial also never outlives its variant's share). With ``json_path`` the rows are saved after every finished
+    trial (``partial: true`` until the last variant ends, the unfinished variant's row marked ``in_progress``), so
+    a run killed by a time limit still leaves every trial it finished.
+    """
     if not torch.cuda.is_available():
         return [dict(bench="longctx", impl="-", error="needs a CUDA GPU (the search runs until the GPU is full)")]
     if quick:
         variants = tuple(v for v in variants if v.startswith("fastkern")) or variants
+    for v in variants:
+        parse_variant(v)  # a misspelt variant fails here, not after the others' minutes
     budget = budget_s if budget_s is not None else (240 if quick else 500)
-    rows = []
+    extra = {"time_budget_s": budget, "trial_timeout_s": trial_timeout or 420, "variants": list(variants)}
+    rows: list[dict] = []
+    t0 = time.time()
     for i, v in enumerate(variants):
-        per = (budget - sum(r["secs"] for r in rows)) / (len(variants) - i)
-        rows.append(search(v, start=auto_start(v), budget_s=per))
+        per = (budget - (time.time() - t0)) / (len(variants) - i)
+        s = auto_start(v) if start == "auto" else int(start)
+
+        def saved(partial: dict) -> None:
+            save_progress(json_path, rows + [partial], dict(extra, partial=True))
+
+        rows.append(search(v, start=s, cap=cap, budget_s=per, trial_timeout=trial_timeout or 420, tiny=tiny,
+                           log=log, grow=grow, on_trial=saved))
+        save_progress(json_path, rows, dict(extra, partial=i + 1 < len(variants)))
+        if on_row is not None:
+            on_row(rows[-1])
         if progress is not None:
             progress(v)
     add_longctx_ratios(rows)
@@ -253,19 +315,17 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: the longest-sequence search needs a GPU (nothing to measure here)")
         rows = run()
     else:
-        variants = args.variants.split(",")
-        for v in variants:
-            parse_variant(v)
-        rows, t0 = [], time.time()
-        for i, v in enumerate(variants):
-            per = (args.time_budget - (time.time() - t0)) / (len(variants) - i)
-            start = auto_start(v) if args.start == "auto" else int(args.start)
-            rows.append(search(v, start=start, cap=args.cap, budget_s=per, trial_timeout=args.trial_timeout,
-                               tiny=args.tiny, grow=args.grow))
-            print_table(rows[-1:], COLS)
-        add_longctx_ratios(rows)
+        # `timeout` sends SIGTERM: leave through SystemExit, so subprocess.run kills the running trial (it would
+        # otherwise hold the GPU after we are gone); with --json the trials finished so far are already saved
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(124))
+        rows = run(variants=tuple(args.variants.split(",")), budget_s=args.time_budget,
+                   trial_timeout=args.trial_timeout, json_path=args.json, start=args.start, cap=args.cap,
+                   tiny=args.tiny, grow=args.grow, on_row=lambda r: print_table([r], COLS))
     print_table(rows, COLS)
-    save(args.json, rows, {"anchors": ANCHORS})
+    if not torch.cuda.is_available():
+        save(args.json, rows, {"anchors": ANCHORS})
+    elif args.json:
+        print(f"wrote {args.json} (saved after every trial; this is the final version)")
     return 0
 
 

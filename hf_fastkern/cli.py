@@ -1,6 +1,7 @@
 """``hf-fastkern``: benchmark, check and describe hf_fastkern on this machine.
 
-    hf-fastkern bench [ops|attention|ce|e2e|longctx|lora|all ...] [--quick] [--json FILE] [--out-dir DIR] [--plot FILE]
+    hf-fastkern bench [ops|attention|ce|e2e|longctx|lora|all ...] [--quick] [--budget SECONDS] [--json FILE]
+                      [--out-dir DIR] [--plot FILE] [--longctx-variants V1,V2]
     hf-fastkern info  [--json FILE]
     hf-fastkern check
 
@@ -8,7 +9,9 @@
 subprocess per variant / trial), with every peer beside our kernels, and prints per-section tables with the
 fraction of the measured device ceiling and the ratio to the best peer. Without a GPU it runs each script's
 quick pass (small sizes, the PyTorch fallback path) plus a tiny Llama training step patched vs unpatched, and
-says that GPU numbers need a GPU. ``info`` says, per op and dtype, which path (Triton kernel or reference) a
+says that GPU numbers need a GPU. ``--budget SECONDS`` fits the whole run into that much wall time on a GPU (one
+device call): each script gets a share (see ``BudgetPlan``), the long-context search gets what is left, and the
+output and JSON say which sections were shortened and how. ``info`` says, per op and dtype, which path (Triton kernel or reference) a
 call takes here and why. ``check`` compares each kernel entry point with its reference at small sizes (on CPU
 through the Triton interpreter).
 """
@@ -18,13 +21,16 @@ import argparse
 import contextlib
 import gc
 import importlib
+import inspect
 import io
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 SECTIONS = {
     "ops": ("rms_norm", "layer_norm", "activations"),
@@ -122,16 +128,211 @@ def _progress(total: int, desc: str):
         return None
 
 
+# ----------------------------------------------------------------------------------------------------------
+# time budget (`bench --budget SECONDS`): the whole run in one device call
+
+
+@dataclass(frozen=True)
+class Level:
+    """One way to run a script: its expected seconds on one H100, the run() keyword arguments, and what it
+    leaves out compared with the full run (None: nothing)."""
+    est_s: float
+    kwargs: dict = field(default_factory=dict)
+    note: str | None = None
+
+
+# Expected seconds per script on one H100 (a fresh machine: cold Triton cache, autotuning included), read off the
+# device logs benchmarks/results/h100/device_run_2026-11-25*.log (`=== HH:MM:SS [limit] cmd` ... `=== rc=` lines):
+# - op scripts with --budget-s 55: rms_norm timed 7 of its 9 shapes, layer_norm 4 of 9, activations 7 of 8, in
+#   ~63 s each with the process start; the full grids below extrapolate the time per shape. A budget stops a grid
+#   before a shape that would overrun it (bench_rms_norm.Budget), so a budgeted script takes its budget or less.
+# - cross_entropy: main shape with peers, torch.compile and a 3-size chunk sweep, 45 s (2026-11-25 18:09-18:10);
+#   the full run adds two shapes (no compile there).
+# - e2e: three variant subprocesses, 117 s cold (2026-11-25 18:10-18:12), 75 s warm (log g). No shorter form.
+# - attention: not timed alone in any log (run_device.sh allows 240 s): 9 cases x 4 implementations, flex
+#   recompiled per case; the quick pass is the first 2 cases.
+# - longctx: a trial is a fresh process (~15 s to build the model) plus one step (5 s at 54K tokens, 45 s at
+#   230K checkpointed, 115 s at 368K offloaded); its default is 500 s for the 6 variants.
+OP_NAMES = ("rms_norm", "layer_norm", "activations")
+OP_FULL_EST_S = {"rms_norm": 80.0, "layer_norm": 110.0, "activations": 70.0}
+OP_BUDGETS_S = (None, 50.0, 35.0, 25.0)  # levels of the op scripts' budget_s (None: the whole grid)
+LONGCTX_FULL_S = 500.0  # bench_longctx.run's own default budget for all 6 variants
+LONGCTX_MIN_S = 150.0  # what the plan keeps for the shortened search (about 3 trials per variant)
+LONGCTX_SKIP_BELOW_S = 45.0  # less than this cannot finish one trial: the section is skipped, and says so
+# the shortened search: our two modes (without / with checkpointing); the peers' numbers are the anchors
+LONGCTX_SHORT_VARIANTS = ("fastkern", "fastkern_gc")
+LONGCTX_TRIAL_TIMEOUT_S = 420.0
+STARTUP_S = 15.0  # imports, environment record and the two ceiling measurements before the first script
+RESERVE_S = 15.0  # kept back for the last JSON and plots
+LEVELS: dict[str, tuple[Level, ...]] = {
+    **{n: tuple(Level(OP_FULL_EST_S[n] if b is None else b + 5.0, {"budget_s": b}) for b in OP_BUDGETS_S)
+       for n in OP_NAMES},
+    "attention": (Level(150.0), Level(50.0, {"quick": True}, "quick pass: the first 2 of 9 cases (causal, B=8 S=2K "
+                                            "and B=4 S=4K); GQA, d64, 8K/16K, window and varlen cases not run")),
+    "cross_entropy": (Level(90.0), Level(45.0, {"quick": True}, "quick pass: the main shape (T=8192, H=4096, "
+                                                "V=128256) only; T=4096/H=2048 and T=16384/H=4096 not run")),
+    "e2e": (Level(120.0),),
+    "longctx": (Level(LONGCTX_FULL_S), Level(LONGCTX_MIN_S)),
+}
+# Cheapest first: what the plan gives up, in this order, until its estimate fits the budget.
+DOWNGRADES = (("longctx", 1), ("ops", 1), ("attention", 1), ("ops", 2), ("cross_entropy", 1), ("ops", 3))
+
+
+class BudgetPlan:
+    """Shares of ``seconds`` of wall time for the scripts ``names`` (run in that order), on a GPU.
+
+    Planning: every script starts at its full form; while the estimate (``STARTUP_S`` + the scripts' expected
+    seconds + ``RESERVE_S``) exceeds the budget, the next step of ``DOWNGRADES`` applies (long-context search
+    shortened to our variants, op grids cut to 50 s, attention quick, op grids to 35 s, CE quick, op grids to
+    25 s). At run time (``settings``) each script gets its planned form unless the scripts before it ran long:
+    then a script with a time knob gets less time, one with a quick form runs quick, and one that cannot fit at
+    all is skipped. The long-context search (last in ``ALL``) gets whatever is left, up to its full 500 s: it
+    is the one part whose result degrades gracefully (a lower bound, ``exact: false``).
+    """
+
+    def __init__(self, seconds: float, names: list[str], start: float | None = None, clock=None,
+                 longctx_variants: tuple[str, ...] | None = None) -> None:
+        self.seconds = float(seconds)
+        self.names = list(names)
+        self.clock = clock or _clock
+        self.t0 = self.clock() if start is None else start
+        self.longctx_variants = tuple(longctx_variants) if longctx_variants else None
+        self.level = {n: 0 for n in self.names if n in LEVELS}
+        self.steps: list[str] = []
+        for sec, lvl in DOWNGRADES:
+            if self.planned_s() <= self.seconds:
+                break
+            hit = [n for n in (OP_NAMES if sec == "ops" else (sec,)) if n in self.level and lvl < len(LEVELS[n])]
+            for n in hit:
+                self.level[n] = max(self.level[n], lvl)
+            if hit:
+                self.steps.append(f"{sec} -> level {lvl}")
+
+    def est(self, name: str, level: int | None = None) -> float:
+        if name not in LEVELS:  # a script with no estimate (lora): a guess, never shortened
+            return 120.0
+        return LEVELS[name][self.level[name] if level is None else level].est_s
+
+    def planned_s(self) -> float:
+        return STARTUP_S + RESERVE_S + sum(self.est(n) for n in self.names)
+
+    def left(self) -> float:
+        return self.seconds - (self.clock() - self.t0)
+
+    def describe(self) -> dict:
+        return {"seconds": self.seconds, "planned_s": round(self.planned_s()), "fits": self.planned_s() <= self.seconds,
+                "downgrades": self.steps,
+                "plan": {n: {"est_s": self.est(n), **({"level": self.level[n]} if n in self.level else {})}
+                         for n in self.names}}
+
+    def settings(self, name: str) -> dict:
+        """What the script ``name`` runs with now: ``kwargs`` for its run(), ``shortened`` (what it leaves
+        out, or None), ``skip`` (why it does not run at all, or None), and the seconds ``left``."""
+        left = self.left()
+        later = self.names[self.names.index(name) + 1:]
+        # what this script may use and still leave the later ones their planned time
+        avail = left - RESERVE_S - sum(self.est(n) for n in later)
+        out: dict = {"kwargs": {}, "shortened": None, "skip": None, "left_s": round(left, 1)}
+        if name == "longctx":
+            b = min(LONGCTX_FULL_S, avail)
+            if b < LONGCTX_SKIP_BELOW_S:
+                out["skip"] = f"{max(b, 0):.0f} s left for the search, less than one trial takes"
+                return out
+            full = self.level.get(name, 0) == 0 and b >= 0.8 * LONGCTX_FULL_S
+            variants = self.longctx_variants or (None if full else LONGCTX_SHORT_VARIANTS)
+            out["kwargs"] = {"budget_s": round(b), "trial_timeout": round(min(LONGCTX_TRIAL_TIMEOUT_S, b))}
+            if variants:
+                out["kwargs"]["variants"] = tuple(variants)
+            parts = []
+            if variants and not self.longctx_variants:
+                parts.append(f"variants {','.join(variants)} only (full: all 6; the peers' ratios use the anchors)")
+            if b < LONGCTX_FULL_S:
+                parts.append(f"search budget {b:.0f} s (full: {LONGCTX_FULL_S:.0f} s): rows with exact=false give "
+                             "max_seq as a lower bound")
+            out["shortened"] = "; ".join(parts) or None
+            return out
+        if name not in LEVELS:
+            if self.est(name) > left - RESERVE_S:
+                out["skip"] = f"{left:.0f} s left, expected ~{self.est(name):.0f} s"
+            return out
+        levels = LEVELS[name]
+        if name in OP_NAMES:
+            b = levels[self.level[name]].kwargs["budget_s"]
+            if b is None and avail >= levels[0].est_s:
+                out["kwargs"] = {"budget_s": None}
+                return out
+            b = min(b if b is not None else float("inf"), avail - 5.0)
+            if b < 10.0:
+                out["skip"] = f"{max(avail, 0):.0f} s left for it after the later sections' shares"
+                return out
+            out["kwargs"] = {"budget_s": round(b)}
+            return out  # 'shortened' is set after the run, from the shapes the grid left out
+        lvl = self.level[name]
+        while lvl + 1 < len(levels) and levels[lvl].est_s > avail:
+            lvl += 1
+        if 0.6 * levels[lvl].est_s > left - RESERVE_S:
+            out["skip"] = f"{left:.0f} s left, expected ~{levels[lvl].est_s:.0f} s"
+            return out
+        out["kwargs"] = dict(levels[lvl].kwargs)
+        out["shortened"] = levels[lvl].note
+        return out
+
+
+def _clock() -> float:
+    return time.monotonic()
+
+
+def _gpu_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _gpu_free_gib() -> float | None:
+    """Free GPU memory now (GiB): what the e2e/longctx subprocesses have beside this process."""
+    try:
+        import torch
+        return round(torch.cuda.mem_get_info()[0] / 2**30, 1)
+    except Exception:
+        return None
+
+
+def _accepted(fn, kwargs: dict) -> dict:
+    """The items of ``kwargs`` that ``fn`` takes (scripts differ in their run() knobs)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {k: v for k, v in kwargs.items() if k == "quick"}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _skipped_shapes(mod) -> list | None:
+    """The op scripts' list of shapes a budget left out (bench_rms_norm.SKIPPED, shared by the three)."""
+    lst = getattr(mod, "SKIPPED", None)
+    if lst is None and hasattr(mod, "Budget"):
+        lst = getattr(sys.modules.get(getattr(mod.Budget, "__module__", ""), None), "SKIPPED", None)
+    return lst if isinstance(lst, list) else None
+
+
 def run_bench(targets: list[str], quick: bool = False, json_path: str | None = None, out_dir: str | None = None,
-              plot_path: str | None = None, command: str | None = None) -> dict:
-    """Run the named sections; returns the JSON document it prints/saves."""
+              plot_path: str | None = None, command: str | None = None, budget_s: float | None = None,
+              longctx_variants: tuple[str, ...] | None = None, started: float | None = None) -> dict:
+    """Run the named sections; returns the JSON document it prints/saves.
+
+    ``budget_s``: fit the run into that many seconds of wall time from ``started`` (default: now) on a GPU
+    (``BudgetPlan``); None runs every script in full. The JSON is rewritten after every script, and, with
+    ``out_dir``, each script's rows and plot go to ``<out_dir>/<name>.json`` / ``.png`` as soon as it ends, so
+    a run stopped by a time limit keeps what it finished.
+    """
     import torch
 
     try:
         from hf_fastkern.benchmarks import common
     except ImportError:
         common = importlib.import_module("benchmarks.common")
-    gpu = torch.cuda.is_available()
+    t_start = _clock() if started is None else started
+    gpu = _gpu_available()
     if not gpu:
         print(NO_GPU_NOTE)
         quick = True
@@ -139,6 +340,9 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
     for t in targets:
         for n in (ALL if t == "all" else (t,)):
             names += [(n, b) for b in SECTIONS[n] if (n, b) not in names]
+    plan = None
+    if budget_s is not None and gpu:
+        plan = BudgetPlan(budget_s, [b for _, b in names], start=t_start, longctx_variants=longctx_variants)
     env = common.environment()
     print(_env_line(env))
     ceil = common.ceilings() if gpu else {}
@@ -147,60 +351,122 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
               f"{ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s")
     doc: dict = {"env": env, "command": command or " ".join(["hf-fastkern"] + sys.argv[1:]),
                  "quick": quick, "ceilings": ceil, "sections": {}, "rows": []}
+    if budget_s is not None:
+        doc["budget"] = plan.describe() if plan else {
+            "seconds": budget_s, "note": "no GPU: every script runs its quick CPU pass; the budget applies on a GPU"}
+        if plan:
+            print(f"budget {budget_s:.0f} s: planned ~{plan.planned_s():.0f} s"
+                  + (f" after shortening ({'; '.join(plan.steps)})" if plan.steps else " (nothing shortened)")
+                  + ("" if doc["budget"]["fits"] else "; the estimate still exceeds the budget: later scripts "
+                     "may be skipped"))
+    shortened: dict[str, str] = {}
     bar = _progress(len(names), "hf-fastkern bench")
-    for section, name in names:
-        t0 = time.time()
-        if gpu:
-            # e2e/longctx run in subprocesses that need the whole GPU: give back what earlier scripts cached
-            gc.collect()
-            torch.cuda.empty_cache()
-        mod, why = load_bench(name)
-        if mod is None:
-            rows = []
-            status = why
-        else:
-            # On CPU the scripts' own progress tables only repeat the CLI's table, so they are held back (and
-            # shown on failure); on a GPU they are the progress report of a long run, so they go through.
-            captured = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(captured) if not gpu else contextlib.nullcontext():
-                    rows = list(mod.run(quick=quick))
-                measured = [r for r in rows if not r.get("error")]
-                status = "ok" if measured or not rows else f"no result: {rows[0]['error']}"
-            except Exception as e:  # one broken script must not hide the others
-                rows = []
-                status = f"failed: {type(e).__name__}: {str(e)[:300]}"
-                tail = captured.getvalue().strip().splitlines()[-5:]
-                if tail:
-                    status += "\n   last output: " + "\n   ".join(tail)
-        for r in rows:
-            r.setdefault("bench", name)
-        add_ceiling_fraction(rows, ceil)
-        doc["sections"][name] = {"section": section, "status": status, "secs": round(time.time() - t0, 1)}
-        doc["rows"] += rows
+    current = None
+    try:
+        for section, name in names:
+            current = name
+            t0 = time.time()
+            if gpu:
+                # e2e/longctx run in subprocesses that need the whole GPU: give back what earlier scripts cached
+                gc.collect()
+                torch.cuda.empty_cache()
+            settings = plan.settings(name) if plan else {"kwargs": {}, "shortened": None, "skip": None}
+            info_s: dict = {"section": section}
+            if gpu:
+                info_s["gpu_free_GiB"] = _gpu_free_gib()
+            mod, why = (None, None) if settings["skip"] else load_bench(name)
+            rows: list[dict] = []
+            if settings["skip"]:
+                status = f"skipped: {settings['skip']}"
+                shortened[name] = status
+            elif mod is None:
+                status = why
+            else:
+                kwargs = {"quick": quick, **settings["kwargs"]}
+                if name == "longctx" and longctx_variants and "variants" not in kwargs:
+                    kwargs["variants"] = tuple(longctx_variants)
+                if out_dir and gpu:
+                    # scripts that save as they go (attention per case, longctx per trial) do it into out_dir
+                    kwargs["json_path"] = os.path.join(out_dir, f"{name}.json")
+                kwargs = _accepted(mod.run, kwargs)
+                info_s["settings"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()
+                                      if k != "json_path"}
+                skipped = _skipped_shapes(mod)
+                n_skipped = len(skipped) if skipped is not None else 0
+                # On CPU the scripts' own progress tables only repeat the CLI's table, so they are held back (and
+                # shown on failure); on a GPU they are the progress report of a long run, so they go through.
+                captured = io.StringIO()
+                try:
+                    with contextlib.redirect_stdout(captured) if not gpu else contextlib.nullcontext():
+                        rows = list(mod.run(**kwargs))
+                    measured = [r for r in rows if not r.get("error")]
+                    status = "ok" if measured or not rows else f"no result: {rows[0]['error']}"
+                except Exception as e:  # one broken script must not hide the others
+                    rows = []
+                    status = f"failed: {type(e).__name__}: {str(e)[:300]}"
+                    tail = captured.getvalue().strip().splitlines()[-5:]
+                    if tail:
+                        status += "\n   last output: " + "\n   ".join(tail)
+                if skipped is not None and len(skipped) > n_skipped:
+                    info_s["skipped_shapes"] = [dict(x) for x in skipped[n_skipped:]]
+                    settings["shortened"] = (f"shape grid cut by its {kwargs.get('budget_s')} s budget: "
+                                             f"{len(info_s['skipped_shapes'])} shape(s) not run (skipped_shapes)")
+                if settings["shortened"]:
+                    shortened[name] = settings["shortened"]
+            for r in rows:
+                r.setdefault("bench", name)
+            add_ceiling_fraction(rows, ceil)
+            info_s.update(status=status, secs=round(time.time() - t0, 1), shortened=shortened.get(name))
+            doc["sections"][name] = info_s
+            doc["rows"] += rows
+            if bar is not None:
+                bar.update(1)
+                bar.clear()
+            print(f"\n== {name} ({section}): {status}, {time.time() - t0:.1f}s"
+                  + (f"\n   SHORTENED: {shortened[name]}" if name in shortened and not settings["skip"] else ""))
+            if rows:
+                common.print_table(rows, table_columns(rows))
+            if out_dir and rows:
+                one = {"env": env, "command": doc["command"], "ceilings": ceil, "quick": quick, "rows": rows}
+                for k in ("settings", "skipped_shapes", "shortened"):
+                    if info_s.get(k):
+                        one[k] = info_s[k]
+                if "budget" in doc:
+                    one["budget_s"] = budget_s
+                _write(os.path.join(out_dir, f"{name}.json"), one)
+                _plot(rows, os.path.join(out_dir, f"{name}.png"), None)
+            if json_path:
+                _write(json_path, dict(doc, partial=True), quiet=True)
+        current = None
+    except BaseException as e:  # a time limit's SIGTERM (SystemExit) or ^C: say where, keep what finished
+        doc["stopped"] = f"{type(e).__name__} during {current}" if current else type(e).__name__
+        raise
+    finally:
         if bar is not None:
-            bar.update(1)
-            bar.clear()
-        print(f"\n== {name} ({section}): {status}, {time.time() - t0:.1f}s")
-        if rows:
-            common.print_table(rows, table_columns(rows))
-        if out_dir and rows:
-            _write(os.path.join(out_dir, f"{name}.json"),
-                   {"env": env, "command": doc["command"], "ceilings": ceil, "quick": quick, "rows": rows})
-    if bar is not None:
-        bar.close()
+            bar.close()
+        doc["secs"] = round(_clock() - t_start, 1)
+        if "budget" in doc:
+            doc["budget"].update(spent_s=doc["secs"], shortened=shortened)
+        if json_path:
+            _write(json_path, doc)
     if not gpu:
         print("\n" + NO_GPU_NOTE)
-    if json_path:
-        _write(json_path, doc)
+    if "budget" in doc and plan:
+        print(f"\nbudget {budget_s:.0f} s, spent {doc['secs']:.0f} s. "
+              + ("Nothing was shortened." if not shortened else "Shortened (also in the JSON's budget.shortened):"))
+        for n, why in shortened.items():
+            print(f"  {n}: {why}")
     if plot_path:
-        try:
-            plot = _report_module().plot_rows
-            made = plot(doc["rows"], plot_path)
-            print(f"wrote {plot_path}" if made else "no plot: matplotlib is not installed or no rows to plot")
-        except Exception as e:
-            print(f"no plot: {type(e).__name__}: {e}")
+        _plot(doc["rows"], plot_path, None)
     return doc
+
+
+def _plot(rows: list[dict], path: str, title: str | None) -> None:
+    try:
+        made = _report_module().plot_rows(rows, path, title)
+        print(f"wrote {path}" if made else f"no plot {path}: matplotlib is not installed or no rows to plot")
+    except Exception as e:
+        print(f"no plot {path}: {type(e).__name__}: {e}")
 
 
 def _report_module():
@@ -212,11 +478,15 @@ def _report_module():
     raise ImportError("benchmarks/report.py not found")
 
 
-def _write(path: str, doc: dict) -> None:
+def _write(path: str, doc: dict, quiet: bool = False) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    # write then rename: a run killed mid-write leaves the previous complete file, never half a JSON
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, default=str)
-    print(f"wrote {path}")
+    os.replace(tmp, path)
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def _env_line(env: dict) -> str:
@@ -429,7 +699,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small sizes, fewer repetitions")
     b.add_argument("--json", help="write every row + environment + command to this file")
     b.add_argument("--out-dir", help="also write one <bench>.json per script here (e.g. benchmarks/results/h100)")
-    b.add_argument("--plot", help="write a PNG plot (matplotlib) here")
+    b.add_argument("--plot", help="write a PNG plot (matplotlib) of every row here (with --out-dir, each script "
+                   "also gets <out-dir>/<name>.png)")
+    b.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="fit the whole run into this many seconds of wall time on a GPU: scripts get shares, the "
+                   "long-context search what is left; the output and JSON (budget.shortened) say what was cut")
+    b.add_argument("--longctx-variants", metavar="V1,V2",
+                   help="long-context variants to search (default: all 6; under a tight --budget: "
+                   + ",".join(LONGCTX_SHORT_VARIANTS) + ")")
     i = sub.add_parser("info", help="environment, device, and which path each op takes here")
     i.add_argument("--json")
     sub.add_parser("check", help="quick correctness check of every kernel against its reference")
@@ -437,14 +714,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = _clock()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.cmd == "bench":
         bad = [t for t in args.targets if t not in SECTIONS and t != "all"]
         if bad:
             build_parser().error(f"unknown bench target(s) {bad}: choose from {', '.join(SECTIONS)}, all")
-        run_bench(args.targets, quick=args.quick, json_path=args.json, out_dir=args.out_dir, plot_path=args.plot,
-                  command=" ".join(["hf-fastkern"] + argv))
+        if args.budget is not None and args.budget <= 0:
+            build_parser().error("--budget must be a positive number of seconds")
+        variants = tuple(v for v in (args.longctx_variants or "").split(",") if v) or None
+        # `timeout` sends SIGTERM: turn it into SystemExit so the JSON of the finished scripts is written and a
+        # running trial subprocess is killed with us (subprocess.run kills its child on any exception)
+        prev = _sigterm_to_exit()
+        try:
+            run_bench(args.targets, quick=args.quick, json_path=args.json, out_dir=args.out_dir,
+                      plot_path=args.plot, command=" ".join(["hf-fastkern"] + argv), budget_s=args.budget,
+                      longctx_variants=variants, started=started)
+        finally:
+            if prev is not None:
+                signal.signal(signal.SIGTERM, prev)
         return 0
     if args.cmd == "info":
         info(args.json)
@@ -452,6 +741,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check":
         return check()
     return 2
+
+
+def _sigterm_to_exit():
+    """Make SIGTERM raise SystemExit(124) (as `timeout` reports); returns the previous handler, or None when
+    this is not the main thread (signal handlers can only be set there)."""
+    try:
+        return signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(124))
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -185,3 +185,166 @@ def test_longctx_trial_gpu():
         assert res.get("ok"), (variant, res)
     res = bench_longctx._trial("sdpa", 1 << 24, timeout=300, tiny=False)
     assert not res.get("ok") and res.get("oom"), res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `bench --budget`: one run that fits one device call (issue 7), checked with fake scripts and a fake clock
+
+ALL_SCRIPTS = ["rms_norm", "layer_norm", "activations", "attention", "cross_entropy", "e2e", "longctx"]
+
+
+def test_budget_plan_fits_and_shortens_in_order():
+    big = cli.BudgetPlan(5000, ALL_SCRIPTS, clock=lambda: 0.0)
+    assert big.steps == [] and big.describe()["fits"]
+    plan = cli.BudgetPlan(500, ALL_SCRIPTS, clock=lambda: 0.0)
+    d = plan.describe()
+    assert d["fits"] and d["planned_s"] <= 500
+    # the long-context search is given up to its minimum first, then the op grids, attention, CE
+    assert plan.steps[0] == "longctx -> level 1" and plan.level["attention"] == 1
+    assert plan.level["cross_entropy"] == 1 and plan.level["e2e"] == 0
+    mid = cli.BudgetPlan(1000, ALL_SCRIPTS, clock=lambda: 0.0)
+    assert mid.steps == ["longctx -> level 1"] and mid.level["attention"] == 0
+    # without an overrun the first script gets its planned share, the quick form of attention is named
+    assert plan.settings("rms_norm")["kwargs"] == {"budget_s": 25}
+    att = plan.settings("attention")
+    assert att["kwargs"] == {"quick": True} and "2 of 9 cases" in att["shortened"]
+    lc = plan.settings("longctx")
+    assert lc["kwargs"]["variants"] == cli.LONGCTX_SHORT_VARIANTS and lc["kwargs"]["budget_s"] == 500 - cli.RESERVE_S
+
+
+class _FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def _fake_scripts(clock, calls, secs):
+    """Fake bench modules: each run() records its kwargs and advances the clock as the real one would take."""
+    import types
+
+    skipped: list = []
+
+    def op(name):
+        def run(quick=False, budget_s=None):
+            calls[name] = dict(quick=quick, budget_s=budget_s)
+            full = secs[name]
+            clock.t += full if budget_s is None else min(full, budget_s)
+            if budget_s is not None and budget_s < full:
+                skipped.append({"op": name, "T": 65536})
+            return [{"bench": name, "op": name, "impl": "fastkern", "T": 4096, "ms": 0.1, "GBps": 1000.0}]
+        return types.SimpleNamespace(run=run, SKIPPED=skipped)
+
+    def quickable(name, bench):
+        def run(quick=False, json_path=None):
+            calls[name] = dict(quick=quick, json_path=json_path)
+            clock.t += secs[name][1 if quick else 0]
+            return [{"bench": bench, "impl": "fastkern", "S": 2048, "fwdbwd_TFLOPs": 400.0}]
+        return types.SimpleNamespace(run=run)
+
+    def e2e_run(quick=False, variants=("sdpa",), progress=None):
+        calls["e2e"] = dict(quick=quick)
+        clock.t += secs["e2e"]
+        return [{"bench": "e2e", "impl": "fastkern", "B": 4, "S": 2048, "tok_per_s": 45000.0}]
+
+    def longctx_run(quick=False, variants=("sdpa",), budget_s=None, progress=None, trial_timeout=None,
+                    json_path=None):
+        calls["longctx"] = dict(variants=variants, budget_s=budget_s, trial_timeout=trial_timeout,
+                                json_path=json_path)
+        clock.t += budget_s or 500  # a search spends its whole budget
+        return [{"bench": "longctx", "impl": "fastkern", "variant": v, "max_seq": 50176, "exact": False}
+                for v in variants]
+
+    mods = {n: op(n) for n in cli.OP_NAMES}
+    mods.update(attention=quickable("attention", "attention"), cross_entropy=quickable("cross_entropy", "flce"),
+                e2e=types.SimpleNamespace(run=e2e_run), longctx=types.SimpleNamespace(run=longctx_run))
+    return mods
+
+
+def _fake_gpu(monkeypatch, secs):
+    clock = _FakeClock()
+    calls: dict = {}
+    mods = _fake_scripts(clock, calls, secs)
+    monkeypatch.setattr(cli, "_clock", clock)
+    monkeypatch.setattr(cli, "_gpu_available", lambda: True)
+    monkeypatch.setattr(cli, "_gpu_free_gib", lambda: 79.0)
+    monkeypatch.setattr(cli, "load_bench", lambda name: (mods[name], None))
+    return clock, calls
+
+
+EXPECTED = {"rms_norm": 80, "layer_norm": 110, "activations": 70, "attention": (150, 50), "cross_entropy": (90, 45),
+            "e2e": 120}
+
+
+def test_bench_all_budget_fits_and_says_what_was_shortened(monkeypatch, tmp_path, capsys):
+    clock, calls = _fake_gpu(monkeypatch, EXPECTED)
+    out = tmp_path / "all.json"
+    assert cli.main(["bench", "all", "--budget", "500", "--json", str(out), "--out-dir", str(tmp_path / "d")]) == 0
+    text = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert "partial" not in doc and "stopped" not in doc
+    assert doc["budget"]["seconds"] == 500 and doc["budget"]["spent_s"] <= 500
+    assert clock.t - 1000.0 <= 500
+    # every script ran, each with its share; the long-context search got what the others left
+    assert set(doc["sections"]) == set(ALL_SCRIPTS)
+    assert all(s["status"] == "ok" for s in doc["sections"].values())
+    assert calls["rms_norm"]["budget_s"] == 25 and calls["attention"]["quick"] and calls["cross_entropy"]["quick"]
+    assert calls["e2e"] == {"quick": False}
+    assert calls["longctx"]["variants"] == cli.LONGCTX_SHORT_VARIANTS
+    spent_before_longctx = 3 * 25 + 50 + 45 + 120
+    assert calls["longctx"]["budget_s"] == pytest.approx(500 - spent_before_longctx - cli.RESERVE_S, abs=1)
+    assert calls["longctx"]["json_path"] == str(tmp_path / "d" / "longctx.json")
+    # nothing silently truncated: the JSON and the output name every shortened script and why
+    short = doc["budget"]["shortened"]
+    assert set(short) == {"rms_norm", "layer_norm", "activations", "attention", "cross_entropy", "longctx"}
+    assert "skipped_shapes" in short["rms_norm"] and doc["sections"]["rms_norm"]["skipped_shapes"]
+    assert "search budget" in short["longctx"] and "fastkern,fastkern_gc only" in short["longctx"]
+    assert doc["sections"]["e2e"]["shortened"] is None
+    assert text.count("SHORTENED:") == 6 and "Shortened (also in the JSON's budget.shortened)" in text
+    # per-script JSON and plot in --out-dir
+    for name in ALL_SCRIPTS:
+        one = json.loads((tmp_path / "d" / f"{name}.json").read_text())
+        assert one["budget_s"] == 500 and one["rows"]
+        assert one.get("shortened") == short.get(name)
+        assert (tmp_path / "d" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_budget_overrun_skips_what_cannot_fit(monkeypatch, tmp_path, capsys):
+    """Attention takes 300 s instead of ~50: e2e no longer fits and is skipped, the search gets what is left."""
+    clock, calls = _fake_gpu(monkeypatch, dict(EXPECTED, attention=(300, 300)))
+    out = tmp_path / "all.json"
+    cli.main(["bench", "all", "--budget", "500", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert "e2e" not in calls and doc["sections"]["e2e"]["status"].startswith("skipped:")
+    assert doc["budget"]["shortened"]["e2e"].startswith("skipped:")
+    assert 0 < calls["longctx"]["budget_s"] <= 500 - (75 + 300 + 45) - cli.RESERVE_S + 1
+    assert clock.t - 1000.0 <= 500
+
+
+def test_bench_without_budget_keeps_full_runs(monkeypatch, tmp_path):
+    _, calls = _fake_gpu(monkeypatch, EXPECTED)
+    doc = cli.run_bench(["all"], json_path=str(tmp_path / "a.json"), longctx_variants=("fastkern_gc_offload",))
+    assert "budget" not in doc
+    assert calls["rms_norm"]["budget_s"] is None  # the whole grid, as before --budget existed
+    assert calls["attention"]["quick"] is False and calls["cross_entropy"]["quick"] is False
+    assert calls["longctx"]["budget_s"] is None and calls["longctx"]["variants"] == ("fastkern_gc_offload",)
+    assert all(s["shortened"] is None for s in doc["sections"].values())
+
+
+def test_bench_sigterm_keeps_finished_sections(monkeypatch, tmp_path):
+    """A time limit's SIGTERM (SystemExit) in the middle: the JSON holds the scripts that finished."""
+    _, calls = _fake_gpu(monkeypatch, EXPECTED)
+    import types
+
+    def killed(**kw):
+        raise SystemExit(124)
+    others = _fake_scripts(_FakeClock(), calls, EXPECTED)
+    monkeypatch.setattr(cli, "load_bench", lambda name: (types.SimpleNamespace(run=killed) if name == "e2e"
+                                                         else others[name], None))
+    out = tmp_path / "all.json"
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "all", "--budget", "500", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["stopped"] == "SystemExit during e2e"
+    assert list(doc["sections"]) == ["rms_norm", "layer_norm", "activations", "attention", "cross_entropy"]
