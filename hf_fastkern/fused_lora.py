@@ -13,16 +13,17 @@ On the Llama-3.1-8B LoRA benchmark these elementwise passes took ~330 of ~980 GP
 :class:`LoRALinearFunction` computes the same function with the two GEMMs it needs, and nothing else of size
 ``[tokens, *]``:
 
-    y  = x W^T + b;   a = x A^T  ([tokens, r]);   y += s * a B^T      (addmm_, beta 1: the epilogue sums it)
-    dB = s dy^T a;    da = s dy B;   dA = da^T x
-    dx = dy W  (+= da A, addmm_)                                      dW, db only when the base is trainable
+    a = x A^T  ([tokens, r]);   y = a (sB)^T + b;   y += x W^T     (addmm_, beta 1: the big GEMM's epilogue
+    dB = s dy^T a;    da = dy (sB);   dA = da^T x                      reads y, hidden in compute-bound work)
+    dx = da A;  dx += dy W  (addmm_)                                    dW, db only when the base is trainable
 
 It saves ``x`` (the tensor the caller passed, no copy, when autocast does not cast it), ``a`` and the parameters
 themselves (cast again in backward; ``A`` and ``B`` are tiny, a frozen bf16 ``W`` needs no cast).
 
 Numerics: operands are cast exactly as autocast casts them; PEFT's exact up-cast of ``x`` before autocast's
-down-cast is skipped (same values). ``y + s * a B^T`` is rounded once in the GEMM's fp32 epilogue where PEFT
-rounds ``a B^T``, its product with ``s`` and the sum separately; likewise ``dx``. Both are at least as accurate;
+down-cast is skipped (same values). ``sB`` is rounded once (a tiny [out, r]) and the sum with ``x W^T`` once
+in the GEMM's fp32 epilogue, where PEFT rounds ``a B^T``, its product with ``s`` and the sum separately;
+likewise ``dx``. Both are at least as accurate;
 the tests hold them to the tolerance table against an fp64 oracle.
 
 Taken per call, for a PEFT ``lora.Linear`` (exactly that class) with one active adapter, dropout 0 (an
@@ -44,9 +45,11 @@ from hf_fastkern.fused_mlp import (
     _is_lora_linear,
     _rows,
     _tensor_reason,
-    add_adapter_,
     down_parts,
+    grad_input_adapter,
+    linear_adapter,
     lora_input,
+    scaled_b,
 )
 from hf_fastkern.kernels.dispatch import warn_once
 
@@ -64,9 +67,8 @@ class LoRALinearFunction(torch.autograd.Function):
         ac = _autocast_state(x.device.type)
         xb = _ac_cast(x, ac)  # the base matmul's operand
         xl = lora_input(x, lora_a.dtype, cast_input, ac)  # lora_A's operand: usually the same tensor
-        y = F.linear(xb, _ac_cast(weight, ac), _ac_cast(bias, ac))
         a = F.linear(xl, _ac_cast(lora_a, ac))  # [..., r]
-        y = add_adapter_(y, a, _ac_cast(lora_b, ac), scaling)
+        y = linear_adapter(xb, _ac_cast(weight, ac), _ac_cast(bias, ac), a, scaled_b(lora_b, scaling, ac))
         ctx.autocast, ctx.scaling, ctx.x_dtype, ctx.x_shape = ac, scaling, x.dtype, x.shape
         ctx.same = xl is xb
         ctx.save_for_backward(xb, None if ctx.same else xl, weight, bias, lora_a, lora_b, a)
@@ -80,11 +82,11 @@ class LoRALinearFunction(torch.autograd.Function):
         ac, s = ctx.autocast, ctx.scaling
         dy2 = _rows(dy)
         dx = dw = db = dla = dlb = da = None
-        la, lb = _ac_cast(lora_a, ac), _ac_cast(lora_b, ac)
+        la, lb = _ac_cast(lora_a, ac), scaled_b(lora_b, s, ac)
         if need_lb:
             dlb = (torch.mm(dy2.t().to(a.dtype), _rows(a)) * s).to(lora_b.dtype)  # [out, r]
         if need_la or need_x:
-            da = torch.mm(dy2.to(lb.dtype), lb) * s  # [tokens, r]
+            da = torch.mm(dy2.to(lb.dtype), lb)  # [tokens, r] = s dy B
         if need_la:
             dla = torch.mm(da.t().to(xl.dtype), _rows(xl)).to(lora_a.dtype)  # [r, in]
         if need_w:
@@ -92,13 +94,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_b:
             db = dy2.sum(0).to(bias.dtype)
         if need_x:
-            w = _ac_cast(weight, ac)
-            dx = torch.mm(dy2.to(w.dtype), w)  # [tokens, in]
-            if da.dtype == dx.dtype == la.dtype:
-                dx.addmm_(da, la)  # the adapter's share, summed in the epilogue
-            else:
-                dx = dx + torch.mm(da.to(la.dtype), la).to(dx.dtype)
-            dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+            dx = grad_input_adapter(dy2, _ac_cast(weight, ac), da, la).reshape(ctx.x_shape).to(ctx.x_dtype)
         return dx, dw, db, dla, dlb, None, None
 
 

@@ -26,7 +26,7 @@ Numerics are the unfused path's, op for op, except for the adapter: the forward 
 under the caller's autocast state, and the backward runs its matmuls under the forward's autocast state (what
 ``torch.amp.custom_bwd`` does), so fp32 master weights are cast to bf16 exactly as autocast casts them and
 weight gradients reach the parameters in their own dtype. The adapter's share is summed in the GEMM epilogue
-(``addmm_``, rounded once) and PEFT's exact up-cast of ``h`` before autocast's down-cast is skipped, as in
+(the rank-r product first, the base GEMM accumulating into it) and PEFT's exact up-cast of ``h`` before autocast's down-cast is skipped, as in
 :mod:`hf_fastkern.fused_lora`. The weights are saved as the parameters themselves
 and cast again in backward, where the unfused path under autocast keeps a bf16 copy of every weight.
 
@@ -272,13 +272,37 @@ def lora_input(x: torch.Tensor, lora_dtype: torch.dtype, cast_input: bool,
     return _ac_cast(x, ac)
 
 
-def add_adapter_(y: torch.Tensor, a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``y + scaling * a @ lora_b^T``: in place into ``y`` through one GEMM with beta 1 (the epilogue sums it in
-    fp32 and rounds once) when the dtypes agree, the usual case; else PEFT's ops, in ``y``'s dtype."""
-    if a.dtype == y.dtype == lora_b.dtype and y.is_contiguous():
-        _rows(y).addmm_(_rows(a), lora_b.t(), alpha=scaling)
-        return y
-    return (y + F.linear(a, lora_b) * scaling).to(y.dtype)
+def scaled_b(lora_b: torch.Tensor, scaling: float, ac: tuple[str, bool, torch.dtype] | None) -> torch.Tensor:
+    """``scaling * B`` in fp32 (or B's dtype), then cast as autocast casts B: one rounding of a tiny [out, r]."""
+    return _ac_cast(lora_b * scaling, ac)
+
+
+def linear_adapter(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                   b_scaled: torch.Tensor) -> torch.Tensor:
+    """``x W^T + bias + a b_scaled^T`` ([..., out]), operands already cast.
+
+    One dtype throughout (the usual autocast case): the rank-r product (with the bias) is written first and the
+    big GEMM accumulates into it (``addmm_``, beta 1): the epilogue's read of that output is hidden in a
+    compute-bound GEMM, where adding the adapter after the base GEMM costs a memory-bound read-and-write pass
+    of the whole output. Mixed dtypes (no autocast, fp32 adapters over a bf16 base): PEFT's order and dtypes."""
+    if not (x.dtype == weight.dtype == a.dtype == b_scaled.dtype and (bias is None or bias.dtype == x.dtype)):
+        return (F.linear(x, weight, bias) + F.linear(a, b_scaled)).to(torch.result_type(x, weight))
+    a2 = _rows(a)
+    y = torch.mm(a2, b_scaled.t()) if bias is None else torch.addmm(bias, a2, b_scaled.t())
+    y.addmm_(_rows(x), weight.t())
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def grad_input_adapter(dy: torch.Tensor, weight: torch.Tensor, da: torch.Tensor,
+                       lora_a: torch.Tensor) -> torch.Tensor:
+    """``dy W + da A`` ([..., in]) in the order of :func:`linear_adapter` (small product first, the big GEMM
+    accumulating into it) when the dtypes agree; else the two products summed in ``dy W``'s dtype."""
+    if dy.dtype == weight.dtype == da.dtype == lora_a.dtype:
+        dx = torch.mm(_rows(da), lora_a)
+        dx.addmm_(_rows(dy), weight)
+        return dx.reshape(*dy.shape[:-1], weight.shape[1])
+    dx = torch.matmul(dy.to(weight.dtype), weight)
+    return dx + torch.matmul(da.to(lora_a.dtype), lora_a).to(dx.dtype)
 
 
 class GLUDownFunction(torch.autograd.Function):
@@ -298,13 +322,14 @@ class GLUDownFunction(torch.autograd.Function):
         h = _act_fwd(g, u, code, kernel)
         ac = _autocast_state(gate.device.type)
         # The unfused path's ops, in its order, under the caller's autocast state (autocast is active here).
-        y0 = F.linear(h, _ac_cast(weight, ac), _ac_cast(bias, ac))
         a = None
-        y = y0
         if lora_a is not None:
             # [..., r]: small, saved instead of recomputing h A^T; no copies of h for PEFT's input cast
             a = F.linear(lora_input(h, lora_a.dtype, cast_input, ac), _ac_cast(lora_a, ac))
-            y = add_adapter_(y0, a, _ac_cast(lora_b, ac), scaling)
+            y0 = y = linear_adapter(_ac_cast(h, ac), _ac_cast(weight, ac), _ac_cast(bias, ac), a,
+                                    scaled_b(lora_b, scaling, ac))
+        else:
+            y0 = y = F.linear(h, _ac_cast(weight, ac), _ac_cast(bias, ac))
         ctx.code, ctx.scaling, ctx.cast_input, ctx.kernel = code, scaling, cast_input, kernel
         ctx.h_dtype, ctx.y0_dtype = h.dtype, y0.dtype
         ctx.autocast = ac
@@ -321,14 +346,14 @@ class GLUDownFunction(torch.autograd.Function):
         with torch.autocast(ac[0], dtype=ac[2], enabled=ac[1]) if ac else contextlib.nullcontext():
             g, u = gate.chunk(2, dim=-1) if up is None else (gate, up)
             dw = db = dla = dlb = da = dh = dgate = dup = None
-            dy0 = dy.to(ctx.y0_dtype)  # y has y0's dtype (add_adapter_)
+            dy0 = dy.to(ctx.y0_dtype)  # y has y0's dtype (linear_adapter)
             if lora_a is not None:
                 # s dy^T a and s dy B: the scaling goes on the [H, r] / [..., r] products, not on dy
                 if need_lb:
                     dlb = (torch.matmul(_rows(dy0).t().to(a.dtype), _rows(a)) * ctx.scaling).to(lora_b.dtype)
                 if need_la or need_h:
-                    lb = _ac_cast(lora_b, ac)
-                    da = (torch.matmul(dy0.to(lb.dtype), lb) * ctx.scaling).to(a.dtype)  # [..., r]
+                    lb = scaled_b(lora_b, ctx.scaling, ac)
+                    da = torch.matmul(dy0.to(lb.dtype), lb).to(a.dtype)  # [..., r]
             if need_w or need_la:
                 # The recompute that replaces the stored h: only the weight gradients read h (dh does not),
                 # and it is dropped before dh, dg, du exist, so the backward never holds h beside them.
@@ -343,16 +368,10 @@ class GLUDownFunction(torch.autograd.Function):
             if need_b:
                 db = _rows(dy0).sum(0).to(bias.dtype)
             if need_h:
-                dh = torch.matmul(dy0, _ac_cast(weight, ac))  # [..., I]
-                la = _ac_cast(lora_a, ac)
-                if da is not None and da.dtype == dh.dtype == la.dtype:
-                    _rows(dh).addmm_(_rows(da), la)  # the adapter's share, summed in the GEMM epilogue
-                    dh = dh.to(ctx.h_dtype)
-                elif da is not None:
-                    # mixed dtypes (no autocast): autograd sums the two uses of h in h's dtype, so do we
-                    dh = dh.to(ctx.h_dtype) + torch.matmul(da, la).to(ctx.h_dtype)
+                if da is not None:  # the adapter's share of dh, in the same GEMM where the dtypes agree
+                    dh = grad_input_adapter(dy0, _ac_cast(weight, ac), da, _ac_cast(lora_a, ac)).to(ctx.h_dtype)
                 else:
-                    dh = dh.to(ctx.h_dtype)
+                    dh = torch.matmul(dy0, _ac_cast(weight, ac)).to(ctx.h_dtype)  # [..., I]
                 dg, du = _act_bwd(dh, g, u, ctx.code, ctx.kernel)
                 del dh
                 if up is None:

@@ -67,6 +67,8 @@ class Recipe:
     attention: bool = True
     lm_head: bool = True
     notes: str = ""
+    rope_attention: Mapping[str, ForwardFactory] = field(default_factory=dict)
+    """attention class name -> replacement forward with the fused RoPE kernel (patches/rope_attention.py)."""
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -496,7 +498,7 @@ def _lm_head_target(model: nn.Module) -> nn.Module | None:
 def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = True, mlp: bool = True,
                        cross_entropy: bool = True, offload_activations: bool = False,
                        mlp_chunk_tokens: int | None = None, mlp_recompute: bool = True,
-                       lora: bool = True) -> PatchReport:
+                       lora: bool = True, rope: bool = True) -> PatchReport:
     """Swap this model instance's norms, MLPs, attention and causal-LM loss for the fused kernels.
 
     model: a transformers ``*Model`` / ``*ForCausalLM``, or a PEFT model wrapping one (patched before or after
@@ -517,6 +519,10 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
     (:mod:`hf_fastkern.fused_lora`: no input casts, the adapter summed in the GEMM epilogue); checked per call,
     PEFT's forward otherwise (dropout > 0, DoRA, several adapters ...). LoRA added by ``get_peft_model`` *after*
     this call is not bound: call ``apply_fast_kernels`` again on the PEFT model (it patches only what is new).
+    rope: attention modules the recipe lists (Llama, Mistral, Qwen2, Qwen3) get a forward that applies the
+    rotary embedding with one Triton kernel (:mod:`hf_fastkern.patches.rope_attention`: probed against the
+    class forward before binding; the class forward runs whenever a cache is passed). Independent of
+    ``attention`` (which attention implementation runs inside).
     """
     if mlp_chunk_tokens is not None and (not isinstance(mlp_chunk_tokens, int) or mlp_chunk_tokens <= 0):
         raise ValueError(f"mlp_chunk_tokens must be a positive int or None, got {mlp_chunk_tokens!r}")
@@ -532,9 +538,12 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
         state = {}
         object.__setattr__(base, _MODEL_STATE, state)
 
-    if norm or mlp or lora:
+    if norm or mlp or lora or rope:
         for name, module in base.named_modules():
             cls = type(module).__name__
+            if rope and recipe is not None and cls in recipe.rope_attention:
+                _patch_module(module, name, "rope", recipe.rope_attention[cls], config, report)
+                continue
             if lora and _fused_mlp._is_lora_linear(module):
                 from hf_fastkern.fused_lora import lora_linear_factory
 

@@ -1,0 +1,163 @@
+"""Rotary position embedding (RoPE), forward and backward in one Triton kernel each (issue 12).
+
+transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` is ``q * cos + rotate_half(q) * sin`` (and the same for
+``k``) with ``rotate_half(x) = cat(-x2, x1)``: under autograd that is a ``neg``, a ``cat``, two products and a
+sum per tensor, forward and backward, each a full pass over ``q`` or ``k`` (~55 ms of a ~1,000 ms 8B LoRA step
+on the H100). Here one pass reads ``x`` and one row of ``cos``/``sin`` and writes the result:
+
+    out1 = x1 c1 - x2 s1,  out2 = x2 c2 + x1 s2          (x = [x1 | x2], cos = [c1 | c2], sin = [s1 | s2])
+    dx1  = g1 c1 + g2 s2,  dx2  = g2 c2 - g1 s1          (the transpose, for the gradient g of out)
+
+Shapes: ``x`` [batch, heads, seq, head_dim] with any strides whose last one is 1 (q/k come out of
+``view(...).transpose(1, 2)``, heads and seq interleaved in memory); ``cos``/``sin`` [batch or 1, seq, head_dim]
+(``unsqueeze_dim=1``, the Llama-family call). The output keeps ``x``'s memory layout (what the elementwise ops
+give) and has ``torch.result_type(x, cos)`` as its dtype, as the unfused expression does; the arithmetic is fp32
+with one rounding at the end (the unfused bf16 expression rounds three times). ``cos``/``sin`` get no gradient
+(transformers computes them under ``no_grad``); when they require one, or for partial rotary (cos narrower than
+the head) or other layouts, :func:`apply_rope` runs the reference expression.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_fastkern.kernels import reference
+from hf_fastkern.kernels.dispatch import device_check, use_kernel
+from hf_fastkern.kernels.rms_norm import cdiv, round_to
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, OUT, H, S, HALF,
+                 sxb, sxh, sxs, sob, soh, sos, scb, scs, ssb, sss,
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    # one program: one (batch, position) token and BLOCK_H heads; both halves of each head's vector
+    tok = tl.program_id(0).to(tl.int64)
+    b = tok // S
+    s = tok % S
+    heads = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HALF
+    mask = (heads < H)[:, None] & dmask[None, :]
+    c_row = COS + b * scb + s * scs
+    s_row = SIN + b * ssb + s * sss
+    c1 = tl.load(c_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(c_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(s_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(s_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    xo = b * sxb + s * sxs + heads[:, None] * sxh + d[None, :]
+    x1 = tl.load(X + xo, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + xo + HALF, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        o1 = x1 * c1 + x2 * s2
+        o2 = x2 * c2 - x1 * s1
+    else:
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    oo = b * sob + s * sos + heads[:, None] * soh + d[None, :]
+    tl.store(OUT + oo, round_to(o1, OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + oo + HALF, round_to(o2, OUT.dtype.element_ty), mask=mask)
+
+
+def _rope_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """x [B, H, S, D] (last stride 1), cos/sin [B or 1, S, D] (last stride 1) -> out like x in ``out_dtype``."""
+    out = torch.empty_like(x, dtype=out_dtype)  # x's memory layout (dense tensors keep their strides)
+    B, H, S, D = x.shape
+    if out.numel() == 0:
+        return out
+    half = D // 2
+    block_d = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(H), 4096 // block_d))
+    cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    sb = sin.stride(0) if sin.shape[0] > 1 else 0
+    grid = (B * S, cdiv(H, block_h))
+    _rope_kernel[grid](x, cos, sin, out, H, S, half,
+                       x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                       cb, cos.stride(1), sb, sin.stride(1),
+                       BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=4)
+    return out
+
+
+rope_op = torch.library.custom_op("hf_fastkern::rope", mutates_args=())(_rope_impl)
+
+
+@rope_op.register_fake
+def _(x, cos, sin, backward, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype)
+
+
+def _rope_grad(ctx, g):
+    cos, sin = ctx.saved_tensors
+    return rope_op(_rows_unit(g), cos, sin, not ctx.backward, ctx.x_dtype), None, None, None, None
+
+
+def _rope_setup(ctx, inputs, output):
+    x, cos, sin, backward, _ = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.backward, ctx.x_dtype = backward, x.dtype
+
+
+rope_op.register_autograd(_rope_grad, setup_context=_rope_setup)
+
+
+class RopeFunction(torch.autograd.Function):
+    """Eager autograd path over the same launcher as the custom op (saves cos and sin only)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, out_dtype):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return _rope_impl(x, cos, sin, False, out_dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rope_impl(_rows_unit(g), cos, sin, True, ctx.x_dtype), None, None, None
+
+
+def _unsupported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> str:
+    """Why the kernel does not take this call ("" when it does)."""
+    if unsqueeze_dim != 1:
+        return f"unsqueeze_dim={unsqueeze_dim} (the kernel takes q/k as [batch, heads, seq, head_dim])"
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
+        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+    D = q.shape[-1]
+    if k.shape[-1] != D or cos.shape[-1] != D or D % 2:
+        return f"head_dim {D} vs cos {cos.shape[-1]} (partial rotary or odd head_dim)"
+    for x in (q, k):
+        if x.shape[2] != cos.shape[1] or cos.shape[0] not in (1, x.shape[0]):
+            return f"cos {tuple(cos.shape)} does not broadcast as [batch, 1, seq, head_dim] over {tuple(x.shape)}"
+    if cos.requires_grad or sin.requires_grad:
+        return "cos/sin require grad"
+    if not (cos.is_floating_point() and sin.is_floating_point()) or cos.dtype != sin.dtype:
+        return f"cos/sin dtypes {cos.dtype}/{sin.dtype}"
+    return ""
+
+
+def _rows_unit(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)``: (q_embed, k_embed).
+
+    q [B, Hq, S, D], k [B, Hk, S, D] (any strides), cos/sin [B or 1, S, D]. Triton on CUDA (or the interpreter);
+    the reference expression elsewhere or for what the kernel does not take (one warning naming why).
+    """
+    why = _unsupported(q, k, cos, sin, unsqueeze_dim)
+    if why or not use_kernel("rope", device_check((q, k, cos, sin))):
+        if why:
+            use_kernel("rope", (False, why))
+        return reference.rope(q, k, cos, sin, unsqueeze_dim)
+    cos, sin = _rows_unit(cos), _rows_unit(sin)
+    out = []
+    for x in (q, k):
+        x = _rows_unit(x)
+        dt = torch.promote_types(x.dtype, cos.dtype)  # result_type of two tensors (traceable by dynamo)
+        if torch.compiler.is_compiling():
+            out.append(rope_op(x, cos, sin, False, dt))
+        else:
+            out.append(RopeFunction.apply(x, cos, sin, dt))
+    return out[0], out[1]

@@ -1,0 +1,168 @@
+"""Fused RoPE: the kernel vs transformers' expression (fp64 oracle), and the Llama-family attention forward
+that uses it (patches/rope_attention.py): probe, delegation to the class forward, report.
+
+Kernel cases: q/k in the strided layout the attention forward gives them (``view(...).transpose(1, 2)``), GQA
+head counts, head_dim 2/64/80/128, cos/sin broadcast over the batch or per batch (packed position_ids), in the
+q dtype or fp32 (autocast over fp32 weights: the output is fp32, as the unfused expression's); forward and
+the gradients of q and k. ``gpu``: Llama-3-8B sizes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fastkern import apply_fast_kernels
+from hf_fastkern.kernels import reference
+from hf_fastkern.kernels import rope as rope_mod
+from hf_fastkern.kernels.dispatch import FastKernFallbackWarning, reset_warnings
+from hf_fastkern.patches import rope_attention
+from tests.harness import check_op
+from tests.test_patch_archs import ARCHS, batch, build
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_IDS = ["fp32", "bf16", "fp16"]
+# (batch, seq, q heads, kv heads, head_dim, cos per batch)
+SHAPES = [(1, 1, 1, 1, 2, False), (2, 7, 4, 2, 64, False), (1, 33, 3, 1, 80, False), (2, 5, 2, 2, 128, True)]
+SHAPE_IDS = ["tiny", "gqa64", "odd80", "perbatch128"]
+
+
+def _cos_sin(b: int, s: int, d: int, per_batch: bool, dtype: torch.dtype, device) -> tuple:
+    ang = 3.0 * torch.randn(b if per_batch else 1, s, d // 2, generator=torch.Generator().manual_seed(3))
+    emb = torch.cat([ang, ang], dim=-1)  # transformers' layout: the frequencies twice
+    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+
+def _fns(cos, sin):
+    """Kernel and reference taking q, k as [batch, seq, heads, head_dim] (transposed inside, as in attention);
+    one output: q_embed and k_embed concatenated over heads."""
+
+    def kernel(q, k):
+        return torch.cat(rope_mod.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin), dim=1)
+
+    def ref(q, k):
+        c, s = (cos.double(), sin.double()) if q.dtype == torch.float64 else (cos, sin)
+        return torch.cat(reference.rope(q.transpose(1, 2), k.transpose(1, 2), c, s), dim=1)
+
+    return kernel, ref
+
+
+@pytest.mark.parametrize("cos_fp32", [False, True], ids=["cos_same", "cos_fp32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_rope_matches_reference(shape, dtype, cos_fp32, device):
+    b, s, hq, hk, d, per_batch = shape
+    cos, sin = _cos_sin(b, s, d, per_batch, torch.float32 if cos_fp32 else dtype, device)
+    kernel, ref = _fns(cos, sin)
+    q = torch.randn(b, s, hq, d, device=device).to(dtype)
+    k = torch.randn(b, s, hk, d, device=device).to(dtype)
+    check_op(kernel, ref, [q, k], dtype, f"rope {shape} {dtype} cos_fp32={cos_fp32}")
+
+
+def test_rope_output_layout_and_dtype():
+    """The output keeps q's memory layout (heads and positions interleaved) and the unfused result dtype."""
+    q = torch.randn(2, 5, 4, 8).bfloat16().transpose(1, 2)
+    k = torch.randn(2, 5, 2, 8).bfloat16().transpose(1, 2)
+    cos, sin = _cos_sin(2, 5, 8, False, torch.float32, "cpu")
+    got, want = rope_mod.apply_rope(q, k, cos, sin), reference.rope(q, k, cos, sin)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32 and g.stride() == w.stride()
+
+
+@pytest.mark.parametrize("case", ["partial_rotary", "cos_requires_grad", "unsqueeze_dim"])
+def test_rope_unsupported_runs_reference(case):
+    """What the kernel does not take runs the reference expression (gradients to cos/sin included), warning."""
+    q, k = torch.randn(1, 2, 5, 8, requires_grad=True), torch.randn(1, 1, 5, 8, requires_grad=True)
+    cos, sin = _cos_sin(1, 5, 4 if case == "partial_rotary" else 8, False, torch.float32, "cpu")
+    dim = 1
+    if case == "cos_requires_grad":
+        cos.requires_grad_(True)
+    if case == "unsqueeze_dim":  # q/k as [batch, seq, heads, head_dim]
+        q, k = q.detach().transpose(1, 2).requires_grad_(), k.detach().transpose(1, 2).requires_grad_()
+        dim = 2
+    reset_warnings()
+    if case == "partial_rotary":  # the reference itself cannot broadcast a narrower cos: transformers splits
+        with pytest.warns(FastKernFallbackWarning, match="rope falls back"), pytest.raises(RuntimeError):
+            rope_mod.apply_rope(q, k, cos, sin, dim)
+        return
+    with pytest.warns(FastKernFallbackWarning, match="rope falls back"):
+        got = rope_mod.apply_rope(q, k, cos, sin, dim)
+    want = reference.rope(q, k, cos, sin, dim)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    if case == "cos_requires_grad":
+        got[0].sum().backward()
+        assert cos.grad is not None
+
+
+ROPE_ARCHS = [a for a in ARCHS if a.name in ("llama", "mistral", "qwen2", "qwen3")]
+
+
+class _CountRope:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        orig = rope_attention.apply_rope
+
+        def counted(*args, **kw):
+            self.n += 1
+            return orig(*args, **kw)
+
+        monkeypatch.setattr(rope_attention, "apply_rope", counted)
+
+
+@pytest.mark.parametrize("arch", ROPE_ARCHS, ids=[a.name for a in ROPE_ARCHS])
+def test_rope_attention_fast_path_and_delegation(arch, monkeypatch):
+    """Training forward: every layer's attention runs the fused RoPE forward; generation (a cache is passed):
+    every call goes to the class forward, and greedy tokens equal the unpatched model's."""
+    ref, model = build(arch), build(arch)
+    report = apply_fast_kernels(model)
+    layers = model.config.num_hidden_layers
+    assert report.patched.get("rope") == layers, str(report)
+    count = _CountRope(monkeypatch)
+    ids, labels = batch()
+    model.train()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert count.n == layers
+    count.n = 0
+    model.eval()
+    ref.eval()
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        got = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        want = ref.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert count.n == 0
+    assert torch.equal(got, want)
+
+
+def test_rope_attention_probe_refuses_changed_arithmetic(monkeypatch):
+    """A replacement that does not compute what the class forward computes is not bound (here: the rotation
+    turned the other way, as a transformers release changing its RoPE convention would look)."""
+    def wrong(q, k, cos, sin, unsqueeze_dim=1):
+        return reference.rope(q, k, cos, -sin, unsqueeze_dim)
+
+    monkeypatch.setattr(rope_attention, "apply_rope", wrong)
+    model = build(ROPE_ARCHS[0])
+    report = apply_fast_kernels(model)
+    assert "rope" not in report.patched
+    assert any("rope" in what and "does not compute" in why for what, why in report.skipped), str(report)
+
+
+def test_rope_attention_revert():
+    from hf_fastkern import revert_fast_kernels
+
+    model = build(ROPE_ARCHS[0])
+    apply_fast_kernels(model)
+    attn = model.model.layers[0].self_attn
+    assert "forward" in attn.__dict__
+    revert_fast_kernels(model)
+    assert "forward" not in attn.__dict__
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cos_fp32", [False, True], ids=["bf16", "cos_fp32"])
+def test_rope_gpu_llama8b(cos_fp32):
+    """Llama-3-8B attention at 4 x 2048 tokens (32 q heads, 8 kv heads, head_dim 128), bf16 q/k."""
+    b, s, hq, hk, d = 4, 2048, 32, 8, 128
+    cos, sin = _cos_sin(b, s, d, False, torch.float32 if cos_fp32 else torch.bfloat16, "cuda")
+    kernel, ref = _fns(cos, sin)
+    q = torch.randn(b, s, hq, d, device="cuda").bfloat16()
+    k = torch.randn(b, s, hk, d, device="cuda").bfloat16()
+    check_op(kernel, ref, [q, k], torch.bfloat16, f"rope gpu cos_fp32={cos_fp32}")
