@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = cpu_smoke()
     else:
         rows = []
-        for v in args.variants.split(","):
+        for v in filter(None, args.variants.split(",")):  # --variants "": the long-context search alone
             parse_variant(v)
             rows += _spawn(v, args)
             print_table(rows[-len(_shapes(args.shapes)):], COLS)
