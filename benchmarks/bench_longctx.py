@@ -38,9 +38,11 @@ from collections.abc import Callable
 import torch
 
 try:
+    from hf_fastkern.benchmarks import common
     from hf_fastkern.benchmarks.common import emit_result, print_table, save, worker_result
 except ImportError:  # run as a script from a source checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import common
     from benchmarks.common import emit_result, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern", "sdpa_gc", "sdpa+liger_gc", "fastkern_gc")
@@ -91,6 +93,7 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
         from hf_fastkern.benchmarks.bench_e2e import LLAMA_1B5, TINY, _forward_backward, build_model
     except ImportError:
         from benchmarks.bench_e2e import LLAMA_1B5, TINY, _forward_backward, build_model
+    gpu_cap = common.cap_gpu_memory()  # an 80 GB card emulated on a larger one
     base, gc, offload = parse_variant(variant)
     cfg = dict(TINY if tiny else LLAMA_1B5, max_position_embeddings=max(seq, 8192))
     model, _ = build_model(base, cfg, "cuda", gc, offload, mlp_chunk_tokens=split_chunk(variant)[1])
@@ -99,7 +102,8 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
         t0 = time.perf_counter()
         _forward_backward(model, ids, "cuda")
         torch.cuda.synchronize()
-        return dict(ok=True, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, step_s=time.perf_counter() - t0)
+        return dict(ok=True, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, step_s=time.perf_counter() - t0,
+                    gpu_cap_GiB=gpu_cap)
     except torch.OutOfMemoryError:
         return dict(ok=False, oom=True)
     except RuntimeError as e:
@@ -160,7 +164,10 @@ def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float 
             return None
         res = (trial or _trial)(variant, seq, min(trial_timeout, left), tiny)
         trials.append([seq, "ok" if res.get("ok") else ("timeout" if res.get("timeout") else "fail")])
-        log(f"  {variant} S={seq}: {trials[-1][1]}" + (f" ({res['error']})" if res.get("error") else ""))
+        # the peak (and any memory cap) in the log too: a run killed by a time limit leaves only its log
+        mem = f" peak {res['peak_GiB']:.1f} GiB" if isinstance(res.get("peak_GiB"), float) else ""
+        mem += f" (cap {res['gpu_cap_GiB']} GiB)" if res.get("gpu_cap_GiB") else ""
+        log(f"  {variant} S={seq}: {trials[-1][1]}{mem}" + (f" ({res['error']})" if res.get("error") else ""))
         if res.get("ok"):
             best.clear()
             best.update(res)

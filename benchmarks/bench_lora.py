@@ -165,6 +165,7 @@ def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev:
 
 def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
     """One LoRA training step (forward, backward, AdamW) at batch 1, length ``seq``, in this process."""
+    gpu_cap = common.cap_gpu_memory()  # an 80 GB card emulated on a larger one
     cfg = dict(TINY if tiny else LLAMA_8B, max_position_embeddings=max(seq, 8192))
     model, _ = build_model(variant, cfg, "cuda", longctx=True)
     opt = _optimizer(model, "cuda")
@@ -173,7 +174,8 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
         t0 = time.perf_counter()
         _step(model, opt, ids, "cuda")
         torch.cuda.synchronize()
-        return dict(ok=True, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, step_s=time.perf_counter() - t0)
+        return dict(ok=True, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, step_s=time.perf_counter() - t0,
+                    gpu_cap_GiB=gpu_cap)
     except torch.OutOfMemoryError:
         return dict(ok=False, oom=True)
     except RuntimeError as e:

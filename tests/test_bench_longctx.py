@@ -96,3 +96,25 @@ def test_longctx_search_error_row_is_saved_before_raising(monkeypatch):
     monkeypatch.setattr(bench_longctx, "_trial", lambda v, s, t, tiny: {"ok": False, "error": "boom"})
     row = bench_longctx.search("fastkern", start=8192, budget_s=60, log=lambda *a: None, on_trial=seen.append)
     assert row["error"] == "boom" and seen and seen[-1]["error"] == "boom" and seen[-1]["trials"] == [[8192, "fail"]]
+
+
+def test_cap_gpu_memory_emulates_a_smaller_card(monkeypatch):
+    """HF_FASTKERN_BENCH_GPU_GIB limits the allocator to that many GiB of a larger card (an H100 80 GB on an
+    H200); unset, or at least the card's size, it changes nothing."""
+    import types
+
+    import torch
+
+    from benchmarks import common
+
+    got = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=140 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f: got.append(f))
+    monkeypatch.delenv(common.GPU_CAP_ENV, raising=False)
+    assert common.cap_gpu_memory() is None and not got
+    monkeypatch.setenv(common.GPU_CAP_ENV, "200")
+    assert common.cap_gpu_memory() is None and not got
+    monkeypatch.setenv(common.GPU_CAP_ENV, "70")
+    assert common.cap_gpu_memory() == 70.0 and got == [0.5]
