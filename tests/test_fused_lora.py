@@ -21,6 +21,7 @@ import torch.nn as nn
 from hf_fastkern import apply_fast_kernels, fused_lora, revert_fast_kernels
 from hf_fastkern.kernels.dispatch import FastKernFallbackWarning, reset_warnings
 from tests.test_fused_mlp import _compare, saved_bytes
+from tests.test_fused_mlp import _Count as _CountApply
 from tests.test_patch_archs import ARCHS, build
 
 peft = pytest.importorskip("peft")
@@ -75,16 +76,9 @@ def _run(w: nn.Module, x: torch.Tensor, autocast: bool, seed: int = 5) -> list[t
     return [y.detach(), x.grad] + [p.grad for _, p in w.named_parameters() if p.requires_grad]
 
 
-class _Count:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.n = 0
-        orig = fused_lora.LoRALinearFunction.apply
-
-        def apply(*args):
-            self.n += 1
-            return orig(*args)
-
-        monkeypatch.setattr(fused_lora.LoRALinearFunction, "apply", apply)
+def _Count(monkeypatch: pytest.MonkeyPatch):
+    """Counts LoRALinearFunction.apply calls (which calls took the fused node)."""
+    return _CountApply(monkeypatch, fused_lora.LoRALinearFunction)
 
 
 # mode: (base dtype, adapter dtype, input dtype, autocast, tolerance dtype)

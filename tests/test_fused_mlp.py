@@ -81,17 +81,18 @@ def _run(model: nn.Module, x: torch.Tensor, autocast: bool) -> list[torch.Tensor
 
 
 class _Count:
-    """Counts GLUDownFunction.apply calls (which calls took the lean path)."""
+    """Counts ``fn.apply`` calls (default GLUDownFunction: which calls took the lean path)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fn: type | None = None) -> None:
         self.n = 0
-        orig = fused_mlp.GLUDownFunction.apply
+        fn = fn or fused_mlp.GLUDownFunction
+        orig = fn.apply
 
         def apply(*args):
             self.n += 1
             return orig(*args)
 
-        monkeypatch.setattr(fused_mlp.GLUDownFunction, "apply", apply)
+        monkeypatch.setattr(fn, "apply", apply)
 
 
 def _compare(got, oracle, base, dtype, tag):
