@@ -12,8 +12,9 @@ sdpa's.
   sdpa              attn_implementation="sdpa", nothing else (HF + PEFT)
   sdpa+liger        liger_kernel.transformers.apply_liger_kernel_to_llama() before the model is built
   fastkern          attn_implementation="fastkern" + apply_fast_kernels(peft_model)
-  fastkern_offload  the same + offload_activations=True (the checkpointed layer inputs in pinned host memory);
-                    in the long-context search also mlp_chunk_tokens=16384 (no [seq, 14336] tensor at once)
+  fastkern_offload  the same + offload_activations=True (the checkpointed layer inputs in pinned host memory)
+In the long-context search both fastkern variants also run the MLP in token chunks (mlp_chunk_tokens=16384: no
+[seq, 14336] tensor at once; at 147K tokens that is ~20 GiB of g, u and their gradients per layer otherwise).
 ``--longctx`` adds the longest trainable batch-1 sequence per variant (bench_longctx.py's search: one subprocess
 per trial, grow then bisect). A trial near 256K tokens is a long step (tens of minutes for an 8B model: the
 causal attention alone is ~7e17 FLOPs), so give it its own ``--longctx-budget``; rows say ``exact: false`` when
@@ -73,8 +74,8 @@ def parse_variant(v: str) -> tuple[str, bool]:
 
 def build_model(variant: str, cfg_kwargs: dict, device: str, longctx: bool = False):
     """Random-init bf16 LlamaForCausalLM with LoRA adapters and checkpointing; returns (peft_model, notes).
-    longctx: an ``_offload`` variant also chunks the MLP (at 8K tokens a 16K chunk is one whole-input replay,
-    an extra MLP forward per layer for nothing, so the speed rows leave it off)."""
+    longctx: fastkern also chunks the MLP (at 8K tokens a 16K chunk is one whole-input replay, an extra MLP
+    forward per layer for nothing, so the speed rows leave it off)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -96,7 +97,7 @@ def build_model(variant: str, cfg_kwargs: dict, device: str, longctx: bool = Fal
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     if base == "fastkern":
         from hf_fastkern import apply_fast_kernels
-        chunk = OFFLOAD_MLP_CHUNK if offload and longctx else None
+        chunk = OFFLOAD_MLP_CHUNK if longctx else None
         report = apply_fast_kernels(model, offload_activations=offload, mlp_chunk_tokens=chunk)
         if chunk:
             notes["mlp_chunk_tokens"] = chunk
