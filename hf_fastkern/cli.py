@@ -504,6 +504,7 @@ OPS = {
     "layer_norm": ("layer_norm", "all"),
     "swiglu/geglu/gelu": ("activations", "all"),
     "attention": ("attention", "low"),
+    "rope": ("rope", "all"),
     "cross_entropy": ("cross_entropy", "all"),
 }
 
@@ -607,7 +608,15 @@ def _check_cases():
     """(name, kernel_fn, reference_fn, make_inputs(dtype, device)) at small, odd sizes."""
     import torch
 
-    from hf_fastkern.kernels import activations, attention, cross_entropy, layer_norm, reference, rms_norm
+    from hf_fastkern.kernels import (
+        activations,
+        attention,
+        cross_entropy,
+        layer_norm,
+        reference,
+        rms_norm,
+        rope,
+    )
 
     def x_w(dt, dev):
         return [torch.randn(37, 111, dtype=dt, device=dev), torch.randn(111, dtype=dt, device=dev)]
@@ -632,6 +641,14 @@ def _check_cases():
         y[::5] = -100
         return [torch.randn(37, 64, dtype=dt, device=dev), torch.randn(300, 64, dtype=dt, device=dev) * 0.1, y]
 
+    def qk_rope(dt, dev):  # q, k as the attention forward gives them ([b, s, h, d] transposed), cos, sin
+        ang = torch.randn(1, 63, 32, device=dev)
+        emb = torch.cat([ang, ang], dim=-1)
+        return qkv(dt, dev)[:2] + [emb.cos().to(dt), emb.sin().to(dt)]
+
+    def rope_fn(apply):
+        return lambda q, k, c, s: torch.cat(apply(q.transpose(1, 2), k.transpose(1, 2), c, s), dim=1)
+
     def attn_ref(q, k, v):
         return reference.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
 
@@ -642,6 +659,7 @@ def _check_cases():
         ("geglu", activations.geglu, reference.geglu, gu),
         ("gelu", activations.gelu, reference.gelu, lambda dt, dev: gu(dt, dev)[:1]),
         ("attention", lambda q, k, v: attention.flash_attention(q, k, v, causal=True), attn_ref, qkv),
+        ("rope", rope_fn(rope.apply_rope), rope_fn(reference.rope), qk_rope),
         ("cross_entropy", cross_entropy.cross_entropy, reference.cross_entropy, ce),
         ("fused_linear_cross_entropy", cross_entropy.fused_linear_cross_entropy, reference.linear_cross_entropy, flce),
     ]
