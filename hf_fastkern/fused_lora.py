@@ -23,8 +23,8 @@ themselves (cast again in backward; ``A`` and ``B`` are tiny, a frozen bf16 ``W`
 Numerics: operands are cast exactly as autocast casts them; PEFT's exact up-cast of ``x`` before autocast's
 down-cast is skipped (same values). ``sB`` is rounded once (a tiny [out, r]) and the sum with ``x W^T`` once
 in the GEMM's fp32 epilogue, where PEFT rounds ``a B^T``, its product with ``s`` and the sum separately;
-likewise ``dx``. Both are at least as accurate;
-the tests hold them to the tolerance table against an fp64 oracle.
+likewise ``dx``. Both are at least as accurate; the tests hold them to the tolerance table against an fp64
+oracle.
 
 Taken per call, for a PEFT ``lora.Linear`` (exactly that class) with one active adapter, dropout 0 (an
 ``nn.Identity``), no DoRA or other variant, not merged, no ``lora_bias``, not ``fan_in_fan_out``, a plain
@@ -45,6 +45,7 @@ from hf_fastkern.fused_mlp import (
     _is_lora_linear,
     _rows,
     _tensor_reason,
+    adapter_grads,
     down_parts,
     grad_input_adapter,
     linear_adapter,
@@ -81,12 +82,8 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_la, need_lb = ctx.needs_input_grad[:5]
         ac, s = ctx.autocast, ctx.scaling
         dy2 = _rows(dy)
-        dx = dw = db = dla = dlb = da = None
-        la, lb = _ac_cast(lora_a, ac), scaled_b(lora_b, s, ac)
-        if need_lb:
-            dlb = (torch.mm(dy2.t().to(a.dtype), _rows(a)) * s).to(lora_b.dtype)  # [out, r]
-        if need_la or need_x:
-            da = torch.mm(dy2.to(lb.dtype), lb)  # [tokens, r] = s dy B
+        dx = dw = db = dla = None
+        dlb, da = adapter_grads(dy2, _rows(a), lora_b, s, ac, need_lb, need_la or need_x)  # [out, r], [tokens, r]
         if need_la:
             dla = torch.mm(da.t().to(xl.dtype), _rows(xl)).to(lora_a.dtype)  # [r, in]
         if need_w:
@@ -94,7 +91,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_b:
             db = dy2.sum(0).to(bias.dtype)
         if need_x:
-            dx = grad_input_adapter(dy2, _ac_cast(weight, ac), da, la).reshape(ctx.x_shape).to(ctx.x_dtype)
+            dx = grad_input_adapter(dy2, _ac_cast(weight, ac), da, _ac_cast(lora_a, ac))
+            dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         return dx, dw, db, dla, dlb, None, None
 
 

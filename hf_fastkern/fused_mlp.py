@@ -26,9 +26,9 @@ Numerics are the unfused path's, op for op, except for the adapter: the forward 
 under the caller's autocast state, and the backward runs its matmuls under the forward's autocast state (what
 ``torch.amp.custom_bwd`` does), so fp32 master weights are cast to bf16 exactly as autocast casts them and
 weight gradients reach the parameters in their own dtype. The adapter's share is summed in the GEMM epilogue
-(the rank-r product first, the base GEMM accumulating into it) and PEFT's exact up-cast of ``h`` before autocast's down-cast is skipped, as in
-:mod:`hf_fastkern.fused_lora`. The weights are saved as the parameters themselves
-and cast again in backward, where the unfused path under autocast keeps a bf16 copy of every weight.
+(the rank-r product first, the base GEMM accumulating into it) and PEFT's exact up-cast of ``h`` before
+autocast's down-cast is skipped, as in :mod:`hf_fastkern.fused_lora`. The weights are saved as the parameters
+themselves and cast again in backward, where the unfused path under autocast keeps a bf16 copy of every weight.
 
 Limits: the Triton recompute runs where the activation kernel runs (CUDA, or CPU under ``TRITON_INTERPRET=1``);
 elsewhere the pure-PyTorch reference is recomputed (same saving). Under torch.compile the activation goes
@@ -293,6 +293,20 @@ def linear_adapter(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def adapter_grads(dy: torch.Tensor, a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                  ac: tuple[str, bool, torch.dtype] | None, need_lb: bool,
+                  need_da: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dB, da) of ``y += a (sB)^T``: ``dB = s dy^T a`` ([out, r], in B's dtype) and ``da = dy (sB)``
+    ([..., r], in a's dtype), each only when asked; the scaling goes on the rank-r products, never on dy."""
+    dlb = da = None
+    if need_lb:
+        dlb = (torch.matmul(_rows(dy).t().to(a.dtype), _rows(a)) * scaling).to(lora_b.dtype)
+    if need_da:
+        lb = scaled_b(lora_b, scaling, ac)
+        da = torch.matmul(dy.to(lb.dtype), lb).to(a.dtype)
+    return dlb, da
+
+
 def grad_input_adapter(dy: torch.Tensor, weight: torch.Tensor, da: torch.Tensor,
                        lora_a: torch.Tensor) -> torch.Tensor:
     """``dy W + da A`` ([..., in]) in the order of :func:`linear_adapter` (small product first, the big GEMM
@@ -348,12 +362,7 @@ class GLUDownFunction(torch.autograd.Function):
             dw = db = dla = dlb = da = dh = dgate = dup = None
             dy0 = dy.to(ctx.y0_dtype)  # y has y0's dtype (linear_adapter)
             if lora_a is not None:
-                # s dy^T a and s dy B: the scaling goes on the [H, r] / [..., r] products, not on dy
-                if need_lb:
-                    dlb = (torch.matmul(_rows(dy0).t().to(a.dtype), _rows(a)) * ctx.scaling).to(lora_b.dtype)
-                if need_la or need_h:
-                    lb = scaled_b(lora_b, ctx.scaling, ac)
-                    da = torch.matmul(dy0.to(lb.dtype), lb).to(a.dtype)  # [..., r]
+                dlb, da = adapter_grads(dy0, a, lora_b, ctx.scaling, ac, need_lb, need_la or need_h)
             if need_w or need_la:
                 # The recompute that replaces the stored h: only the weight gradients read h (dh does not),
                 # and it is dropped before dh, dg, du exist, so the backward never holds h beside them.

@@ -87,9 +87,14 @@ def _(x, cos, sin, backward, out_dtype):
     return torch.empty_like(x, dtype=out_dtype)
 
 
-def _rope_grad(ctx, g):
+def _dx(ctx, g, launch):
+    """The gradient of x: the transposed rotation of ``g`` (``launch``: the custom op or the eager launcher)."""
     cos, sin = ctx.saved_tensors
-    return rope_op(_rows_unit(g), cos, sin, not ctx.backward, ctx.x_dtype), None, None, None, None
+    return launch(_rows_unit(g), cos, sin, not ctx.backward, ctx.x_dtype)
+
+
+def _rope_grad(ctx, g):
+    return _dx(ctx, g, rope_op), None, None, None, None
 
 
 def _rope_setup(ctx, inputs, output):
@@ -106,14 +111,12 @@ class RopeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, out_dtype):
-        ctx.save_for_backward(cos, sin)
-        ctx.x_dtype = x.dtype
+        _rope_setup(ctx, (x, cos, sin, False, out_dtype), None)
         return _rope_impl(x, cos, sin, False, out_dtype)
 
     @staticmethod
     def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        return _rope_impl(_rows_unit(g), cos, sin, True, ctx.x_dtype), None, None, None
+        return _dx(ctx, g, _rope_impl), None, None, None
 
 
 def _unsupported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> str:
@@ -147,9 +150,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     the reference expression elsewhere or for what the kernel does not take (one warning naming why).
     """
     why = _unsupported(q, k, cos, sin, unsqueeze_dim)
-    if why or not use_kernel("rope", device_check((q, k, cos, sin))):
-        if why:
-            use_kernel("rope", (False, why))
+    if not use_kernel("rope", (False, why) if why else device_check((q, k, cos, sin))):
         return reference.rope(q, k, cos, sin, unsqueeze_dim)
     cos, sin = _rows_unit(cos), _rows_unit(sin)
     out = []

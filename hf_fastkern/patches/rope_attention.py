@@ -67,7 +67,8 @@ def rope_attention_factory(sliding_window: str | None = None) -> Callable:
         cls_forward = type(module).forward
         sig = inspect.signature(cls_forward)
         params = sig.parameters
-        if not all(n in params for n in _OWN[1:]) or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        var_kw = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)  # the **kwargs name
+        if not all(n in params for n in _OWN[1:]) or var_kw is None:
             raise Unsupported(f"{type(module).__name__}.forward{sig} is not the Llama-family signature")
         others = tuple(n for n, p in params.items() if n not in _OWN and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
         qk_norm = isinstance(getattr(module, "q_norm", None), nn.Module)
@@ -75,22 +76,19 @@ def rope_attention_factory(sliding_window: str | None = None) -> Callable:
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            if args:
-                bound = sig.bind(self, *args, **kwargs)
-                kw = dict(bound.arguments)
+            if args:  # the decoder layers pass keywords; anything positional is mapped by the class signature
+                kw = dict(sig.bind(self, *args, **kwargs).arguments)
                 kw.pop("self")
-                kw.update(kw.pop(next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD)), {}))
+                kw.update(kw.pop(var_kw, {}))
             else:
                 kw = dict(kwargs)
-            pe = kw.get("position_embeddings")
+            x, pe, mask = kw.get("hidden_states"), kw.get("position_embeddings"), kw.get("attention_mask")
             attn = _interface(self, eager)
             if pe is None or attn is None or any(kw.get(n) is not None for n in others + _CACHES) or \
-                    not isinstance(kw.get("hidden_states"), torch.Tensor):
+                    not isinstance(x, torch.Tensor):
                 return cls_forward(self, *args, **kwargs)
             for n in _OWN[1:] + others + _CACHES:
                 kw.pop(n, None)
-            x = kwargs["hidden_states"] if not args else bound.arguments["hidden_states"]
-            mask = (bound.arguments if args else kwargs).get("attention_mask")
             shape = (*x.shape[:-1], -1, self.head_dim)
             q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
             if qk_norm:
