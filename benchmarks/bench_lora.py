@@ -27,10 +27,13 @@ Without a GPU, ``run()`` does a tiny CPU smoke pass (2-layer LoRA model, patched
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -195,13 +198,26 @@ def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
     return run_trial(os.path.abspath(__file__), variant.replace("_gc", ""), seq, timeout, tiny)
 
 
-def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | None = None) -> list[dict]:
-    """Longest trainable batch-1 sequence per variant, with bench_longctx.search and this script's trial."""
+def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | None = None,
+                 on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Longest trainable batch-1 sequence per variant, with bench_longctx.search and this script's trial.
+
+    ``on_rows(rows)`` is called after every trial with the finished rows and the one in progress, so a run that a
+    time limit kills mid-search still leaves what it measured (the caller saves it)."""
     try:
         from hf_fastkern.benchmarks.bench_longctx import search
     except ImportError:
         from benchmarks.bench_longctx import search
     rows, t0 = [], time.time()
+
+    def as_lora(row: dict, v: str) -> dict:
+        row.update(bench="lora_longctx", impl=v, variant=v)
+        # search() attaches the 1.5B e2e anchors by name; this scenario's anchors are the issue's
+        row.pop("anchor", None)
+        if ISSUE_ANCHORS.get(v):
+            row["anchor"] = ISSUE_ANCHORS[v]["max_seq"]
+        return row
+
     for i, v in enumerate(variants):
         per = (budget_s - (time.time() - t0)) / (len(variants) - i)
         s = start or (ISSUE_ANCHORS.get(parse_variant(v)[0], {}).get("max_seq") or 98304)
@@ -210,13 +226,9 @@ def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | Non
         base, offload = parse_variant(v)
         # bench_longctx's variant syntax: checkpointing is always on in this scenario
         name = f"{base}_gc" + ("_offload" if offload else "")
-        row = search(name, start=s, budget_s=per, trial_timeout=per, tiny=tiny, grow=1.25, trial=_trial)
-        row.update(bench="lora_longctx", impl=v, variant=v)
-        # search() attaches the 1.5B e2e anchors by name; this scenario's anchors are the issue's
-        row.pop("anchor", None)
-        if ISSUE_ANCHORS.get(v):
-            row["anchor"] = ISSUE_ANCHORS[v]["max_seq"]
-        rows.append(row)
+        saved = None if on_rows is None else (lambda partial, v=v: on_rows(rows + [as_lora(partial, v)]))
+        rows.append(as_lora(search(name, start=s, budget_s=per, trial_timeout=per, tiny=tiny, grow=1.25,
+                                   trial=_trial, on_trial=saved), v))
     return rows
 
 
@@ -320,6 +332,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    extra = {"method": METHOD, "issue_anchors": ISSUE_ANCHORS, "targets_vs_sdpa": TARGETS_VS_SDPA}
     cfg = TINY if args.tiny else LLAMA_8B
     if args.trial:
         emit_result(trial_worker(args.trial[0], int(args.trial[1]), args.tiny))
@@ -339,12 +352,19 @@ def main(argv: list[str] | None = None) -> int:
             print_table(rows[-len(_shapes(args.shapes)):], COLS)
         add_lora_ratios(rows)
         if args.longctx:
-            rows += longctx_rows(args.longctx_variants.split(","), args.longctx_budget, args.tiny, args.longctx_start)
+            done = list(rows)
+
+            def saved(partial: list[dict]) -> None:  # after every trial: a killed search keeps its trials
+                with contextlib.redirect_stdout(io.StringIO()):
+                    save(args.json, done + partial, dict(extra, partial=True))
+
+            rows += longctx_rows(args.longctx_variants.split(","), args.longctx_budget, args.tiny, args.longctx_start,
+                                 on_rows=saved)
     print_table(rows, COLS)
     for r in rows:
         if r.get("profile"):
             print(r["impl"], f"{r['B']}x{r['S']}", "GPU ms/step by class:", r["profile"]["by_class_ms"])
-    save(args.json, rows, {"method": METHOD, "issue_anchors": ISSUE_ANCHORS, "targets_vs_sdpa": TARGETS_VS_SDPA})
+    save(args.json, rows, extra)
     return 0
 
 

@@ -255,13 +255,18 @@ def test_bench_lora_longctx_uses_the_longctx_search():
         tried.append(seq)
         return dict(ok=seq <= 300_000)
 
+    seen = []
     orig = bench_lora._trial
     bench_lora._trial = fake_trial
     try:
-        (row,) = bench_lora.longctx_rows(["fastkern_offload"], budget_s=60)
+        (row,) = bench_lora.longctx_rows(["fastkern_offload"], budget_s=60, on_rows=lambda rows: seen.append(rows))
     finally:
         bench_lora._trial = orig
     assert tried[0] == 262144 and row["max_seq"] <= 300_000 < row["first_fail"] and row["exact"], row
+    # one save per trial, each with this scenario's row (not the 1.5B e2e anchors), the longest so far
+    assert len(seen) == len(tried) and all(len(rows) == 1 for rows in seen)
+    assert seen[0][0]["bench"] == "lora_longctx" and seen[0][0]["in_progress"] and seen[0][0]["max_seq"] == 262144
+    assert "anchor" not in seen[0][0]  # fastkern_offload has no issue anchor; the e2e one (245,760) is dropped
 
 
 # ----------------------------------------------------------------------------------------------------------
