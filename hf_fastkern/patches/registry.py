@@ -35,6 +35,7 @@ from hf_fastkern.kernels import activations as _act
 from hf_fastkern.kernels import layer_norm as _ln
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels import rms_norm as _rms
+from hf_fastkern.shared_cast import share_cast
 
 # Attribute names this plugin sets on a patched module / on the patched model (plain Python attributes, never
 # parameters or buffers: they do not reach the state dict).
@@ -174,7 +175,9 @@ def gated_mlp_factory(gate: str = "gate_proj", up: str = "up_proj", down: str = 
         kind, approximate = _GATED[act]
 
         def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            g, u = getattr(self, gate)(x), getattr(self, up)(x)
+            gm, um = getattr(self, gate), getattr(self, up)
+            xg, xu = share_cast(x, (gm, um))  # one autocast cast of x, saved once (hf_fastkern.shared_cast)
+            g, u = gm(xg), um(xu)
             return _fused_mlp.glu_down(g, u, getattr(self, down), kind, approximate, recompute)
 
         return forward

@@ -30,6 +30,7 @@ import torch.nn as nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_fastkern.kernels.rope import apply_rope
+from hf_fastkern.shared_cast import share_cast
 
 # parameters of the class forward the replacement reads itself; every other named parameter must be None
 _OWN = ("self", "hidden_states", "position_embeddings", "attention_mask")
@@ -90,7 +91,9 @@ def rope_attention_factory(sliding_window: str | None = None) -> Callable:
             for n in _OWN[1:] + others + _CACHES:
                 kw.pop(n, None)
             shape = (*x.shape[:-1], -1, self.head_dim)
-            q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+            # one autocast cast of x for the three projections, saved once (hf_fastkern.shared_cast)
+            xq, xk, xv = share_cast(x, (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = self.q_proj(xq).view(shape), self.k_proj(xk).view(shape), self.v_proj(xv).view(shape)
             if qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), *pe)
