@@ -102,3 +102,21 @@ def test_report_plots(results, tmp_path):
         png = plots / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{name}](plots/{name}.png)" in readme.read_text()
+
+
+def test_report_headline_takes_the_newest_longctx_search_per_variant(results):
+    """A later search of one variant (a new file, a newer env.time_utc) replaces the older one in the headline;
+    other variants of the older file stay, and the per-bench table keeps both rows."""
+    d, _ = results
+    old = json.loads((d / "longctx.json").read_text())
+    old["env"] = dict(ENV, time_utc="2026-11-25T22:40:57Z")
+    (d / "longctx.json").write_text(json.dumps(old))
+    newer = {"bench": "longctx", "impl": "fastkern", "variant": "fastkern_gc", "grad_ckpt": True, "max_seq": 401408,
+             "exact": True, "vs_liger": 1.6333}
+    (d / "longctx_later.json").write_text(json.dumps({"env": dict(ENV, time_utc="2026-11-26T03:46:22Z"),
+                                                      "command": "bench_longctx.py", "rows": [newer]}))
+    text = report.render(report.load(str(d)))
+    head = text.split("<details>")[0]
+    assert "| longest seq, B1, with checkpointing: fastkern_gc | 401,408 tokens | 1.63x Liger |" in head
+    assert "376,832" not in head and "sdpa+liger_gc | 245,760 tokens" in head
+    assert "376,832" in text  # still in the longctx table
