@@ -29,8 +29,9 @@ import torch.nn as nn
 
 
 def _plain_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and not m._forward_hooks \
-        and not m._forward_pre_hooks and m.weight.is_floating_point()
+    # no instance-level forward either: accelerate's hooks (device_map offload) replace it per instance
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and "forward" not in m.__dict__ \
+        and not m._forward_hooks and not m._forward_pre_hooks and m.weight.is_floating_point()
 
 
 def cast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -79,7 +79,8 @@ class _Wrapped(nn.Module):
         return self.base(x)
 
 
-@pytest.mark.parametrize("case", ["autocast_off", "fp64", "already_bf16", "hooked", "not_plain", "one"])
+@pytest.mark.parametrize("case", ["autocast_off", "fp64", "already_bf16", "hooked", "instance_forward", "not_plain",
+                                  "one"])
 def test_shared_cast_leaves_what_it_does_not_cover(case):
     lins = _linears()
     x = torch.randn(4, 67, dtype=torch.float64 if case == "fp64" else torch.float32)
@@ -87,6 +88,8 @@ def test_shared_cast_leaves_what_it_does_not_cover(case):
         x = x.bfloat16()
     if case == "hooked":
         lins[0].register_forward_pre_hook(lambda m, a: None)
+    if case == "instance_forward":  # what accelerate's add_hook_to_module does
+        lins[1].forward = lins[1].forward
     if case == "not_plain":
         lins[2] = _Wrapped(lins[2])
     if case == "one":
