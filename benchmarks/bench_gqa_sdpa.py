@@ -65,6 +65,18 @@ def rows() -> list[dict]:
                     ms, err = None, str(e).splitlines()[0][:100]
                 out.append(dict(bench="gqa_sdpa", B=b, Hq=hq, Hk=hk, S=s, D=d, backend=name, mode=mode, ms=ms,
                                 tflops=flops / ms / 1e9 if ms else None, error=err))
+        # memory layouts (cuDNN, native GQA): q/k/v and the incoming gradient as [b, s, h, d] memory (what the
+        # projections give; the fused RoPE keeps it) or contiguous [b, h, s, d] (what a copy would give)
+        for q_l in ("bshd", "bhsd"):
+            for kv_l in ("bshd", "bhsd"):
+                for do_l in ("bshd", "bhsd"):
+                    qq, kk, vv = (t.detach().contiguous().requires_grad_() if lay == "bhsd" else t
+                                  for t, lay in ((q, q_l), (k, kv_l), (v, kv_l)))
+                    dd = dout if do_l == "bhsd" else dout.transpose(1, 2).contiguous().transpose(1, 2)
+                    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                        ms = bench_ms(functools.partial(_step, "enable_gqa", qq, kk, vv, dd), grad_to_none=[qq, kk, vv])
+                    out.append(dict(bench="gqa_sdpa_layout", B=b, Hq=hq, Hk=hk, S=s, D=d, backend="cudnn",
+                                    mode=f"q {q_l}, kv {kv_l}, dout {do_l}", ms=ms, tflops=flops / ms / 1e9))
     for r in out:
         if r["mode"] == "repeat_kv" and r["ms"]:
             base = next((x for x in out if x["mode"] == "enable_gqa" and x["backend"] == r["backend"]
