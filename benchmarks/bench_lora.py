@@ -131,7 +131,9 @@ def _sync(dev: str) -> None:
 def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev: str = "cuda",
            profile: bool = False) -> list[dict]:
     """One variant in this process (CUDA; ``dev="cpu"`` only exercises the code): every shape, one row each;
-    ``profile``: add a torch.profiler kernel-class breakdown of 2 steps per shape (after the timed steps)."""
+    ``profile``: add a torch.profiler kernel-class breakdown of 2 steps per shape, after every shape's timed steps:
+    steps timed after a profiler session ran slower (the offload variant's 1 x 8192 step took 950.9 ms after the
+    4 x 2048 profile against 838.9 ms without it, H100 2026-11-26), so no timing follows one."""
     model, notes = build_model(variant, cfg_kwargs, dev)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = _optimizer(model, dev)
@@ -157,13 +159,17 @@ def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev:
             dt = (time.perf_counter() - t0) / steps
             row.update(step_ms=dt * 1e3, tok_per_s=batch * seq / dt, loss=float(loss),
                        peak_GiB=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None)
-            if profile and dev == "cuda":
-                row["profile"] = common.profile_steps(lambda ids=ids: _step(model, opt, ids, dev))
         except torch.OutOfMemoryError:
             row["error"] = "CUDA out of memory"
             opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
         rows.append(row)
+    if profile and dev == "cuda":
+        for row in rows:
+            if row.get("step_ms"):
+                ids = torch.randint(0, cfg_kwargs["vocab_size"], (row["B"], row["S"]), device=dev,
+                                    generator=torch.Generator(device=dev).manual_seed(row["S"]))
+                row["profile"] = common.profile_steps(lambda ids=ids: _step(model, opt, ids, dev))
     return rows
 
 
