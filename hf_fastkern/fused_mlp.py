@@ -241,14 +241,21 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype] | None:
     return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-def _ac_cast(t: torch.Tensor | None, ac: tuple[str, bool, torch.dtype] | None) -> torch.Tensor | None:
-    """``t`` cast as autocast casts a matmul operand (floating, not fp64, on the autocast device), without
-    autocast's weight cache: that cache keeps the bf16 copy of every trainable fp32 weight until the autocast
-    region ends (the whole forward); this copy is freed right after its matmul. Same rounding (``.to``)."""
+def _ac_dtype(t: torch.Tensor | None, ac: tuple[str, bool, torch.dtype] | None) -> torch.dtype | None:
+    """The dtype autocast casts ``t`` to as a matmul operand (floating, not fp64, on the autocast device, not
+    already in autocast's dtype), or None when it leaves ``t`` as it is."""
     if t is None or ac is None or not ac[1] or t.device.type != ac[0] or not t.is_floating_point() \
             or t.dtype in (torch.float64, ac[2]):
-        return t
-    return t.to(ac[2])
+        return None
+    return ac[2]
+
+
+def _ac_cast(t: torch.Tensor | None, ac: tuple[str, bool, torch.dtype] | None) -> torch.Tensor | None:
+    """``t`` cast as autocast casts a matmul operand (:func:`_ac_dtype`), without autocast's weight cache: that
+    cache keeps the bf16 copy of every trainable fp32 weight until the autocast region ends (the whole forward);
+    this copy is freed right after its matmul. Same rounding (``.to``)."""
+    dtype = _ac_dtype(t, ac)
+    return t if dtype is None else t.to(dtype)
 
 
 def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:

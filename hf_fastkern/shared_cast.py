@@ -27,22 +27,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hf_fastkern.fused_mlp import _ac_dtype, _autocast_state
+
 
 def _plain_linear(m: nn.Module) -> bool:
     # no instance-level forward either: accelerate's hooks (device_map offload) replace it per instance
     return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and "forward" not in m.__dict__ \
         and not m._forward_hooks and not m._forward_pre_hooks and m.weight.is_floating_point()
-
-
-def cast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast casts ``x`` to for a linear, or None when it leaves ``x`` as it is."""
-    dev = x.device.type
-    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
-        return None
-    dtype = torch.get_autocast_dtype(dev)
-    if not x.is_floating_point() or x.dtype in (dtype, torch.float64):
-        return None
-    return dtype
 
 
 class _SharedCast(torch.autograd.Function):
@@ -69,7 +60,7 @@ def share_cast(x: torch.Tensor, consumers: Sequence[nn.Module]) -> tuple[torch.T
     """``len(consumers)`` inputs for the given linears: views of one autocast cast of ``x`` where that is exact
     (see the module docstring), else ``x`` itself for each."""
     n = len(consumers)
-    dtype = cast_dtype(x)
+    dtype = _ac_dtype(x, _autocast_state(x.device.type))  # autocast's own rule for a matmul operand
     if dtype is None or n < 2 or not all(_plain_linear(m) for m in consumers):
         return (x,) * n
     if not (torch.is_grad_enabled() and x.requires_grad):
