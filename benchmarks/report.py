@@ -157,7 +157,8 @@ def render(docs: list[dict], plots_rel: str | None = None) -> str:
                 if any("gpu_ms" in r for r in rows) else "")]
     if any(d.get("quick") for d in docs) or not env.get("gpu"):
         parts.append("**Note: some files were produced by a quick or CPU run; they are not GPU performance numbers.**")
-    head = headline(_latest_longctx(docs, rows))
+    stamps = [str(d.get("env", {}).get("time_utc", "")) for d in docs for _ in d["rows"]]  # one per row
+    head = headline(_latest_longctx(rows, stamps))
     if head:
         parts.append(md_table(head, ["result", "value", "vs"], ["result", "hf_fastkern / peer", "ratio"]))
     benches: list[str] = []
@@ -175,21 +176,18 @@ def render(docs: list[dict], plots_rel: str | None = None) -> str:
     return "\n\n".join(parts)
 
 
-def _latest_longctx(docs: list[dict], rows: list[dict]) -> list[dict]:
-    """``rows`` with each long-context variant's result only from its newest file (``env.time_utc``): a later
-    search of one variant (say, after a memory saving) supersedes the older one in the headline; the per-bench
-    tables below keep both."""
+def _latest_longctx(rows: list[dict], stamps: list[str]) -> list[dict]:
+    """``rows`` with each long-context variant's result only from its newest file (``stamps``: each row's
+    ``env.time_utc``): a later search of one variant (say, after a memory saving) supersedes the older one in the
+    headline; the per-bench tables below keep both."""
+    def variant(r: dict) -> str:
+        return r.get("variant", r.get("impl"))
+
     newest: dict[str, str] = {}
-    stamped = []
-    for d in docs:
-        t = str(d.get("env", {}).get("time_utc", ""))
-        for r in d["rows"]:
-            if (r.get("bench") or os.path.splitext(d["file"])[0]) == "longctx":
-                v = r.get("variant", r.get("impl"))
-                newest[v] = max(newest.get(v, ""), t)
-            stamped.append(t)
-    return [r for r, t in zip(rows, stamped)
-            if r["bench"] != "longctx" or t == newest.get(r.get("variant", r.get("impl")), t)]
+    for r, t in zip(rows, stamps):
+        if r["bench"] == "longctx":
+            newest[variant(r)] = max(newest.get(variant(r), ""), t)
+    return [r for r, t in zip(rows, stamps) if r["bench"] != "longctx" or t == newest[variant(r)]]
 
 
 def _safe(name: str) -> str:
