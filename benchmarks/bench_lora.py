@@ -128,6 +128,12 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
+def _tokens(batch: int, seq: int, vocab: int, dev: str) -> torch.Tensor:
+    """[batch, seq] token ids from a generator of their own: the same tokens in every variant's process."""
+    gen = torch.Generator(device=dev).manual_seed(seq)
+    return torch.randint(0, vocab, (batch, seq), device=dev, generator=gen)
+
+
 def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev: str = "cuda",
            profile: bool = False) -> list[dict]:
     """One variant in this process (CUDA; ``dev="cpu"`` only exercises the code): every shape, one row each;
@@ -141,9 +147,7 @@ def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev:
     for batch, seq in shapes:
         row = dict(bench="lora", impl=variant, B=batch, S=seq, trainable_params=trainable, **notes)
         try:
-            # a generator of its own: the same tokens in every variant's process
-            gen = torch.Generator(device=dev).manual_seed(seq)
-            ids = torch.randint(0, cfg_kwargs["vocab_size"], (batch, seq), device=dev, generator=gen)
+            ids = _tokens(batch, seq, cfg_kwargs["vocab_size"], dev)
             # the first step on identical weights and tokens feeds the correctness gate; the optimizer state is
             # the variants' own from here on, which the timing does not care about
             row["loss0"] = float(_step(model, opt, ids, dev))
@@ -167,8 +171,7 @@ def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev:
     if profile and dev == "cuda":
         for row in rows:
             if row.get("step_ms"):
-                ids = torch.randint(0, cfg_kwargs["vocab_size"], (row["B"], row["S"]), device=dev,
-                                    generator=torch.Generator(device=dev).manual_seed(row["S"]))
+                ids = _tokens(row["B"], row["S"], cfg_kwargs["vocab_size"], dev)
                 row["profile"] = common.profile_steps(lambda ids=ids: _step(model, opt, ids, dev))
     return rows
 
