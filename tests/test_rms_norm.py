@@ -4,6 +4,7 @@ import torch
 
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels import rms_norm as rms_mod
+from hf_fastkern.kernels._triton_utils import MAX_PROGS_PER_SM
 from hf_fastkern.kernels.rms_norm import rms_norm, rms_norm_fwd, sum_partials
 from tests.harness import check_op
 from tests.tolerances import assert_close
@@ -263,7 +264,7 @@ def test_rms_norm_gpu_int64_offsets():
 @pytest.mark.parametrize("hidden", [2048, 4096, 8192, 14336])
 def test_sum_partials_gpu(hidden, out_dtype):
     """The real partial counts: up to SMs x MAX_PROGS_PER_SM rows (1056 on an H100)."""
-    n_part = torch.cuda.get_device_properties(0).multi_processor_count * rms_mod.MAX_PROGS_PER_SM
+    n_part = torch.cuda.get_device_properties(0).multi_processor_count * MAX_PROGS_PER_SM
     part = _partials(n_part, hidden, "cuda")
     out = torch.full((hidden,), float("nan"), dtype=out_dtype, device="cuda")
     sum_partials(part, n_part, out)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels._triton_utils import tune_configs
+from hf_fastkern.kernels._triton_utils import TunedLaunch, cdiv, round_to, tune_configs
 from hf_fastkern.kernels.dispatch import (
     check_floating,
     check_same_device,
@@ -26,7 +26,6 @@ from hf_fastkern.kernels.dispatch import (
     device_check,
     use_kernel,
 )
-from hf_fastkern.kernels.rms_norm import TunedLaunch, cdiv, round_to
 
 # Activation codes (constexpr in the kernels).
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2

@@ -43,8 +43,7 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import dispatch, reference
-from hf_fastkern.kernels._triton_utils import INTERPRET, UNDER_PYTEST, mma, tune_configs
-from hf_fastkern.kernels.rms_norm import TunedLaunch, cdiv
+from hf_fastkern.kernels._triton_utils import INTERPRET, UNDER_PYTEST, TunedLaunch, cdiv, mma, tune_configs
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -615,7 +614,7 @@ def _flags(d: int, causal: bool, window: int, softcap: float, varlen: bool) -> d
                 HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0.0, IS_VARLEN=varlen)
 
 
-# Launch paths that skip the autotuner wrapper once it has chosen a config (rms_norm.TunedLaunch). Their key is
+# Launch paths that skip the autotuner wrapper once it has chosen a config (_triton_utils.TunedLaunch). Their key is
 # the autotuner's own: TUNE_KEY's values (d determines HEAD_DIM_PAD) and the dtype of every tensor argument
 # (q/k/v/out/dq.. share q's dtype, dO has its own, lse/delta are fp32, cu_seqlens int32 or q when dense).
 _FWD = TunedLaunch(_attn_fwd_kernel)

@@ -49,13 +49,13 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference
+from hf_fastkern.kernels._triton_utils import cdiv
 from hf_fastkern.kernels.dispatch import (
     check_floating,
     check_same_device,
     device_check,
     use_kernel,
 )
-from hf_fastkern.kernels.rms_norm import cdiv
 
 # read by @triton.jit code, hence constexpr
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels._triton_utils import device_props
+from hf_fastkern.kernels._triton_utils import TunedLaunch, cdiv, device_props, persistent_grid, round_to
 from hf_fastkern.kernels.dispatch import (
     check_floating,
     check_same_device,
@@ -35,12 +35,8 @@ from hf_fastkern.kernels.rms_norm import (
     BWD_CONFIGS,
     FWD_CONFIGS,
     MAX_FUSED_HIDDEN,
-    TunedLaunch,
-    cdiv,
     leading_rows,
-    persistent_grid,
     prune_by_elems_per_thread,
-    round_to,
     row_class,
     row_tile,
     rows_view,

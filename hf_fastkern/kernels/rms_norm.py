@@ -35,7 +35,14 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels._triton_utils import IS_INTERPRET, device_props, tune_configs
+from hf_fastkern.kernels._triton_utils import (
+    TunedLaunch,
+    cdiv,
+    device_props,
+    persistent_grid,
+    round_to,
+    tune_configs,
+)
 from hf_fastkern.kernels.dispatch import (
     check_floating,
     check_same_device,
@@ -49,13 +56,7 @@ MAX_FUSED_HIDDEN = 65536
 
 
 # ----------------------------------------------------------------------------------------------------------
-# launch configuration (shared with layer_norm.py)
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for host code: ``triton.cdiv`` is a constexpr function in recent Triton, whose call wrapper
-    costs ~3 us per host call (triton 3.9), a visible share of a small op's launch path."""
-    return -(-a // b)
+# launch configuration (row_tile, partials_tile, sum_partials are shared with layer_norm.py)
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,69 +108,8 @@ FWD_CONFIGS = tune_configs([triton.Config({}, num_warps=w) for w in (1, 2, 4, 8,
 BWD_CONFIGS = tune_configs(
     [triton.Config({"PROGS_PER_SM": p}, num_warps=w) for w in (4, 8, 16) for p in (1, 2, 4, 8)],
     [triton.Config({"PROGS_PER_SM": 2}, num_warps=w) for w in (4, 8, 16)])
-MAX_PROGS_PER_SM = 8
-
-
-class TunedLaunch:
-    """An ``@triton.autotune`` kernel launched with less host time per call.
-
-    The first launch for a ``key`` goes through the autotuner, which benchmarks its configs (once per
-    autotuner key) and runs the winner; the config it ran is remembered under ``key`` and later launches call
-    the jit function with it directly. That skips the autotuner's per-call Python (an argument dict, a key
-    tuple holding every tensor argument's dtype string, a fresh config-kwargs dict): with the launch itself
-    stubbed out, 4.9 us through the autotuner vs 1.3 us direct on the CI CPU (triton 3.9), several times
-    that on the slower H100 host.
-    ``key`` must determine the autotuner's key (its ``key`` arguments and the dtype of every tensor argument),
-    so that the remembered config is the one the autotuner would pick for that launch.
-    """
-
-    def __init__(self, kernel) -> None:
-        self.kernel = kernel
-        self.jit = kernel.fn  # JITFunction on the GPU, InterpretedFunction under TRITON_INTERPRET=1
-        self._chosen: dict = {}
-
-    def chosen(self, key) -> Optional[dict]:
-        """The config kwargs (e.g. ``{"PROGS_PER_SM": 2, "num_warps": 8, ...}``) used for ``key``, or None
-        before the first launch with that key."""
-        return self._chosen.get(key)
-
-    def __call__(self, key, grid, *args, **constexprs) -> dict:
-        """Launch ``kernel[grid](*args, **constexprs)``; returns the config kwargs it ran with."""
-        cfg = self._chosen.get(key)
-        if cfg is not None:
-            self.jit.run(*args, grid=grid, warmup=False, **constexprs, **cfg)
-            return cfg
-        self.kernel[grid](*args, **constexprs)
-        cfg = self._chosen[key] = self.kernel.best_config.all_kwargs()
-        return cfg
-
-
-def persistent_grid(launcher: TunedLaunch, key, n_tiles: int, sms: int):
-    """(programs, grid) of a persistent backward with a ``PROGS_PER_SM`` config (rms_norm, layer_norm):
-    ``programs`` sizes the per-program partial buffers. Before the first launch for ``key`` the autotuner tries
-    several PROGS_PER_SM, so the buffers are sized for the largest and the grid follows each candidate."""
-    cfg = launcher.chosen(key)
-    if cfg is None:
-        return min(n_tiles, sms * MAX_PROGS_PER_SM), (lambda meta: (min(n_tiles, sms * meta["PROGS_PER_SM"]),))
-    n_prog = min(n_tiles, sms * cfg["PROGS_PER_SM"])
-    return n_prog, (n_prog,)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # kernels
-
-
-@triton.jit
-def round_to(x, dtype: tl.constexpr):
-    """fp32 -> dtype, round-to-nearest-even. On the GPU that is ``x.to(dtype)``; Triton's CPU interpreter
-    truncates fp32 -> bf16 instead (triton 3.9), so there the rounding is done on the bits first and the
-    truncating cast is then exact. Keeps the interpreter's bf16 results equal to PyTorch's."""
-    if IS_INTERPRET:
-        if dtype == tl.bfloat16:
-            b = x.to(tl.uint32, bitcast=True)
-            b = b + 0x7FFF + ((b >> 16) & 1)
-            x = ((b >> 16) << 16).to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=["n_cols", "n_rows_class"],

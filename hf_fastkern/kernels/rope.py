@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference
+from hf_fastkern.kernels._triton_utils import cdiv, round_to
 from hf_fastkern.kernels.dispatch import device_check, use_kernel
-from hf_fastkern.kernels.rms_norm import cdiv, round_to
 
 
 @triton.jit
