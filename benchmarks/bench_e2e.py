@@ -76,7 +76,7 @@ def build_model(variant: str, cfg_kwargs: dict, device: str, grad_ckpt: bool = F
     if offload:
         # the checkpointed layer inputs go to pinned host memory (hf_fastkern/offload.py); the mechanism is
         # generic (hooks on the decoder stack), so every variant gets the same one
-        from hf_fastkern.offload import enable_activation_offload
+        from hf_fastkern.memory.offload import enable_activation_offload
         if enable_activation_offload(model) is None:
             notes["offload_note"] = "no checkpointable layer list found: nothing offloaded"
     model.train()
@@ -93,7 +93,12 @@ def _forward_backward(model, ids, device: str):
 def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwargs: dict,
            grad_ckpt: bool = False, offload: bool = False, profile: bool = False) -> dict:
     """One variant in this process (CUDA): warm-up, timed steps, one result row."""
-    from hf_fastkern.callbacks import attention_dims, datasheet_peak_tflops, matmul_params, training_flops
+    from hf_fastkern.integrations.callbacks import (
+        attention_dims,
+        datasheet_peak_tflops,
+        matmul_params,
+        training_flops,
+    )
     dev = "cuda"
     model, notes = build_model(variant, cfg_kwargs, dev, grad_ckpt, offload)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

@@ -10,7 +10,7 @@ the reported ``max_seq`` is the longest length that trained. ``--grow`` changes 
 Variants: ``sdpa``, ``sdpa+liger``, ``fastkern``; suffix ``_gc`` = gradient checkpointing (non-reentrant, as the
 anchors), ``_chunk`` (fastkern) = ``apply_fast_kernels(mlp_chunk_tokens=16384)``,
 ``_gc_offload`` = the same checkpointing with the checkpointed layer inputs kept in pinned host memory
-(``hf_fastkern.offload.enable_activation_offload``, the mechanism behind ``apply_fast_kernels(offload_activations=True)``).
+(``hf_fastkern.memory.offload.enable_activation_offload``, the mechanism behind ``apply_fast_kernels(offload_activations=True)``).
 
 Time: one trial near the limit is one long step (a 250k-token causal step is ~3e16 attention FLOPs, about a
 minute), so the search has a total ``--time-budget``; when it runs out, the row says ``exact: false`` and

@@ -139,9 +139,9 @@ def op_cases():
     """(op, path, shape, forward -> scalar-able output, leaves, grad_out)."""
     import torch.nn as nn
 
-    from hf_fastkern import fused_mlp
     from hf_fastkern.kernels import attention as attn
     from hf_fastkern.kernels import cross_entropy as ce
+    from hf_fastkern.layers import fused_mlp
 
     bf = torch.bfloat16
     torch.manual_seed(0)

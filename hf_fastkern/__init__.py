@@ -1,14 +1,19 @@
 """hf_fastkern: fused Triton kernels for HuggingFace Transformers training and inference.
 
 Public API:
-    apply_fast_kernels(model, attention=True, norm=True, mlp=True, cross_entropy=True) -> report
-    revert_fast_kernels(model)
+    apply_fast_kernels(model, ...) -> PatchReport     patch this model instance (any order with PEFT)
+    revert_fast_kernels(model) -> int                 walk its ledger back
+    report(model) -> PatchReport                      what runs now, what falls back, what was left and why
+    FastKernMetricsCallback                           tokens/s, MFU and memory in Trainer logs
 Importing the package registers "fastkern" as an ``attn_implementation`` with transformers.
 """
+from hf_fastkern.integrations.callbacks import FastKernMetricsCallback
+from hf_fastkern.patches.apply import apply_fast_kernels, report, revert_fast_kernels
 from hf_fastkern.patches.attention import register_fastkern_attention
-from hf_fastkern.patches.registry import apply_fast_kernels, revert_fast_kernels
+from hf_fastkern.patches.ledger import PatchReport
 
 __version__ = "0.1.0"
-__all__ = ["apply_fast_kernels", "revert_fast_kernels", "register_fastkern_attention", "__version__"]
+__all__ = ["apply_fast_kernels", "revert_fast_kernels", "report", "PatchReport", "FastKernMetricsCallback",
+           "register_fastkern_attention", "__version__"]
 
 register_fastkern_attention()

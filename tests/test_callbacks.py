@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from hf_fastkern.callbacks import (
+from hf_fastkern.integrations.callbacks import (
     FastKernMetricsCallback,
     ThroughputMeter,
     attention_dims,

@@ -9,7 +9,7 @@ layer in torch's ``checkpoint_wrapper`` (transformers' own checkpointing, which 
 used), so the recompute appends the layer's keys/values to that cache a second time. SDPA's top-left
 ``is_causal`` hides it; the fastkern attention aligns a longer key axis bottom-right (decoding) and its
 recompute differs. Fix: ``apply_fast_kernels`` turns the implicit cache off in training forwards with grad
-(``patches/registry.py``, ``_decoder_forward``). The older code and the lean MLP both crashed.
+(``patches/training_cache.py``, ``_decoder_forward``). The older code and the lean MLP both crashed.
 
 - single process: torch's ``checkpoint_wrapper`` around each decoder layer (what Accelerate applies), bf16
   so the Triton attention runs (interpreted), loss and every gradient against the fp64 oracle; the hook's scope.

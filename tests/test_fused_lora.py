@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hf_fastkern import apply_fast_kernels, fused_lora, revert_fast_kernels
+from hf_fastkern import apply_fast_kernels, revert_fast_kernels
 from hf_fastkern.kernels.dispatch import FastKernFallbackWarning, reset_warnings
+from hf_fastkern.layers import fused_lora
 from tests.test_fused_mlp import _compare, saved_bytes
 from tests.test_fused_mlp import _Count as _CountApply
 from tests.test_patch_archs import ARCHS, build

@@ -20,9 +20,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hf_fastkern import apply_fast_kernels, fused_mlp, revert_fast_kernels
+from hf_fastkern import apply_fast_kernels, revert_fast_kernels
 from hf_fastkern.kernels.dispatch import FastKernFallbackWarning, reset_warnings
-from hf_fastkern.patches.registry import fused_gated_mlp_factory, gated_mlp_factory
+from hf_fastkern.layers import fused_mlp
+from hf_fastkern.patches.factories import fused_gated_mlp_factory, gated_mlp_factory
 from tests.test_patch_archs import ARCHS, batch, build
 from tests.tolerances import assert_close
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from hf_fastkern import apply_fast_kernels
-from hf_fastkern.offload import activation_offloader, chunked_recompute
+from hf_fastkern.memory.offload import activation_offloader
+from hf_fastkern.memory.recompute import chunked_recompute
 from tests.test_patch_archs import ARCHS, batch, build
 from tests.tolerances import assert_close
 

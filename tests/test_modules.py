@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_fastkern.modules import FastGeGLU, FastGELU, FastLayerNorm, FastRMSNorm, FastSwiGLU
+from hf_fastkern.layers.modules import FastGeGLU, FastGELU, FastLayerNorm, FastRMSNorm, FastSwiGLU
 from tests.tolerances import assert_close
 
 

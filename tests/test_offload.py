@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hf_fastkern import apply_fast_kernels, revert_fast_kernels
-from hf_fastkern.offload import (
+from hf_fastkern.memory.offload import (
     ActivationOffloader,
     activation_offloader,
     disable_activation_offload,
@@ -191,7 +191,7 @@ def test_no_checkpointing_no_offload(reference):
     off.min_bytes = 0
     ids, labels = batch()
     with pytest.warns(UserWarning, match="gradient checkpointing is off"):
-        import hf_fastkern.offload as mod
+        import hf_fastkern.memory.offload as mod
         mod._warned_no_ckpt = False
         model(input_ids=ids, labels=labels).loss.backward()
     assert off.stats.packed == 0

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from hf_fastkern import apply_fast_kernels, revert_fast_kernels
-from hf_fastkern.patches.registry import is_patched
+from hf_fastkern.patches.apply import is_patched
 from tests.tolerances import assert_close
 
 VOCAB, SEQ, BATCH = 256, 16, 2

@@ -1,5 +1,5 @@
 """Fused RoPE: the kernel vs transformers' expression (fp64 oracle), and the Llama-family attention forward
-that uses it (patches/rope_attention.py): probe, delegation to the class forward, report.
+that uses it (layers/rope_attention.py): probe, delegation to the class forward, report.
 
 Kernel cases: q/k in the strided layout the attention forward gives them (``view(...).transpose(1, 2)``), GQA
 head counts, head_dim 2/64/80/128, cos/sin broadcast over the batch or per batch (packed position_ids), in the
@@ -15,7 +15,7 @@ from hf_fastkern import apply_fast_kernels
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels import rope as rope_mod
 from hf_fastkern.kernels.dispatch import FastKernFallbackWarning, reset_warnings
-from hf_fastkern.patches import rope_attention
+from hf_fastkern.layers import rope_attention
 from tests.harness import check_op
 from tests.test_patch_archs import ARCHS, batch, build
 

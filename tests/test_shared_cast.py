@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 from hf_fastkern import apply_fast_kernels
-from hf_fastkern import shared_cast as sc
-from hf_fastkern.patches import registry, rope_attention
+from hf_fastkern.layers import rope_attention
+from hf_fastkern.layers import shared_cast as sc
+from hf_fastkern.patches import factories
 from tests.test_patch_archs import ARCHS, batch, build
 
 AC_DTYPES = [torch.bfloat16, torch.float16]
@@ -111,7 +112,7 @@ def _unshared(monkeypatch):
     def plain(x, consumers):
         return (x,) * len(consumers)
 
-    monkeypatch.setattr(registry, "share_cast", plain)
+    monkeypatch.setattr(factories, "share_cast", plain)
     monkeypatch.setattr(rope_attention, "share_cast", plain)
 
 

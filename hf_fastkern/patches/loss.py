@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from hf_fastkern.kernels.cross_entropy import fused_linear_cross_entropy
 from hf_fastkern.kernels.dispatch import warn_once
+from hf_fastkern.patches.ledger import unwrap
 
 _STATE = "_hf_fastkern_fused_loss"
 # The head finds the same state through its own __dict__. Both forwards look their state up through ``self``
@@ -75,14 +76,6 @@ class _State:
         self.labels_pos = params.index("labels") if "labels" in params else None
         self.wrapper = None
         self.head_wrapper = None
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """A PeftModel reaches its base *ForCausalLM (transformers #34016: never patch the wrapper silently)."""
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base) and type(model).__name__.startswith("Peft"):
-        return get_base()
-    return model
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -259,7 +252,7 @@ def enable_fused_loss(model: nn.Module) -> tuple[bool, str]:
     Returns ``(ok, reason)``: ``(True, "")`` when enabled (or already enabled), ``(False, why)`` when the model
     keeps its standard loss.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if _STATE in model.__dict__:
         return True, ""
     why = _support_problem(model)
@@ -285,7 +278,7 @@ def enable_fused_loss(model: nn.Module) -> tuple[bool, str]:
 
 def disable_fused_loss(model: nn.Module) -> None:
     """Undo enable_fused_loss on this instance (no-op if it was not enabled)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     state = model.__dict__.pop(_STATE, None)
     if state is None:
         return
@@ -301,4 +294,4 @@ def disable_fused_loss(model: nn.Module) -> None:
 
 def fused_loss_enabled(model: nn.Module) -> bool:
     """True when enable_fused_loss is active on this instance."""
-    return _STATE in _unwrap(model).__dict__
+    return _STATE in unwrap(model).__dict__

@@ -1,6 +1,6 @@
 """Qwen3 recipe: the per-head q_norm / k_norm are Qwen3RMSNorm instances too, so they are swapped as norms."""
-from hf_fastkern.patches.registry import Recipe, gated_mlp_factory, register_recipe, rms_norm_factory
-from hf_fastkern.patches.rope_attention import rope_attention_factory
+from hf_fastkern.patches.factories import gated_mlp_factory, rms_norm_factory, rope_attention_factory
+from hf_fastkern.patches.recipe import Recipe, register_recipe
 
 QWEN3 = register_recipe(Recipe(
     name="qwen3",

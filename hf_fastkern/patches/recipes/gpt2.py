@@ -3,7 +3,8 @@
 The projections are Conv1D modules: they are called, not read, so LoRA on c_fc/c_proj keeps working. The tied
 LM head goes through the fused loss like any other.
 """
-from hf_fastkern.patches.registry import Recipe, layer_norm_factory, plain_mlp_factory, register_recipe
+from hf_fastkern.patches.factories import layer_norm_factory, plain_mlp_factory
+from hf_fastkern.patches.recipe import Recipe, register_recipe
 
 GPT2 = register_recipe(Recipe(
     name="gpt2",

@@ -3,7 +3,8 @@
 Only modules are swapped: the parallel residual and the partial rotary live in the layer / attention forwards,
 which stay the model's own.
 """
-from hf_fastkern.patches.registry import Recipe, layer_norm_factory, plain_mlp_factory, register_recipe
+from hf_fastkern.patches.factories import layer_norm_factory, plain_mlp_factory
+from hf_fastkern.patches.recipe import Recipe, register_recipe
 
 GPT_NEOX = register_recipe(Recipe(
     name="gpt_neox",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hf_fastkern.fused_mlp import _ac_dtype, _autocast_state
+from hf_fastkern.layers.common import ac_dtype, autocast_state
 
 
 def _plain_linear(m: nn.Module) -> bool:
@@ -60,7 +60,7 @@ def share_cast(x: torch.Tensor, consumers: Sequence[nn.Module]) -> tuple[torch.T
     """``len(consumers)`` inputs for the given linears: views of one autocast cast of ``x`` where that is exact
     (see the module docstring), else ``x`` itself for each."""
     n = len(consumers)
-    dtype = _ac_dtype(x, _autocast_state(x.device.type))  # autocast's own rule for a matmul operand
+    dtype = ac_dtype(x, autocast_state(x.device.type))  # autocast's own rule for a matmul operand
     if dtype is None or n < 2 or not all(_plain_linear(m) for m in consumers):
         return (x,) * n
     if not (torch.is_grad_enabled() and x.requires_grad):

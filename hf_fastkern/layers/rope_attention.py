@@ -6,8 +6,10 @@ Why a replacement attention forward: transformers' attention forwards call the m
 built to survive transformers releases rather than copied from one:
 
 - it is *generic*: it composes the module's own submodules (``q_proj``/``k_proj``/``v_proj``/``o_proj``, optional
-  ``q_norm``/``k_norm`` on the head dimension) and the attention interface the config names
-  (``ALL_ATTENTION_FUNCTIONS``, or the modeling module's own ``eager_attention_forward``), exactly as the
+  ``q_norm``/``k_norm`` on the head dimension) and the attention interface the config names (looked up in the
+  mapping the caller passes: transformers' ``ALL_ATTENTION_FUNCTIONS``, handed in by
+  :mod:`hf_fastkern.patches.factories` so this floor imports no transformers; or the modeling module's own
+  ``eager_attention_forward``), exactly as the
   Llama, Mistral, Qwen2 and Qwen3 forwards do, with :func:`hf_fastkern.kernels.rope.apply_rope` for the
   rotation;
 - it is *probed*: before binding, the instance's current forward and this one run on a small random input and
@@ -22,15 +24,15 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_fastkern.kernels.rope import apply_rope
-from hf_fastkern.shared_cast import share_cast
+from hf_fastkern.layers.common import Unsupported
+from hf_fastkern.layers.shared_cast import share_cast
 
 # parameters of the class forward the replacement reads itself; every other named parameter must be None
 _OWN = ("self", "hidden_states", "position_embeddings", "attention_mask")
@@ -38,25 +40,25 @@ _OWN = ("self", "hidden_states", "position_embeddings", "attention_mask")
 _CACHES = ("past_key_values", "past_key_value", "cache", "layer_past", "cache_position")
 
 
-def _interface(module: nn.Module, eager: Callable | None) -> Callable | None:
+def _interface(module: nn.Module, eager: Callable | None, functions: Mapping[str, Callable]) -> Callable | None:
     """The attention function the class forward would call (None: one it does not know; it then runs)."""
     impl = getattr(module.config, "_attn_implementation", None) or "eager"
     if impl == "eager":
         return eager
-    return ALL_ATTENTION_FUNCTIONS[impl] if impl in ALL_ATTENTION_FUNCTIONS else None
+    return functions[impl] if impl in functions else None
 
 
-def rope_attention_factory(sliding_window: str | None = None) -> Callable:
+def rope_attention_factory(attention_functions: Mapping[str, Callable],
+                           sliding_window: str | None = None) -> Callable:
     """Factory for Llama-family attention modules.
 
+    attention_functions: name -> attention function (transformers' ``ALL_ATTENTION_FUNCTIONS``), read per call.
     sliding_window: where the class forward reads the ``sliding_window`` it passes to the attention interface:
     ``"module"`` (``self.sliding_window``: Qwen2, Qwen3), ``"config"`` (``config.sliding_window``: Mistral), or
     None (not passed: Llama).
     """
 
     def factory(module: nn.Module, config: Any) -> Callable:
-        from hf_fastkern.patches.registry import Unsupported
-
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if not isinstance(getattr(module, n, None), nn.Module):
                 raise Unsupported(f"{type(module).__name__} has no {n} (fused qkv or another layout)")
@@ -84,7 +86,7 @@ def rope_attention_factory(sliding_window: str | None = None) -> Callable:
             else:
                 kw = dict(kwargs)
             x, pe, mask = kw.get("hidden_states"), kw.get("position_embeddings"), kw.get("attention_mask")
-            attn = _interface(self, eager)
+            attn = _interface(self, eager, attention_functions)
             if pe is None or attn is None or any(kw.get(n) is not None for n in others + _CACHES) or \
                     not isinstance(x, torch.Tensor):
                 return cls_forward(self, *args, **kwargs)
@@ -105,7 +107,7 @@ def rope_attention_factory(sliding_window: str | None = None) -> Callable:
             out, weights = attn(self, q, k, v.transpose(1, 2), mask, dropout=dropout, scaling=self.scaling, **kw)
             return self.o_proj(out.reshape(*x.shape[:-1], -1).contiguous()), weights
 
-        forward.__signature__ = sig  # callers that inspect the forward (and the registry's check) see the class's
+        forward.__signature__ = sig  # callers that inspect the forward (and the ledger's signature check) see the class's
         _probe(module, forward, cls_forward)
         return forward
 
@@ -114,8 +116,6 @@ def rope_attention_factory(sliding_window: str | None = None) -> Callable:
 
 def _probe(module: nn.Module, forward: Callable, cls_forward: Callable) -> None:
     """Raise Unsupported unless ``forward`` gives the class forward's output on a small random input."""
-    from hf_fastkern.patches.registry import Unsupported
-
     w = module.q_proj.weight if isinstance(getattr(module.q_proj, "weight", None), torch.Tensor) else None
     if w is None:
         w = next(module.parameters(), None)

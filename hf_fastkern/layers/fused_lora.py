@@ -28,7 +28,7 @@ oracle.
 
 Taken per call, for a PEFT ``lora.Linear`` (exactly that class) with one active adapter, dropout 0 (an
 ``nn.Identity``), no DoRA or other variant, not merged, no ``lora_bias``, not ``fan_in_fan_out``, a plain
-``nn.Linear`` base and no hooks (:func:`hf_fastkern.fused_mlp.down_parts` decides), and no extra forward
+``nn.Linear`` base and no hooks (:func:`hf_fastkern.layers.common.down_parts` decides), and no extra forward
 arguments (``adapter_names``). Anything else runs PEFT's own forward, warning once with the reason.
 """
 from __future__ import annotations
@@ -39,20 +39,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_fastkern.fused_mlp import (
-    _ac_cast,
-    _autocast_state,
-    _is_lora_linear,
-    _rows,
-    _tensor_reason,
+from hf_fastkern.kernels.dispatch import warn_once
+from hf_fastkern.layers.common import (
+    ac_cast,
     adapter_grads,
+    autocast_state,
     down_parts,
     grad_input_adapter,
     linear_adapter,
     lora_input,
+    rows,
     scaled_b,
+    tensor_reason,
 )
-from hf_fastkern.kernels.dispatch import warn_once
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -65,11 +64,11 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cast_input: bool) -> torch.Tensor:
-        ac = _autocast_state(x.device.type)
-        xb = _ac_cast(x, ac)  # the base matmul's operand
+        ac = autocast_state(x.device.type)
+        xb = ac_cast(x, ac)  # the base matmul's operand
         xl = lora_input(x, lora_a.dtype, cast_input, ac)  # lora_A's operand: usually the same tensor
-        a = F.linear(xl, _ac_cast(lora_a, ac))  # [..., r]
-        y = linear_adapter(xb, _ac_cast(weight, ac), _ac_cast(bias, ac), a, scaled_b(lora_b, scaling, ac))
+        a = F.linear(xl, ac_cast(lora_a, ac))  # [..., r]
+        y = linear_adapter(xb, ac_cast(weight, ac), ac_cast(bias, ac), a, scaled_b(lora_b, scaling, ac))
         ctx.autocast, ctx.scaling, ctx.x_dtype, ctx.x_shape = ac, scaling, x.dtype, x.shape
         ctx.same = xl is xb
         ctx.save_for_backward(xb, None if ctx.same else xl, weight, bias, lora_a, lora_b, a)
@@ -81,17 +80,17 @@ class LoRALinearFunction(torch.autograd.Function):
         xl = xb if ctx.same else xl
         need_x, need_w, need_b, need_la, need_lb = ctx.needs_input_grad[:5]
         ac, s = ctx.autocast, ctx.scaling
-        dy2 = _rows(dy)
+        dy2 = rows(dy)
         dx = dw = db = dla = None
-        dlb, da = adapter_grads(dy2, _rows(a), lora_b, s, ac, need_lb, need_la or need_x)  # [out, r], [tokens, r]
+        dlb, da = adapter_grads(dy2, rows(a), lora_b, s, ac, need_lb, need_la or need_x)  # [out, r], [tokens, r]
         if need_la:
-            dla = torch.mm(da.t().to(xl.dtype), _rows(xl)).to(lora_a.dtype)  # [r, in]
+            dla = torch.mm(da.t().to(xl.dtype), rows(xl)).to(lora_a.dtype)  # [r, in]
         if need_w:
-            dw = torch.mm(dy2.t().to(xb.dtype), _rows(xb)).to(weight.dtype)
+            dw = torch.mm(dy2.t().to(xb.dtype), rows(xb)).to(weight.dtype)
         if need_b:
             db = dy2.sum(0).to(bias.dtype)
         if need_x:
-            dx = grad_input_adapter(dy2, _ac_cast(weight, ac), da, _ac_cast(lora_a, ac))
+            dx = grad_input_adapter(dy2, ac_cast(weight, ac), da, ac_cast(lora_a, ac))
             dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         return dx, dw, db, dla, dlb, None, None
 
@@ -105,7 +104,7 @@ def lora_linear_reason(module: nn.Module, x: torch.Tensor) -> tuple[Any, str]:
         return None, why
     if parts.lora_a is None:
         return None, "no active adapter"
-    return (parts, "") if not (why := _tensor_reason(parts, x)) else (None, why)
+    return (parts, "") if not (why := tensor_reason(parts, x)) else (None, why)
 
 
 def lora_linear_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -118,14 +117,3 @@ def lora_linear_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: 
         if why != "no active adapter":  # (disabled adapters: PEFT's forward is just the base linear)
             warn_once(f"lora_linear:{why}", f"hf_fastkern: a LoRA linear runs PEFT's forward: {why}.")
     return type(self).forward(self, x, *args, **kwargs)
-
-
-def lora_linear_factory(module: nn.Module, config: Any) -> Any:
-    """Registry factory: bind :func:`lora_linear_forward` on PEFT ``lora.Linear`` instances only."""
-    from hf_fastkern.patches.registry import Unsupported
-
-    if not _is_lora_linear(module):
-        raise Unsupported(f"{type(module).__name__} is not PEFT's lora.Linear")
-    if "forward" in module.__dict__:
-        raise Unsupported("has an instance-level forward (a hook library such as accelerate)")
-    return lora_linear_forward

@@ -4,7 +4,8 @@ Gemma 2/3 attention logit soft-capping and sliding windows reach the attention i
 arguments; the final-logit soft-cap belongs to the loss path (patches/loss.py decides whether it can fuse it).
 Gemma 3's q_norm / k_norm are Gemma3RMSNorm too.
 """
-from hf_fastkern.patches.registry import Recipe, gated_mlp_factory, register_recipe, rms_norm_factory
+from hf_fastkern.patches.factories import gated_mlp_factory, rms_norm_factory
+from hf_fastkern.patches.recipe import Recipe, register_recipe
 
 _GEMMA_NORM = rms_norm_factory(offset=1.0, cast_before_weight=False)
 

@@ -1,6 +1,6 @@
 """Qwen2 recipe: Llama-style RMSNorm and SwiGLU MLP; q/k/v biases live in the projections, untouched."""
-from hf_fastkern.patches.registry import Recipe, gated_mlp_factory, register_recipe, rms_norm_factory
-from hf_fastkern.patches.rope_attention import rope_attention_factory
+from hf_fastkern.patches.factories import gated_mlp_factory, rms_norm_factory, rope_attention_factory
+from hf_fastkern.patches.recipe import Recipe, register_recipe
 
 QWEN2 = register_recipe(Recipe(
     name="qwen2",

@@ -1,6 +1,6 @@
 """Llama (2, 3.x) recipe: RMSNorm (Llama order), SwiGLU MLP, attention interface, fused linear-CE head."""
-from hf_fastkern.patches.registry import Recipe, gated_mlp_factory, register_recipe, rms_norm_factory
-from hf_fastkern.patches.rope_attention import rope_attention_factory
+from hf_fastkern.patches.factories import gated_mlp_factory, rms_norm_factory, rope_attention_factory
+from hf_fastkern.patches.recipe import Recipe, register_recipe
 
 LLAMA = register_recipe(Recipe(
     name="llama",

@@ -1,5 +1,6 @@
 """Phi-3 recipe: fused qkv stays in the attention; the fused ``gate_up_proj`` is split into two views for SwiGLU."""
-from hf_fastkern.patches.registry import Recipe, fused_gated_mlp_factory, register_recipe, rms_norm_factory
+from hf_fastkern.patches.factories import fused_gated_mlp_factory, rms_norm_factory
+from hf_fastkern.patches.recipe import Recipe, register_recipe
 
 PHI3 = register_recipe(Recipe(
     name="phi3",

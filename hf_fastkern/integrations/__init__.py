@@ -1,0 +1,1 @@
+"""Trainer / TRL / Accelerate integrations: the metrics callback (callbacks.py)."""

@@ -1,0 +1,1 @@
+"""Activation memory: offload of checkpointed hidden states (offload.py) and chunked recompute (recompute.py)."""

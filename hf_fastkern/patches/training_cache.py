@@ -1,0 +1,75 @@
+"""No implicit KV cache in a training forward (issue 11): the decoder's forward with ``use_cache=False`` there.
+
+Why: with ``config.use_cache=True`` (the default) a transformers decoder builds a ``DynamicCache`` in every
+forward, training included, unless *its own* gradient checkpointing is on (``merge_with_config_defaults``).
+Activation checkpointing applied from outside (Accelerate's ``fsdp_activation_checkpointing``, torch's
+``checkpoint_wrapper``) keeps that cache among the checkpointed layer's arguments, and the recompute in backward
+appends the layer's keys/values to it a second time: attention then sees 2x the keys of the original forward.
+The fastkern attention aligns a longer key axis bottom-right (decoding), so its recompute differs from the
+forward and torch.utils.checkpoint raises "Recomputed values ... have different metadata" (SDPA's top-left
+``is_causal`` happens to give the same output on the duplicated keys). Nothing reads a cache built in a forward
+that is followed by backward, so none is built. Eval, no-grad forwards (generation, rollouts) and explicit
+``use_cache`` / cache arguments are passed through unchanged.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hf_fastkern.patches.ledger import Change, Ledger
+
+# decoder attribute: (position of use_cache in forward(*args) without self, the forward that was there before)
+_GUARD_ATTR = "_hf_fastkern_cache_guard"
+
+
+def _no_training_cache(self: nn.Module, pos: int, args: tuple, kwargs: dict) -> bool:
+    """True for a training forward with grad, fastkern attention, and no cache or ``use_cache`` given."""
+    if not (self.training and torch.is_grad_enabled()):
+        return False
+    if getattr(getattr(self, "config", None), "_attn_implementation", None) != "fastkern":
+        return False
+    if len(args) > pos:
+        return False  # use_cache (or an argument after it) passed positionally: the caller's choice
+    return all(kwargs.get(k) is None for k in ("use_cache", "cache", "past_key_values"))
+
+
+def _decoder_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The decoder's forward with ``use_cache=False`` in a training forward that asked for no cache (see the
+    module docstring of ``hf_fastkern.patches.training_cache``)."""
+    # found through self, so a deepcopy of the model calls its own decoder
+    pos, own = self.__dict__[_GUARD_ATTR]
+    if _no_training_cache(self, pos, args, kwargs):
+        kwargs["use_cache"] = False
+    return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
+
+
+def _forget(decoder: nn.Module) -> None:
+    decoder.__dict__.pop(_GUARD_ATTR, None)
+
+
+def guard_training_cache(base: nn.Module, ledger: Ledger) -> bool:
+    """Bind :func:`_decoder_forward` on the decoder that builds the cache (``base.base_model``). False when it
+    takes no ``use_cache`` or is already bound by this plugin."""
+    decoder = getattr(base, "base_model", None)
+    decoder = decoder if isinstance(decoder, nn.Module) else base
+    if decoder in ledger.bound or _GUARD_ATTR in decoder.__dict__:
+        return False
+    try:
+        sig = inspect.signature(type(decoder).forward)
+    except (TypeError, ValueError):
+        return False
+    if "use_cache" not in sig.parameters:
+        return False
+    decoder.__dict__[_GUARD_ATTR] = (list(sig.parameters).index("use_cache") - 1, decoder.__dict__.get("forward"))
+    ledger.record(Change("training_cache_state", _forget, decoder, shown=False))
+    # a fresh function object per model, to carry that model's signature: callers that inspect the decoder's
+    # forward (Trainer, PEFT) see the original one
+    fn = types.FunctionType(_decoder_forward.__code__, _decoder_forward.__globals__, "forward")
+    fn.__signature__ = sig
+    fn.__doc__ = _decoder_forward.__doc__
+    ledger.bind(decoder, "training_cache", "", fn).shown = False
+    return True
