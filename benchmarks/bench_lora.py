@@ -46,7 +46,7 @@ except ImportError:  # run as a script from a source checkout
     from benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
-ALL_VARIANTS = VARIANTS + ("fastkern_offload",)
+ALL_VARIANTS = VARIANTS + ("fastkern_offload", "fastkern_prepeft")
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                 tie_word_embeddings=False)
@@ -69,7 +69,9 @@ METHOD = ("random-init Llama-3.1-8B shape, bf16 weights, PEFT LoRA r=16 alpha=32
 
 
 def parse_variant(v: str) -> tuple[str, bool]:
-    """'fastkern_offload' -> ('fastkern', True)."""
+    """'fastkern_offload' -> ('fastkern', True); 'fastkern_prepeft' (patched before get_peft_model) -> ('fastkern',
+    False), read by :func:`build_model`."""
+    v = v.removesuffix("_prepeft")
     if v.endswith("_offload"):
         return v[: -len("_offload")], True
     return v, False
@@ -96,15 +98,22 @@ def build_model(variant: str, cfg_kwargs: dict, device: str, longctx: bool = Fal
     finally:
         torch.set_default_dtype(default)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chunk = OFFLOAD_MLP_CHUNK if longctx else None
+    # "_prepeft": patched *before* get_peft_model, as TRL's SFTTrainer(peft_config=...) does it; the LoRA layers
+    # are then fused at the first forward (hf_fastkern.patches.apply, the lora_watch hook)
+    if variant.endswith("_prepeft"):
+        from hf_fastkern import apply_fast_kernels
+        apply_fast_kernels(model, offload_activations=offload, mlp_chunk_tokens=chunk)
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     if base == "fastkern":
         from hf_fastkern import apply_fast_kernels
-        chunk = OFFLOAD_MLP_CHUNK if longctx else None
-        report = apply_fast_kernels(model, offload_activations=offload, mlp_chunk_tokens=chunk)
+        report = apply_fast_kernels(model, offload_activations=offload, mlp_chunk_tokens=chunk) \
+            if not variant.endswith("_prepeft") else None
         if chunk:
             notes["mlp_chunk_tokens"] = chunk
-        notes["patch_report"] = str(report)[:500]
+        if report is not None:
+            notes["patch_report"] = str(report)[:500]
     model.train()
     return model, notes
 
@@ -151,6 +160,10 @@ def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev:
             # the first step on identical weights and tokens feeds the correctness gate; the optimizer state is
             # the variants' own from here on, which the timing does not care about
             row["loss0"] = float(_step(model, opt, ids, dev))
+            if variant.startswith("fastkern"):
+                # what runs after the first step (the _prepeft variant binds its LoRA layers in that forward)
+                from hf_fastkern import report as patch_report
+                row["patch_report"] = str(patch_report(model))[:600]
             for _ in range(warmup - 1):
                 _step(model, opt, ids, dev)
             _sync(dev)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import hf_fastkern
 from hf_fastkern import apply_fast_kernels, revert_fast_kernels
 from hf_fastkern.kernels.dispatch import FastKernFallbackWarning, reset_warnings
 from hf_fastkern.layers import fused_lora
@@ -142,17 +143,30 @@ def _two_adapters(w: nn.Module) -> None:
         w.base_model.model.p0.lora_B["second"].weight.normal_()
 
 
-@pytest.mark.parametrize("case", ["dropout", "dora", "two_adapters", "merged", "adapter_names"])
+@pytest.mark.parametrize("case", ["dropout", "dora", "two_adapters", "merged", "adapter_names", "merged_after_patch"])
 def test_lora_linear_unsupported_runs_peft(case, monkeypatch):
-    """What the fused node does not cover runs PEFT's forward: PEFT's exact result, one warning (none for
-    ``adapter_names``, a per-call argument)."""
+    """What the fused node does not cover runs PEFT's forward, PEFT's exact result. A layer whose structure rules
+    the node out when it is patched (dropout, DoRA, two adapters, merged) is not bound: the report lists it under
+    "left" with the reason, never under "patched". A bound layer that falls back later (merged after patching)
+    warns once and the report lists it as a fallback; ``adapter_names`` (a per-call argument) runs PEFT's forward
+    silently."""
     w = _wrapped(dropout=0.1 if case == "dropout" else 0.0, **({"use_dora": True} if case == "dora" else {}))
     if case == "two_adapters":
         _two_adapters(w)
     if case == "merged":
         w.base_model.model.p0.merge()
     ref = copy.deepcopy(w)
-    _patch(w)
+    structural = case in ("dropout", "dora", "two_adapters", "merged")
+    report = apply_fast_kernels(w, attention=False, cross_entropy=False)
+    if structural:
+        assert report.count("lora_linear") == 0, str(report)
+        assert any(what.startswith("lora_linear") for what, _ in report.skipped), str(report)
+    else:
+        assert report.count("lora_linear") == 1, str(report)
+    if case == "merged_after_patch":
+        w.base_model.model.p0.merge()
+        ref.base_model.model.p0.merge()
+        assert any("merged" in why for _, why in hf_fastkern.report(w).fallbacks)
     count = _Count(monkeypatch)
     reset_warnings()
     x = torch.randn(*TOKENS, IN, generator=torch.Generator().manual_seed(1))
@@ -162,8 +176,11 @@ def test_lora_linear_unsupported_runs_peft(case, monkeypatch):
         got, want = proj(x, adapter_names=names), ref_proj(x, adapter_names=names)
         assert torch.equal(got, want)
     else:
-        with pytest.warns(FastKernFallbackWarning, match="a LoRA linear runs PEFT's forward"):
+        if structural:
             got = _run(w, x, False)
+        else:
+            with pytest.warns(FastKernFallbackWarning, match="a LoRA linear runs PEFT's forward"):
+                got = _run(w, x, False)
         want = _run(ref, x, False)
         # (a merged adapter gets no gradient, None in both)
         assert len(got) == len(want) and all(a is b is None or torch.equal(a, b) for a, b in zip(got, want)), case

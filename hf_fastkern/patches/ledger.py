@@ -204,6 +204,9 @@ class Ledger:
             why = entry.fallback()
             if why:
                 fallbacks.append((entry.label if isinstance(entry, ForwardBinding) else entry.kind, why))
+            elif entry.kind == "mlp" and getattr(entry, "status", None) is not None:
+                # a gated MLP whose down projection takes the lean (recompute) path now
+                table["mlp_recompute"] = table.get("mlp_recompute", 0) + 1
         rep.fallbacks = group_reasons(fallbacks)
         rep.skipped = list(self.left)
         return rep
