@@ -1,4 +1,8 @@
-"""``nn.Module`` drop-ins built on ``hf_fastkern.kernels`` (the patchers swap HF modules for these).
+"""``nn.Module`` drop-ins built on ``hf_fastkern.kernels``, for code that builds its own model from modules.
+
+``apply_fast_kernels`` does not use them: it binds replacement forwards on a model's own modules (parameters,
+hooks and PEFT wrappers untouched; see docs/architecture.md). These classes are for users who compose their own
+models, and for module-replacement routes such as HF ``kernels``' layer mapping.
 
 State-dict keys equal HF's (``weight``, ``bias``), and ``from_module`` shares the SAME Parameter objects with
 the module it replaces, so optimizers, PEFT wrappers and tied weights keep pointing at one tensor.
