@@ -111,7 +111,7 @@ def test_qlora_4bit_gpu(tmp_path):
     assert (patched - base).abs().max().item() <= lim, (patched.tolist(), base.tolist())
 
 
-# --- LoRA on the fast paths: dropout, offload, chunked MLP (from test_lora_fast.py) ---
+# --- LoRA on the fast paths: dropout, offload, chunked MLP ---
 
 
 CHUNK = 5  # odd, does not divide BATCH * SEQ = 32 tokens: the last chunk is short
