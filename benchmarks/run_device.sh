@@ -16,7 +16,8 @@ T_TESTS=${T_TESTS:-160} T_E2E=${T_E2E:-200}
 # kernel files first, then integration, then the heavy ones: a cut run still covers the kernels
 GPU_TESTS="tests/test_rms_norm.py tests/test_layer_norm.py tests/test_activations.py tests/test_cross_entropy.py
  tests/test_patch_loss.py tests/test_patch_attention.py tests/test_patch_archs.py tests/test_trainer.py
- tests/test_peft.py tests/test_compile.py tests/test_determinism.py tests/test_huge.py"
+ tests/test_peft.py tests/test_recompute.py tests/test_compile.py tests/test_attention.py
+ tests/test_patch_apply.py"
 parts=${*:-tests ops ce e2e}
 for p in $parts; do
   echo "=== $p $(date -u +%T)"

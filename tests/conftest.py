@@ -26,6 +26,17 @@ def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture
+def free_cuda_memory():
+    """Huge-size tests (GPU): free the cache before; after, synchronize to surface an illegal memory access inside
+    the test that caused it, and free again before the next case."""
+    torch.cuda.empty_cache()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

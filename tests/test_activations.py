@@ -5,7 +5,24 @@ import torch
 from hf_fastkern.kernels import activations as act_mod
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels.activations import GELU_TANH, SILU, geglu, gelu, glu_act_fwd, swiglu
-from tests.harness import check_op
+from tests.harness import (
+    BF,
+    ERROR_CASES,
+    HUGE_SIZES,
+    I32,
+    VIEW_IDS,
+    ZERO_IDS,
+    case_ids,
+    case_params,
+    check_bitwise_case,
+    check_error_case,
+    check_op,
+    check_view_case,
+    check_zero_length_case,
+    huge_randn,
+    huge_slices,
+    huge_sync,
+)
 from tests.tolerances import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -151,3 +168,73 @@ def test_glu_gpu_fused_halves_large():
         g, u = fused[r, :inter], fused[r, inter:]
         assert_close(y[r], reference.swiglu(g.double(), u.double()), reference.swiglu(g, u), torch.bfloat16,
                      "output", f"row {r}")
+
+
+# --- edge cases ---
+
+
+def test_swiglu_large_magnitude_bf16(device):
+    """silu(gate) * up with |gate| ~ 80 (exp(-gate) overflows fp32 past ~88): finite, as the reference."""
+    gate = torch.linspace(-90, 90, 64, device=device).repeat(2, 1)
+    up = torch.randn(2, 64, device=device)
+    check_op(swiglu, reference.swiglu, [gate.bfloat16(), up.bfloat16()], torch.bfloat16, "swiglu |gate|~90")
+
+
+# --- huge sizes (GPU): past 2**31 elements ---
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("free_cuda_memory")
+def test_swiglu_numel_over_2_31():
+    inter = HUGE_SIZES["inter"]
+    rows = I32 // inter + HUGE_SIZES["inter_extra"]  # 149860 rows x 14336 = 2.15e9 elements
+    assert rows * inter > I32
+    gate = huge_randn(rows, inter).requires_grad_(True)
+    up = huge_randn(rows, inter).requires_grad_(True)
+    out = swiglu(gate, up)
+    dout = huge_randn(rows, inter)
+    out.backward(dout)
+    huge_sync()
+    for s in huge_slices(rows, I32 // inter, HUGE_SIZES["act_chunk"]):
+        go, uo = (t.detach()[s].float().requires_grad_(True) for t in (gate, up))
+        gb, ub = (t.detach()[s].clone().requires_grad_(True) for t in (gate, up))
+        yo, yb = reference.swiglu(go, uo), reference.swiglu(gb, ub)
+        yo.backward(dout[s].float())
+        yb.backward(dout[s])
+        assert_close(out.detach()[s], yo.detach(), yb.detach(), BF, "output", f"swiglu rows {s.start}:{s.stop}")
+        assert_close(gate.grad[s], go.grad, gb.grad, BF, "grad", f"swiglu dgate rows {s.start}:{s.stop}")
+        assert_close(up.grad[s], uo.grad, ub.grad, BF, "grad", f"swiglu dup rows {s.start}:{s.stop}")
+
+
+# --- bad input ---
+
+
+@pytest.mark.parametrize("case", case_params(case_ids(ERROR_CASES, "swiglu/", "geglu/", "gelu/")))
+def test_bad_input_raises_naming_argument(case, device):
+    check_error_case(case, device)
+
+
+@pytest.mark.parametrize("case", case_params(case_ids(VIEW_IDS, "swiglu/", "geglu/", "gelu/")))
+def test_views_give_correct_results(case, device):
+    check_view_case(case, device)
+
+
+@pytest.mark.parametrize("case", case_ids(ZERO_IDS, "swiglu/", "geglu/", "gelu/"), ids=case_ids(ZERO_IDS, "swiglu/", "geglu/", "gelu/"))
+def test_zero_length_batches(case, device):
+    check_zero_length_case(case, device)
+
+
+# --- determinism ---
+
+
+@pytest.mark.parametrize("case", ["swiglu", "geglu", "gelu"], ids=["swiglu", "geglu", "gelu"])
+def test_bitwise_identical_gradients(case, device):
+    check_bitwise_case(case, device, big=False, runs=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["swiglu", "geglu", "gelu"], ids=["swiglu", "geglu", "gelu"])
+def test_bitwise_identical_gradients_gpu_real_size(case):
+    """Many programs in flight (where atomics would reorder sums): three runs, bit-identical."""
+    check_bitwise_case(case, "cuda", big=True, runs=3)
+    torch.cuda.empty_cache()

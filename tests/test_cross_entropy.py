@@ -18,7 +18,30 @@ from hf_fastkern.kernels.cross_entropy import (
     default_chunk,
     fused_linear_cross_entropy,
 )
-from tests.harness import check_op
+from tests.harness import (
+    ALL,
+    BF,
+    ERROR_CASES,
+    HUGE_DEV,
+    HUGE_SIZES,
+    I32,
+    VIEW_IDS,
+    ZERO_IDS,
+    H,
+    case_ids,
+    case_params,
+    check_bitwise_case,
+    check_error_case,
+    check_op,
+    check_view_case,
+    check_zero_length_case,
+    dtype_ids,
+    huge_randn,
+    huge_slices,
+    huge_sync,
+    r,
+    raises_naming,
+)
 from tests.tolerances import assert_close
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
@@ -456,3 +479,205 @@ def test_fused_linear_cross_entropy_backward_allocates_no_zero_grads():
     weight_sized = [e.name for e in prof.events()
                     if e.name in ("aten::zeros", "aten::empty_like") and e.cpu_memory_usage >= V * H * 4]
     assert weight_sized == ["aten::empty_like"], weight_sized
+
+
+# --- edge cases ---
+
+
+@pytest.mark.parametrize("red", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_ids(ALL))
+def test_cross_entropy_logits_pm_1e4(dtype, red, device):
+    """Rows with logits of +-1e4: the label at +1e4 (loss ~0), at -1e4 (loss ~2e4), and mixed rows."""
+    n, vocab = 6, 37
+    logits = torch.randn(n, vocab, device=device)
+    logits[0, 3] = 1e4
+    logits[1, :] = -1e4
+    logits[1, 5] = 1e4
+    logits[2, ::2] = 1e4
+    logits[3, 7] = -1e4
+    labels = torch.tensor([3, 6, 4, 7, 0, 1], device=device)
+    check_op(lambda z: cross_entropy(z, labels, reduction=red),
+             lambda z: reference.cross_entropy(z, labels, reduction=red),
+             [logits.to(dtype)], dtype, f"ce +-1e4 {red}")
+
+
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-4}],
+                         ids=["plain", "label_smoothing", "z_loss"])
+def test_cross_entropy_fp16_near_overflow(opts, device):
+    """fp16 logits near the fp16 maximum (65504): exp, the row sum (label smoothing) and lse**2 (z-loss)
+    all overflow fp16 unless computed in fp32, as the reference does."""
+    n, vocab = 5, 50
+    logits = (torch.rand(n, vocab, device=device) * 2 - 1) * 6.0e4
+    logits[:, 0] = 65000.0
+    labels = torch.tensor([0, 3, 49, 0, 17], device=device)
+    check_op(lambda z: cross_entropy(z, labels, **opts),
+             lambda z: reference.cross_entropy(z, labels, **opts),
+             [logits.to(torch.float16)], torch.float16, f"ce fp16 near overflow {opts}")
+
+
+def test_fused_linear_cross_entropy_fp16_large_logits(device):
+    """hidden @ weight.T reaching ~3e4 in fp16 (still representable): loss and gradients as the reference."""
+    tokens, hidden, vocab = 8, 16, 45
+    h = torch.randn(tokens, hidden, device=device) * 8
+    w = torch.randn(vocab, hidden, device=device) * 8
+    scale = 3.0e4 / (h @ w.t()).abs().max()
+    w = w * scale
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    check_op(lambda h, w: fused_linear_cross_entropy(h, w, labels),
+             lambda h, w: reference.linear_cross_entropy(h, w, labels),
+             [h.half(), w.half()], torch.float16, "flce fp16 large logits")
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_ids(ALL))
+def test_cross_entropy_minus_inf_logits(dtype, device):
+    """-inf logits (a vocabulary mask) away from the label: finite loss, zero gradient on masked entries."""
+    n, vocab = 5, 33
+    logits = torch.randn(n, vocab, device=device)
+    logits[:, 20:] = float("-inf")
+    logits[2, :19] = float("-inf")
+    labels = torch.tensor([0, 5, 19, 12, -100], device=device)
+    z = logits.to(dtype).requires_grad_(True)
+    loss = cross_entropy(z, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+    assert (z.grad[:, 20:] == 0).all()
+    check_op(lambda z: cross_entropy(z, labels, reduction="none"),
+             lambda z: reference.cross_entropy(z, labels, reduction="none"),
+             [logits.to(dtype)], dtype, "ce -inf logits")
+
+
+# --- huge sizes (GPU): past 2**31 elements ---
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("free_cuda_memory")
+def test_cross_entropy_logits_over_2_31():
+    vocab = HUGE_SIZES["vocab"]
+    tokens = I32 // vocab + HUGE_SIZES["ce_extra"]  # 16807 x 128256 = 2.16e9 logits (4.3 GB bf16)
+    assert tokens * vocab > I32
+    logits = huge_randn(tokens, vocab, scale=2.0).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), device=HUGE_DEV)
+    labels[-HUGE_SIZES["ce_extra"]:] = vocab - 1  # the very last elements of the tensor
+    labels[::7] = -100
+    loss = cross_entropy(logits, labels, reduction="none")
+    dloss = torch.rand(tokens, device=HUGE_DEV)
+    loss.backward(dloss)
+    huge_sync()
+    for s in huge_slices(tokens, I32 // vocab, HUGE_SIZES["ce_chunk"]):
+        zo = logits.detach()[s].float().requires_grad_(True)
+        zb = logits.detach()[s].clone().requires_grad_(True)
+        lo = reference.cross_entropy(zo, labels[s], reduction="none")
+        lb = reference.cross_entropy(zb, labels[s], reduction="none")
+        lo.backward(dloss[s])
+        lb.backward(dloss[s])
+        name = f"cross_entropy rows {s.start}:{s.stop}"
+        assert_close(loss.detach()[s], lo.detach(), lb.detach(), BF, "output", name)
+        assert_close(logits.grad[s], zo.grad, zb.grad, BF, "grad", name + " dlogits")
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("free_cuda_memory")
+def test_fused_linear_cross_entropy_tokens_times_vocab_over_2_31():
+    tokens, hidden, vocab = HUGE_SIZES["flce"]  # 4.2e9 logits never materialised
+    assert tokens * vocab > I32
+    x = huge_randn(tokens, hidden).requires_grad_(True)
+    w = huge_randn(vocab, hidden, scale=0.05).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), device=HUGE_DEV)
+    labels[-8:] = vocab - 1 - torch.arange(8, device=HUGE_DEV)
+    labels[::11] = -100
+    loss = fused_linear_cross_entropy(x, w, labels, reduction="sum")
+    loss.backward()
+    huge_sync()
+    chunk = HUGE_SIZES["flce_chunk"]
+    dw_o = torch.zeros(vocab, hidden, device=HUGE_DEV)
+    dw_b = torch.zeros(vocab, hidden, device=HUGE_DEV)
+    total_o = torch.zeros((), device=HUGE_DEV, dtype=torch.float64)
+    total_b = torch.zeros((), device=HUGE_DEV, dtype=torch.float64)
+    wo = w.detach().float().requires_grad_(True)
+    wb = w.detach().clone().requires_grad_(True)
+    for i in range(0, tokens, chunk):
+        s = slice(i, i + chunk)
+        xo = x.detach()[s].float().requires_grad_(True)
+        xb = x.detach()[s].clone().requires_grad_(True)
+        lo = reference.linear_cross_entropy(xo, wo, labels[s], reduction="sum")
+        lb = reference.linear_cross_entropy(xb, wb, labels[s], reduction="sum")
+        lo.backward()
+        lb.backward()
+        total_o += lo.detach().double()
+        total_b += lb.detach().double()
+        dw_o += wo.grad
+        dw_b += wb.grad.float()
+        wo.grad = None
+        wb.grad = None
+        if i == 0 or i + chunk == tokens:
+            assert_close(x.grad[s], xo.grad, xb.grad, BF, "grad", f"flce dhidden rows {i}:{i + chunk}")
+    loss = loss.detach()
+    rel = abs(float(loss) - float(total_o)) / abs(float(total_o))
+    assert rel <= 1e-4, f"fused linear CE loss {float(loss):.6e} vs fp32 reference {float(total_o):.6e}: rel {rel:.2e}"
+    assert_close(w.grad, dw_o, dw_b.to(BF), BF, "grad", "flce dweight over all tokens")
+
+
+# --- bad input ---
+
+
+@pytest.mark.parametrize("case", case_params(case_ids(ERROR_CASES, "flce/", "ce/", "cross_entropy/")))
+def test_bad_input_raises_naming_argument(case, device):
+    check_error_case(case, device)
+
+
+@pytest.mark.parametrize("case", case_params(case_ids(VIEW_IDS, "flce/", "ce/", "cross_entropy/")))
+def test_views_give_correct_results(case, device):
+    check_view_case(case, device)
+
+
+@pytest.mark.parametrize("case", case_ids(ZERO_IDS, "flce/", "ce/", "cross_entropy/"), ids=case_ids(ZERO_IDS, "flce/", "ce/", "cross_entropy/"))
+def test_zero_length_batches(case, device):
+    check_zero_length_case(case, device)
+
+
+def test_out_of_range_label_message_says_value_and_position(device):
+    """Not a device assert: the message gives the offending value (and where it is)."""
+    labels = torch.tensor([0, 1, 2, 3, 4, 57, 6], device=device)
+    msg = raises_naming(lambda: cross_entropy(r(7, 13, device=device), labels), "labels")
+    assert "57" in msg, msg
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "fused_linear_cross_entropy"])
+def test_mean_over_no_valid_token_is_nan_like_torch(fn, device):
+    """Documented: 'mean' over zero valid tokens is 0/0 = NaN, exactly torch.nn.functional.cross_entropy."""
+    labels = torch.full((4,), -100, device=device)
+    torch_val = torch.nn.functional.cross_entropy(torch.randn(4, 11), labels.cpu())
+    if fn == "cross_entropy":
+        out = cross_entropy(r(4, 11, device=device), labels)
+    else:
+        out = fused_linear_cross_entropy(r(4, H, device=device), r(11, H, device=device), labels)
+    assert torch.isnan(torch_val) and torch.isnan(out)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "fused_linear_cross_entropy"])
+def test_unchecked_out_of_range_label_is_nan_not_a_read_out_of_bounds(fn, device, monkeypatch):
+    """With the documented opt-out HF_FASTKERN_SKIP_LABEL_CHECK=1 (no host sync), an out-of-range label reads
+    nothing and makes the loss NaN: loud, never a silently plausible value or a device assert."""
+    monkeypatch.setenv("HF_FASTKERN_SKIP_LABEL_CHECK", "1")
+    labels = torch.tensor([0, 1, 1000, 3], device=device)
+    if fn == "cross_entropy":
+        out = cross_entropy(r(4, 11, device=device), labels)
+    else:
+        out = fused_linear_cross_entropy(r(4, H, device=device), r(11, H, device=device), labels)
+    assert torch.isnan(out), f"{fn} with an unchecked out-of-range label gave {float(out)}"
+
+
+# --- determinism ---
+
+
+@pytest.mark.parametrize("case", ["cross_entropy", "fused_linear_cross_entropy"], ids=["cross_entropy", "fused_linear_cross_entropy"])
+def test_bitwise_identical_gradients(case, device):
+    check_bitwise_case(case, device, big=False, runs=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["cross_entropy", "fused_linear_cross_entropy"], ids=["cross_entropy", "fused_linear_cross_entropy"])
+def test_bitwise_identical_gradients_gpu_real_size(case):
+    """Many programs in flight (where atomics would reorder sums): three runs, bit-identical."""
+    check_bitwise_case(case, "cuda", big=True, runs=3)
+    torch.cuda.empty_cache()

@@ -1,5 +1,8 @@
 """dispatch for the norm/activation entries: kernel path under the interpreter/CUDA, fallback warns once with
 its reason, HF_FASTKERN_FORCE_REFERENCE forces the reference."""
+import inspect
+import pathlib
+import re
 import warnings
 
 import pytest
@@ -7,6 +10,8 @@ import torch
 
 from hf_fastkern.kernels import dispatch, reference
 from hf_fastkern.kernels.activations import geglu, gelu, swiglu
+from hf_fastkern.kernels.attention import flash_attention
+from hf_fastkern.kernels.cross_entropy import fused_linear_cross_entropy
 from hf_fastkern.kernels.layer_norm import layer_norm
 from hf_fastkern.kernels.rms_norm import rms_norm
 
@@ -104,3 +109,45 @@ def test_capability_check(monkeypatch, cap, dtype, ok):
     assert (reason == "") is ok
     if not ok:
         assert f"{cap[0]}.{cap[1]}" in reason
+
+
+# --- determinism: no kernel uses atomics unless it documents a deterministic path ---
+#
+# Two runs of every backward give bit-identical gradients (test_bitwise_identical_gradients in each op's test
+# file, the case table in tests/harness.py).
+# What the kernels promise (read from their sources; re-checked below so a new atomic cannot slip in silently):
+# - no kernel under hf_fastkern/kernels/ uses atomics. Norm weight/bias gradients are per-program fp32 partial
+#   sums reduced in a fixed order; attention's dK/dV program loops over the query heads of its GQA group and dQ
+#   has its own kernel; fused linear cross-entropy accumulates d_weight chunk by chunk with ordinary matmuls.
+# - so every op is deterministic run to run on the same GPU, shapes and launch config, and no
+#   ``deterministic=True`` switch is needed. (Autotuning may pick another config in a fresh process; the
+#   numbers then differ within the tolerance table, as any reordering of a float sum does.)
+# If a kernel ever needs atomics, list it in ``ATOMIC_KERNELS`` with its ``deterministic=`` option and document
+# it in docs/support_matrix.md; ``test_no_undocumented_atomics`` fails until then.
+
+
+KERNEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "hf_fastkern" / "kernels"
+
+
+# file name -> the public entry point's keyword that switches to a deterministic path
+ATOMIC_KERNELS: dict[str, str] = {}
+
+
+def test_no_undocumented_atomics():
+    found = {}
+    for f in sorted(KERNEL_DIR.glob("*.py")):
+        src = f.read_text()
+        hits = re.findall(r"tl\.atomic_\w+", src)
+        if hits:
+            found[f.name] = sorted(set(hits))
+    undocumented = {k: v for k, v in found.items() if k not in ATOMIC_KERNELS}
+    assert not undocumented, (f"kernels using atomics without a documented deterministic path: {undocumented}; "
+                              "add a deterministic= option, list it in ATOMIC_KERNELS and docs/support_matrix.md")
+
+
+def test_deterministic_switch_where_documented():
+    """Every entry listed in ATOMIC_KERNELS really has its deterministic= keyword."""
+    entries = {"rms_norm.py": rms_norm, "layer_norm.py": layer_norm, "activations.py": swiglu,
+               "attention.py": flash_attention, "cross_entropy.py": fused_linear_cross_entropy}
+    for fname, kw in ATOMIC_KERNELS.items():
+        assert kw in inspect.signature(entries[fname]).parameters, f"{fname}: no {kw}= keyword"

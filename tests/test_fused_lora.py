@@ -237,10 +237,10 @@ def test_lora_linear_saves_input_once_under_autocast():
 def test_apply_revert_and_patch_before_peft():
     """Report counts on a LoRA Llama; revert restores PEFT's forward; patching before ``get_peft_model`` binds
     nothing, and a second call after it binds the new layers."""
-    from tests.test_lora_fast import lora
+    from tests.test_peft import lora_with_dropout
 
     llama = ARCHS[0]
-    m = lora(build(llama), 0.0)
+    m = lora_with_dropout(build(llama), 0.0)
     layers = m.config.num_hidden_layers
     report = apply_fast_kernels(m)
     assert report.patched.get("lora_linear") == 7 * layers, str(report)
@@ -252,7 +252,7 @@ def test_apply_revert_and_patch_before_peft():
     m = build(llama)
     first = apply_fast_kernels(m)
     assert "lora_linear" not in first.patched
-    m = lora(m, 0.0)
+    m = lora_with_dropout(m, 0.0)
     second = apply_fast_kernels(m)
     assert second.patched.get("lora_linear") == 7 * layers and second.already.get("norm"), str(second)
 

@@ -436,10 +436,10 @@ def _gc(model, reentrant: bool):
 def test_patched_llama_lora_matches_peft(ckpt, monkeypatch):
     """Tiny Llama, LoRA (dropout 0) on q/k/v/o/gate/up/down: loss and every adapter gradient vs the unpatched
     PEFT model (fp64 oracle); every MLP call took the lean path (forward, checkpoint recompute)."""
-    from tests.test_lora_fast import check_step, lora
+    from tests.test_peft import check_step, lora_with_dropout
 
     def make():
-        m = lora(build(LLAMA), 0.0)
+        m = lora_with_dropout(build(LLAMA), 0.0)
         if ckpt != "none":
             m = _gc(m, ckpt == "reentrant")
         return m.train()
@@ -456,10 +456,10 @@ def test_patched_llama_lora_matches_peft(ckpt, monkeypatch):
 def test_lean_mlp_with_chunks_and_offload(monkeypatch):
     """mlp_chunk_tokens (the chunk replay differentiates through the lean node) and offload_activations,
     with non-reentrant checkpointing and LoRA: still the unpatched PEFT model's loss and adapter grads."""
-    from tests.test_lora_fast import CHUNK, check_step, lora
+    from tests.test_peft import CHUNK, check_step, lora_with_dropout
 
-    peft_ref = _gc(lora(build(LLAMA), 0.0), False)
-    patched = _gc(lora(build(LLAMA), 0.0), False)
+    peft_ref = _gc(lora_with_dropout(build(LLAMA), 0.0), False)
+    patched = _gc(lora_with_dropout(build(LLAMA), 0.0), False)
     report = apply_fast_kernels(patched, offload_activations=True, mlp_chunk_tokens=CHUNK)
     assert report.patched.get("mlp_recompute") == 2 and report.patched.get("offload") == 1, str(report)
     count = _Count(monkeypatch)
@@ -471,9 +471,9 @@ def test_lean_mlp_with_chunks_and_offload(monkeypatch):
 
 def test_report_and_recompute_off(monkeypatch):
     """The report counts the lean MLPs and explains the others; mlp_recompute=False is the unfused path."""
-    from tests.test_lora_fast import lora
+    from tests.test_peft import lora_with_dropout
 
-    model = lora(build(LLAMA), 0.1)
+    model = lora_with_dropout(build(LLAMA), 0.1)
     report = apply_fast_kernels(model)
     assert report.patched["mlp"] == 2 and "mlp_recompute" not in report.patched, str(report)
     # the MLP is bound; its lean path falls back while down_proj has dropout: a fallback, with the reason
@@ -491,7 +491,7 @@ def test_report_and_recompute_off(monkeypatch):
 
 def test_patched_phi3_lean(monkeypatch):
     """Phi-3 (one gate_up_proj): lean path, full fine-tuning, loss and every gradient vs unpatched."""
-    from tests.test_lora_fast import step
+    from tests.test_peft import step
 
     arch = next(a for a in ARCHS if a.name == "phi3")
     ref = build(arch).train()
@@ -510,9 +510,9 @@ def test_patched_phi3_lean(monkeypatch):
 def test_compile_lean_mlp():
     """torch.compile (aot_eager: forward and backward graphs, no C++ toolchain) traces the lean MLP with LoRA
     without a graph break and gives the eager loss and adapter gradients."""
-    from tests.test_lora_fast import lora, step
+    from tests.test_peft import lora_with_dropout, step
 
-    model = lora(build(LLAMA), 0.0).train()
+    model = lora_with_dropout(build(LLAMA), 0.0).train()
     apply_fast_kernels(model)
     eager = step(model)
     torch._dynamo.reset()

@@ -5,7 +5,22 @@ import torch
 from hf_fastkern.kernels import layer_norm as ln_mod
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels.layer_norm import layer_norm, layer_norm_bwd, layer_norm_fwd
-from tests.harness import check_op
+from tests.harness import (
+    ALL,
+    ERROR_CASES,
+    VIEW_IDS,
+    ZERO_IDS,
+    case_ids,
+    case_params,
+    check_bitwise_case,
+    check_error_case,
+    check_norm_eps_at_dtype_limit,
+    check_norm_tokens_times_hidden_over_2_31,
+    check_op,
+    check_view_case,
+    check_zero_length_case,
+    dtype_ids,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
@@ -157,3 +172,58 @@ def test_layer_norm_gpu(tokens, hidden, dtype):
         tokens //= 4
     ins = [_x((tokens, hidden), dtype, "cuda"), _p(hidden, dtype, "cuda", 1.0), _p(hidden, dtype, "cuda", 0.0)]
     check_op(layer_norm, reference.layer_norm, ins, dtype, "layer_norm[gpu]")
+
+
+# --- edge cases ---
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_ids(ALL))
+@pytest.mark.parametrize("eps_kind", ["zero", "tiny", "dtype_eps"])
+@pytest.mark.parametrize("op", ["layer_norm"])
+def test_norm_eps_at_dtype_limit(op, eps_kind, dtype, device):
+    """eps = 0, finfo(dtype).tiny, finfo(dtype).eps with a zero row and a constant row (tests/harness.py)."""
+    check_norm_eps_at_dtype_limit(op, eps_kind, dtype, device)
+
+
+# --- huge sizes (GPU): past 2**31 elements ---
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("free_cuda_memory")
+@pytest.mark.parametrize("op", ["layer_norm"])
+def test_norm_tokens_times_hidden_over_2_31(op):
+    check_norm_tokens_times_hidden_over_2_31(op)
+
+
+# --- bad input ---
+
+
+@pytest.mark.parametrize("case", case_params(case_ids(ERROR_CASES, "layer_norm/")))
+def test_bad_input_raises_naming_argument(case, device):
+    check_error_case(case, device)
+
+
+@pytest.mark.parametrize("case", case_params(case_ids(VIEW_IDS, "layer_norm/")))
+def test_views_give_correct_results(case, device):
+    check_view_case(case, device)
+
+
+@pytest.mark.parametrize("case", case_ids(ZERO_IDS, "layer_norm/"), ids=case_ids(ZERO_IDS, "layer_norm/"))
+def test_zero_length_batches(case, device):
+    check_zero_length_case(case, device)
+
+
+# --- determinism ---
+
+
+@pytest.mark.parametrize("case", ["layer_norm"], ids=["layer_norm"])
+def test_bitwise_identical_gradients(case, device):
+    check_bitwise_case(case, device, big=False, runs=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["layer_norm"], ids=["layer_norm"])
+def test_bitwise_identical_gradients_gpu_real_size(case):
+    """Many programs in flight (where atomics would reorder sums): three runs, bit-identical."""
+    check_bitwise_case(case, "cuda", big=True, runs=3)
+    torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ from transformers import (
 import hf_fastkern  # noqa: F401  (registers "fastkern")
 from hf_fastkern.kernels import dispatch, reference
 from hf_fastkern.patches import attention as fk
+from tests.harness import LOW, dtype_ids
 from tests.tolerances import assert_close
 
 VOCAB = 96
@@ -600,3 +601,94 @@ def test_gpu_auto_backend_routes_dense_on_hopper(monkeypatch):
         assert not fk._route_dense_to_sdpa(q, True, 8, 8)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+# --- edge cases ---
+
+
+def _tiny_llama(attn: str, dtype: torch.dtype, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=64, vocab_size=64, max_position_embeddings=32)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=attn).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bfloat16"])
+def test_model_batch_row_all_padding(dtype, device):
+    """A batch whose second row is entirely padding (attention_mask all zero): logits and every gradient
+    finite, and the real row matches the unpadded computation (fp64 eager oracle, sdpa same-dtype baseline)."""
+    ids = torch.randint(0, 64, (2, 9), device=device)
+    mask = torch.ones(2, 9, dtype=torch.long, device=device)
+    mask[1] = 0
+    model = _tiny_llama("fastkern", dtype).to(device)
+    out = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(out).all(), "all-padding row produced non-finite logits"
+    out[0].float().sum().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), f"non-finite gradient in {n}"
+    oracle = _tiny_llama("eager", torch.float64).to(device)
+    base = _tiny_llama("sdpa", dtype).to(device)
+    with torch.no_grad():
+        ref0 = oracle(input_ids=ids[:1]).logits[0]
+        base0 = base(input_ids=ids[:1]).logits[0]
+    assert_close(out[0].detach(), ref0, base0, dtype, "output", "logits of the real row next to a padding row")
+
+
+def _attention_fns():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+    assert "fastkern" in ALL_ATTENTION_FUNCTIONS, "importing hf_fastkern must register 'fastkern'"
+    return ALL_ATTENTION_FUNCTIONS["fastkern"], ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+class _Attn(torch.nn.Module):
+    """The attributes transformers' attention functions read from the calling module."""
+
+    def __init__(self, causal: bool, groups: int):
+        super().__init__()
+        self.is_causal = causal
+        self.num_key_value_groups = groups
+        self.training = False
+
+
+@pytest.mark.parametrize("mask_kind", ["additive_-inf", "bool"])
+@pytest.mark.parametrize("dtype", LOW, ids=dtype_ids(LOW))
+def test_attention_function_mask_with_minus_inf(mask_kind, dtype, device):
+    """A dense 4-D mask with -inf (or False) on padded keys: "fastkern" either uses it or falls back to SDPA,
+    never a wrong answer (oracle: sdpa in fp64; baseline: sdpa in the same dtype)."""
+    fast, sdpa = _attention_fns()
+    b, h, hk, s, d = 2, 4, 2, 11, 16
+    module = _Attn(causal=True, groups=h // hk)
+    q = torch.randn(b, h, s, d, device=device)
+    k = torch.randn(b, hk, s, d, device=device)
+    v = torch.randn(b, hk, s, d, device=device)
+    keep = torch.ones(b, s, dtype=torch.bool, device=device)
+    keep[1, :3] = False  # left padding of the second row: queries 0..2 see only padded keys -> skip them
+    causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+    allowed = causal[None, None] & keep[:, None, None, :]  # [b, 1, s, s]
+    if mask_kind == "bool":
+        mask = allowed
+    else:
+        mask = torch.zeros(b, 1, s, s, device=device).masked_fill(~allowed, float("-inf"))
+
+    def call(fn, dt, grad):
+        ins = [t.to(dt).requires_grad_(grad) for t in (q, k, v)]
+        m = mask if mask.dtype == torch.bool else mask.to(dt)
+        o, _ = fn(module, *ins, attention_mask=m, dropout=0.0, scaling=d ** -0.5)
+        return o, ins
+
+    out, ins = call(fast, dtype, True)
+    base, b_ins = call(sdpa, dtype, True)
+    ref, r_ins = call(sdpa, torch.float64, True)
+    rows = keep.clone()  # queries that see at least one key: all but the left-padded ones
+    sel = rows[:, :, None, None].expand_as(out)  # output is [batch, seq, heads, head_dim]
+    assert_close(out[sel].detach(), ref[sel].detach(), base[sel].detach(), dtype, "output", f"{mask_kind} mask")
+    g = torch.randn(out.shape, device=device) * sel
+    for o in (out, base, ref):
+        o.backward(g.to(o.dtype))
+    for j in range(3):
+        assert torch.isfinite(ins[j].grad).all(), f"non-finite grad of input {j}"
+        assert_close(ins[j].grad, r_ins[j].grad, b_ins[j].grad, dtype, "grad", f"{mask_kind} mask grad[{j}]")

@@ -5,8 +5,24 @@ import torch
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels import rms_norm as rms_mod
 from hf_fastkern.kernels._triton_utils import MAX_PROGS_PER_SM
+from hf_fastkern.kernels.layer_norm import layer_norm
 from hf_fastkern.kernels.rms_norm import rms_norm, rms_norm_fwd, sum_partials
-from tests.harness import check_op
+from tests.harness import (
+    ALL,
+    ERROR_CASES,
+    VIEW_IDS,
+    ZERO_IDS,
+    case_ids,
+    case_params,
+    check_bitwise_case,
+    check_error_case,
+    check_norm_eps_at_dtype_limit,
+    check_norm_tokens_times_hidden_over_2_31,
+    check_op,
+    check_view_case,
+    check_zero_length_case,
+    dtype_ids,
+)
 from tests.tolerances import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -280,3 +296,72 @@ def test_rms_norm_gpu_tuned_launch_bitwise(hidden):
     runs = _tuned_launch_twice((8192, hidden), "cuda")
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# --- edge cases ---
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_ids(ALL))
+def test_norms_all_zero_row(dtype, device):
+    hidden = 37
+    x = torch.randn(4, hidden, device=device)
+    x[1] = 0.0
+    x[3] = 0.0
+    w = torch.randn(hidden, device=device).to(dtype)
+    b = torch.randn(hidden, device=device).to(dtype)
+    check_op(lambda x, w: rms_norm(x, w, 1e-6), lambda x, w: reference.rms_norm(x, w, 1e-6),
+             [x.to(dtype), w], dtype, "rms_norm zero row")
+    check_op(lambda x, w, b: layer_norm(x, w, b, 1e-5), lambda x, w, b: reference.layer_norm(x, w, b, 1e-5),
+             [x.to(dtype), w, b], dtype, "layer_norm zero row")
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_ids(ALL))
+@pytest.mark.parametrize("eps_kind", ["zero", "tiny", "dtype_eps"])
+@pytest.mark.parametrize("op", ["rms_norm"])
+def test_norm_eps_at_dtype_limit(op, eps_kind, dtype, device):
+    """eps = 0, finfo(dtype).tiny, finfo(dtype).eps with a zero row and a constant row (tests/harness.py)."""
+    check_norm_eps_at_dtype_limit(op, eps_kind, dtype, device)
+
+
+# --- huge sizes (GPU): past 2**31 elements ---
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("free_cuda_memory")
+@pytest.mark.parametrize("op", ["rms_norm"])
+def test_norm_tokens_times_hidden_over_2_31(op):
+    check_norm_tokens_times_hidden_over_2_31(op)
+
+
+# --- bad input ---
+
+
+@pytest.mark.parametrize("case", case_params(case_ids(ERROR_CASES, "rms_norm/")))
+def test_bad_input_raises_naming_argument(case, device):
+    check_error_case(case, device)
+
+
+@pytest.mark.parametrize("case", case_params(case_ids(VIEW_IDS, "rms_norm/")))
+def test_views_give_correct_results(case, device):
+    check_view_case(case, device)
+
+
+@pytest.mark.parametrize("case", case_ids(ZERO_IDS, "rms_norm/"), ids=case_ids(ZERO_IDS, "rms_norm/"))
+def test_zero_length_batches(case, device):
+    check_zero_length_case(case, device)
+
+
+# --- determinism ---
+
+
+@pytest.mark.parametrize("case", ["rms_norm"], ids=["rms_norm"])
+def test_bitwise_identical_gradients(case, device):
+    check_bitwise_case(case, device, big=False, runs=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["rms_norm"], ids=["rms_norm"])
+def test_bitwise_identical_gradients_gpu_real_size(case):
+    """Many programs in flight (where atomics would reorder sums): three runs, bit-identical."""
+    check_bitwise_case(case, "cuda", big=True, runs=3)
+    torch.cuda.empty_cache()

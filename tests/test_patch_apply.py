@@ -9,11 +9,14 @@ import torch
 import torch.nn as nn
 import transformers
 
+import hf_fastkern
 from hf_fastkern import apply_fast_kernels, revert_fast_kernels
 from hf_fastkern.patches.apply import is_patched
 from hf_fastkern.patches.ledger import PatchReport
 from hf_fastkern.patches.recipe import RECIPES
+from tests.harness import ERROR_CASES, case_ids, case_params, check_error_case
 from tests.test_patch_archs import ARCHS, batch, build
+from tests.tolerances import assert_close
 
 LLAMA = ARCHS[0]
 
@@ -181,3 +184,102 @@ def test_save_pretrained_is_a_standard_checkpoint(tmp_path):
     assert not is_patched(fresh)
     assert set(fresh.state_dict()) == keys
     assert torch.equal(logits(fresh, ids), ref)
+
+
+# --- edge cases ---
+
+
+@pytest.mark.parametrize("arch,dtype", [
+    pytest.param("llama", torch.bfloat16, id="llama-bf16"),
+    pytest.param("llama", torch.float16, id="llama-fp16"),
+    pytest.param("gpt2", torch.float16, id="gpt2-fp16")])
+def test_grad_scaler_training(arch, dtype, device):
+    """autocast(dtype) + GradScaler: the scaler never sees inf/NaN gradients from our kernels (its scale never
+    backs off), losses stay finite, and the first loss matches the unpatched model (fp64 oracle, unpatched
+    same-dtype baseline, tolerance table)."""
+    from benchmarks.convergence import build_model, make_data
+
+    size = dict(hidden=32, layers=1, heads=2, kv_heads=1, inter=64, vocab=64, seq=12, batch=2)
+    torch.manual_seed(0)
+    state = build_model(arch, size).state_dict()
+    data = make_data(size, 3).to(device)
+
+    def fresh(attn="sdpa"):
+        m = build_model(arch, size, attn=attn)
+        m.load_state_dict(state)
+        return m.to(device)
+
+    with torch.no_grad():
+        oracle = fresh("eager").double()(input_ids=data[0], labels=data[0]).loss
+        with torch.autocast(device_type=device, dtype=dtype):
+            baseline = fresh()(input_ids=data[0], labels=data[0]).loss.float()
+    model = fresh()
+    hf_fastkern.apply_fast_kernels(model)
+    if model.config._attn_implementation != "fastkern":
+        model.set_attn_implementation("fastkern")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**8, growth_interval=1000)
+    losses = []
+    for step in range(3):
+        with torch.autocast(device_type=device, dtype=dtype):
+            loss = model(input_ids=data[step], labels=data[step]).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        for n, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), f"step {step}: non-finite grad in {n}"
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float())
+        assert scaler.get_scale() == 2.0**8, "GradScaler backed off: an inf/NaN gradient was produced"
+    assert all(torch.isfinite(x) for x in losses)
+    assert_close(losses[0], oracle, baseline, dtype, "output", f"{arch} {dtype} first loss")
+
+
+# --- bad input ---
+
+
+@pytest.mark.parametrize("case", case_params(case_ids(ERROR_CASES, "apply_fast_kernels/", "revert_fast_kernels/")))
+def test_bad_input_raises_naming_argument(case, device):
+    check_error_case(case, device)
+
+
+def test_apply_fast_kernels_on_a_plain_module_does_not_raise():
+    """Unknown architecture (no config at all): generic parts or nothing, a report, never an exception, and
+    the module still computes the same function."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    before = m(x)
+    report = hf_fastkern.apply_fast_kernels(m)
+    assert report is not None and str(report)
+    torch.testing.assert_close(m(x), before)
+    hf_fastkern.revert_fast_kernels(m)
+    assert torch.equal(m(x), before)
+
+
+# --- determinism ---
+
+
+@pytest.mark.gpu
+def test_patched_llama_training_step_bitwise_gpu():
+    """One bf16 training step of a patched small Llama, twice from the same state: every gradient
+    bit-identical (the embedding is left out: its stock CUDA backward is not ours)."""
+    from benchmarks.convergence import SIZES, build_model, make_data
+
+    size = SIZES["gpu"]
+    torch.manual_seed(0)
+    state = build_model("llama", size).state_dict()
+    ids = make_data(size, 1)[0].cuda()
+    grads = []
+    for _ in range(2):
+        m = build_model("llama", size)
+        m.load_state_dict(state)
+        m.to("cuda", torch.bfloat16)
+        hf_fastkern.apply_fast_kernels(m)
+        if m.config._attn_implementation != "fastkern":
+            m.set_attn_implementation("fastkern")
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if "embed" not in k})
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), f"gradient of {k} differs between two identical steps"

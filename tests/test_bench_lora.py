@@ -1,0 +1,54 @@
+"""benchmarks/bench_lora.py (the GPU scenario; here its CPU smoke pass and bookkeeping)."""
+from __future__ import annotations
+
+import torch
+
+from tests.tolerances import assert_close
+
+
+def test_bench_lora_cpu_smoke(monkeypatch):
+    monkeypatch.setenv("HF_FASTKERN_FORCE_REFERENCE", "1")
+    from benchmarks import bench_lora
+
+    rows = {r["impl"]: r for r in bench_lora.cpu_smoke()}
+    assert set(rows) == {"sdpa", "fastkern", "fastkern_offload"}
+    assert not any("error" in r for r in rows.values()), rows
+    for v in ("fastkern", "fastkern_offload"):
+        assert_close(torch.tensor(rows[v]["loss"]), torch.tensor(rows["sdpa"]["loss"], dtype=torch.float64), None,
+                     torch.float32, "output", f"bench_lora smoke {v}")
+
+
+def test_bench_lora_ratios_and_gate():
+    from benchmarks import bench_lora
+
+    rows = [dict(bench="lora", impl=i, B=4, S=2048, tok_per_s=t, peak_GiB=m, loss0=l0)
+            for i, t, m, l0 in [("sdpa", 6000, 30.0, 11.9), ("sdpa+liger", 7000, 20.0, 11.9),
+                                ("fastkern", 9600, 15.0, 11.91), ("fastkern_offload", 8000, 12.0, 12.5)]]
+    bench_lora.add_lora_ratios(rows)
+    by = {r["impl"]: r for r in rows}
+    assert by["fastkern"]["vs_sdpa"] == 1.6 and by["fastkern"]["mem_vs_sdpa"] == 0.5
+    assert by["fastkern"]["vs_best_peer"] == 9600 / 7000 and by["fastkern"]["meets_target"]
+    assert by["fastkern"]["gate"] == "ok" and by["fastkern_offload"]["gate"].startswith("FAIL")
+
+
+def test_bench_lora_longctx_uses_the_longctx_search():
+    from benchmarks import bench_lora
+
+    tried = []
+
+    def fake_trial(variant, seq, timeout, tiny):
+        tried.append(seq)
+        return dict(ok=seq <= 300_000)
+
+    seen = []
+    orig = bench_lora._trial
+    bench_lora._trial = fake_trial
+    try:
+        (row,) = bench_lora.longctx_rows(["fastkern_offload"], budget_s=60, on_rows=lambda rows: seen.append(rows))
+    finally:
+        bench_lora._trial = orig
+    assert tried[0] == 262144 and row["max_seq"] <= 300_000 < row["first_fail"] and row["exact"], row
+    # one save per trial, each with this scenario's row (not the 1.5B e2e anchors), the longest so far
+    assert len(seen) == len(tried) and all(len(rows) == 1 for rows in seen)
+    assert seen[0][0]["bench"] == "lora_longctx" and seen[0][0]["in_progress"] and seen[0][0]["max_seq"] == 262144
+    assert "anchor" not in seen[0][0]  # fastkern_offload has no issue anchor; the e2e one (245,760) is dropped
