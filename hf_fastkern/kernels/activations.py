@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fastkern.kernels import reference
+from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels._triton_utils import TunedLaunch, cdiv, round_to, tune_configs
 from hf_fastkern.kernels.dispatch import (
     check_floating,
@@ -26,6 +26,7 @@ from hf_fastkern.kernels.dispatch import (
     device_check,
     use_kernel,
 )
+from hf_fastkern.kernels.rms_norm import leading_rows, records_grad
 
 # Activation codes (constexpr in the kernels).
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2
@@ -286,11 +287,19 @@ def _check_approximate(approximate: str) -> int:
     return _GELU_CODES[approximate]
 
 
+def glu_routed(gate: torch.Tensor, up: torch.Tensor | None) -> bool:
+    """Does the routing table send this SwiGLU/GeGLU (gate [..., I], or gate_up [..., 2I] with up None) to the
+    kernel? (hf_fastkern.kernels.routing: CPU tensors always run it.)"""
+    n = gate.shape[-1] if up is not None else gate.shape[-1] // 2
+    return routing.use_kernel("glu", gate.device, tokens=leading_rows(gate), intermediate=n,
+                              grad=records_grad(gate, up))
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``. gate, up: [..., intermediate] of one shape and dtype (fp32/bf16/fp16), any row
     strides (e.g. the halves of a fused gate_up projection). Returns a contiguous tensor, gate's dtype."""
     _check_pair("swiglu", gate, up)
-    if not use_kernel("swiglu", device_check((gate, up))):
+    if not use_kernel("swiglu", device_check((gate, up))) or not glu_routed(gate, up):
         return reference.swiglu(gate, up)
     return _apply(gate, up, SILU)
 
@@ -300,7 +309,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
     gate, up: [..., intermediate] of one shape and dtype. Returns gate's dtype."""
     code = _check_approximate(approximate)
     _check_pair("geglu", gate, up)
-    if not use_kernel("geglu", device_check((gate, up))):
+    if not use_kernel("geglu", device_check((gate, up))) or not glu_routed(gate, up):
         return reference.geglu(gate, up, approximate)
     return _apply(gate, up, code)
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fastkern.kernels import reference
+from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels._triton_utils import TunedLaunch, cdiv, device_props, persistent_grid, round_to
 from hf_fastkern.kernels.dispatch import (
     check_floating,
@@ -37,6 +37,7 @@ from hf_fastkern.kernels.rms_norm import (
     MAX_FUSED_HIDDEN,
     leading_rows,
     prune_by_elems_per_thread,
+    records_grad,
     row_class,
     row_tile,
     rows_view,
@@ -280,7 +281,8 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
             check_floating(name, t)
             check_shape(name, t, (x.shape[-1],))
     check_same_device(x=x, weight=weight, bias=bias)
-    if not use_kernel("layer_norm", _kernel_check(x, weight, bias)):
+    if not use_kernel("layer_norm", _kernel_check(x, weight, bias)) or not routing.use_kernel(
+            "layer_norm", x.device, tokens=leading_rows(x), hidden=x.shape[-1], grad=records_grad(x, weight, bias)):
         return reference.layer_norm(x, weight, bias, eps)
     # The kernels index weight/bias as dense [hidden] vectors; strided views are copied (autograd-tracked).
     if weight is not None and not weight.is_contiguous():

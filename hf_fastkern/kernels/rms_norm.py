@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fastkern.kernels import reference
+from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels._triton_utils import (
     TunedLaunch,
     cdiv,
@@ -370,6 +370,11 @@ class RMSNormFunction(torch.autograd.Function):
 # public entry
 
 
+def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Will autograd record this call (the routing table keeps forward-only and training cases apart)?"""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _kernel_check(x: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple[bool, str]:
     ok, why = device_check((x, weight))
     if ok and x.shape[-1] > MAX_FUSED_HIDDEN:
@@ -393,7 +398,8 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
         check_floating("weight", weight)
         check_shape("weight", weight, (x.shape[-1],))
         check_same_device(x=x, weight=weight)
-    if not use_kernel("rms_norm", _kernel_check(x, weight)):
+    if not use_kernel("rms_norm", _kernel_check(x, weight)) or not routing.use_kernel(
+            "rms_norm", x.device, tokens=leading_rows(x), hidden=x.shape[-1], grad=records_grad(x, weight)):
         return reference.rms_norm(x, weight, eps, offset, cast_before_weight)
     # The kernels index weight as a dense [hidden] vector; a strided view (w[::2]) is copied (autograd-tracked).
     if weight is not None and not weight.is_contiguous():
