@@ -88,6 +88,8 @@ MODES = {
     "fp32": (torch.float32, torch.float32, torch.float32, False, torch.float32),
     "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16, False, torch.bfloat16),
     "bf16_base_fp32_adapters": (torch.bfloat16, torch.float32, torch.bfloat16, False, torch.bfloat16),
+    # PEFT's default adapters (autocast_adapter_dtype=True keeps them fp32) in a plain fp16 loop (issue 21)
+    "fp16_base_fp32_adapters": (torch.float16, torch.float32, torch.float16, False, torch.float16),
     "autocast_fp32": (torch.float32, torch.float32, torch.float32, True, torch.bfloat16),
     "autocast_bf16_base": (torch.bfloat16, torch.float32, torch.bfloat16, True, torch.bfloat16),
 }
@@ -210,6 +212,26 @@ def test_lora_linear_hooked_base_runs_peft(monkeypatch):
     with pytest.warns(FastKernFallbackWarning, match="module hooks"):
         w(torch.randn(3, IN))
     assert calls == [1] and count.n == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_lora_linear_no_autocast_saves_no_fp32_copy(dtype):
+    """fp32 adapters on a bf16/fp16 base without autocast (issue 21): PEFT's lora_A keeps an fp32 copy of the
+    input per projection (``_cast_input_dtype``); the fused node keeps the input itself, once, and casts it
+    again in backward (the same values: the cast is exact)."""
+    tokens = TOKENS[0] * TOKENS[1]
+    mode = "bf16_base_fp32_adapters" if dtype == torch.bfloat16 else "fp16_base_fp32_adapters"
+
+    def call(patched: bool):
+        w = _setup(mode, bias=False, base_trainable=False, n=3)
+        if patched:
+            _patch(w)
+        x = torch.randn(*TOKENS, IN).to(dtype).requires_grad_()
+        return lambda: (w(x), w)
+
+    fused, unfused = saved_bytes(call(True)), saved_bytes(call(False))
+    # PEFT: three fp32 copies of x (4 bytes an element); fused: x itself, once (not a parameter: counted)
+    assert unfused - fused >= 3 * tokens * IN * 4 - tokens * IN * dtype.itemsize, (unfused, fused)
 
 
 def test_lora_linear_saves_input_once_under_autocast():

@@ -234,7 +234,13 @@ def linear_adapter(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     compute-bound GEMM, where adding the adapter after the base GEMM costs a memory-bound read-and-write pass
     of the whole output. Mixed dtypes (no autocast, fp32 adapters over a bf16 base): PEFT's order and dtypes."""
     if not (x.dtype == weight.dtype == a.dtype == b_scaled.dtype and (bias is None or bias.dtype == x.dtype)):
-        return (F.linear(x, weight, bias) + F.linear(a, b_scaled)).to(torch.result_type(x, weight))
+        # PEFT's dtypes: the base output in its dtype, the adapter product and the sum in the adapter's (fp32),
+        # rounded once to the base output's dtype; one fp32 [tokens, out] buffer where PEFT makes three
+        # (lora_B's output, its product with the scaling, the sum)
+        y = F.linear(x, weight, bias)
+        acc = rows(y).to(torch.promote_types(y.dtype, a.dtype))
+        acc.addmm_(rows(a).to(acc.dtype), b_scaled.t().to(acc.dtype))
+        return acc.to(y.dtype).reshape(y.shape)
     a2 = rows(a)
     y = torch.mm(a2, b_scaled.t()) if bias is None else torch.addmm(bias, a2, b_scaled.t())
     y.addmm_(rows(x), weight.t())
@@ -247,11 +253,13 @@ def adapter_grads(dy: torch.Tensor, a: torch.Tensor, lora_b: torch.Tensor, scali
     """(dB, da) of ``y += a (sB)^T``: ``dB = s dy^T a`` ([out, r], in B's dtype) and ``da = dy (sB)``
     ([..., r], in a's dtype), each only when asked; the scaling goes on the rank-r products, never on dy."""
     dlb = da = None
+    # one cast of dy for both products (an fp32 copy of a bf16 dy with fp32 adapters and no autocast)
+    dyc = dy.to(a.dtype) if need_lb else dy
     if need_lb:
-        dlb = (torch.matmul(rows(dy).t().to(a.dtype), rows(a)) * scaling).to(lora_b.dtype)
+        dlb = (torch.matmul(rows(dyc).t(), rows(a)) * scaling).to(lora_b.dtype)
     if need_da:
         lb = scaled_b(lora_b, scaling, ac)
-        da = torch.matmul(dy.to(lb.dtype), lb).to(a.dtype)
+        da = torch.matmul((dyc if dyc.dtype == lb.dtype else dy.to(lb.dtype)), lb).to(a.dtype)
     return dlb, da
 
 
