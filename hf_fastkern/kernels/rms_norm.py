@@ -44,10 +44,12 @@ from hf_fastkern.kernels._triton_utils import (
     tune_configs,
 )
 from hf_fastkern.kernels.dispatch import (
+    PerShape,
     check_floating,
     check_same_device,
     check_shape,
     device_check,
+    entry_key,
     use_kernel,
 )
 
@@ -382,6 +384,20 @@ def _kernel_check(x: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple[bool
     return ok, why
 
 
+def _validate(x: torch.Tensor, weight: Optional[torch.Tensor]) -> None:
+    check_floating("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension [..., hidden], got a 0-d tensor")
+    if weight is not None:
+        check_floating("weight", weight)
+        check_shape("weight", weight, (x.shape[-1],))
+        check_same_device(x=x, weight=weight)
+
+
+# validation and the kernel/reference decision, once per call signature (dispatch.entry_key)
+_ENTRY = PerShape()
+
+
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, offset: float = 0.0,
              cast_before_weight: bool = True, save_rstd_only: bool = True) -> torch.Tensor:
     """RMSNorm over the last dimension, exactly ``reference.rms_norm``.
@@ -391,15 +407,14 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
     (``cast_before_weight=True``). Gemma: ``offset=1.0, cast_before_weight=False``.
     ``save_rstd_only``: keep only the per-row fp32 rstd for backward (True) or recompute it there (False).
     """
-    check_floating("x", x)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension [..., hidden], got a 0-d tensor")
-    if weight is not None:
-        check_floating("weight", weight)
-        check_shape("weight", weight, (x.shape[-1],))
-        check_same_device(x=x, weight=weight)
-    if not use_kernel("rms_norm", _kernel_check(x, weight)) or not routing.use_kernel(
-            "rms_norm", x.device, tokens=leading_rows(x), hidden=x.shape[-1], grad=records_grad(x, weight)):
+    key = entry_key(x, weight)
+    kernel = _ENTRY.get(key)
+    if kernel is None:  # first call with this signature: validate (raises on bad input) and decide
+        _validate(x, weight)
+        kernel = use_kernel("rms_norm", _kernel_check(x, weight)) and routing.use_kernel(
+            "rms_norm", x.device, tokens=leading_rows(x), hidden=x.shape[-1], grad=records_grad(x, weight))
+        _ENTRY.put(key, kernel)
+    if not kernel:
         return reference.rms_norm(x, weight, eps, offset, cast_before_weight)
     # The kernels index weight as a dense [hidden] vector; a strided view (w[::2]) is copied (autograd-tracked).
     if weight is not None and not weight.is_contiguous():

@@ -53,7 +53,7 @@ from hf_fastkern.layers.common import (
     ac_cast,
     adapter_grads,
     autocast_state,
-    down_parts,
+    down_parts_cached,
     grad_input_adapter,
     linear_adapter,
     lora_input,
@@ -118,7 +118,7 @@ def lora_linear_reason(module: nn.Module, x: torch.Tensor) -> tuple[Any, str]:
     """(parts, "") when :class:`LoRALinearFunction` computes ``module(x)``, else (None, why)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None, f"input is {getattr(x, 'dtype', type(x).__name__)}"
-    parts, why = down_parts(module)
+    parts, why = down_parts_cached(module)
     if parts is None:
         return None, why
     if parts.lora_a is None:

@@ -488,6 +488,9 @@ def _segments_from_cu(cu: torch.Tensor, total: int) -> torch.Tensor:
 # the attention function
 
 
+_CHECKED = dispatch.PerShape()
+
+
 def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
                                scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -506,7 +509,14 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if torch.is_autocast_enabled(dev_type) and torch.float32 in (query.dtype, key.dtype, value.dtype):
         dt = torch.get_autocast_dtype(dev_type)
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
-    _validate(query, key, value, attention_mask)
+    # validation and the kernel check, once per call signature (every layer of a forward shares one)
+    sig = dispatch.entry_key(query, key, value, attention_mask)
+    sig = None if sig is None else (sig, dropout)
+    checked = _CHECKED.get(sig)
+    if checked is None:
+        _validate(query, key, value, attention_mask)
+        checked = _kernel_check(query, key, value, dropout)
+        _CHECKED.put(sig, checked)
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"attn_implementation='{NAME}' does not support attention sinks (s_aux); "
                          "use attn_implementation='eager'")
@@ -537,7 +547,7 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if not causal and window is not None:
         return fallback("bidirectional sliding window")
     # dtype, device and head_dim are all the check reads: the [b, h, s, d] tensors answer like their transposes
-    ok, reason = _kernel_check(query, key, value, dropout)
+    ok, reason = checked
     if not ok:
         return fallback(reason)
     if kwargs.get("output_attentions", False):
