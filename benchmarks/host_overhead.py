@@ -233,9 +233,11 @@ def _more_cases():
     return cases
 
 
-def run_ops(counter: list[int], reps: int) -> list[dict]:
+def run_ops(counter: list[int], reps: int, only: set[str] | None = None) -> list[dict]:
     rows = []
     for op, path, shape, f, leaves, d in op_cases():
+        if only and op not in only:
+            continue
         def fwdbwd(f=f, leaves=leaves, d=d):
             out = f()
             out.backward(d)
@@ -311,6 +313,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--skip-ops", action="store_true")
     ap.add_argument("--skip-models", action="store_true")
+    ap.add_argument("--ops", help="comma-separated op names to run (default: all)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         # the kernel modules read TRITON_INTERPRET when imported: rerun this script with it set
@@ -322,7 +325,7 @@ def main() -> None:
     ops, models = [], []
     with stubbed_launches(counter):
         if not args.skip_ops:
-            ops = run_ops(counter, args.reps)
+            ops = run_ops(counter, args.reps, set(args.ops.split(",")) if args.ops else None)
         if not args.skip_models:
             models = run_models(counter, args.reps, (2, 4))
     print()
