@@ -254,3 +254,37 @@ def test_rms_norm_call_site_routes(table, monkeypatch):
     monkeypatch.setattr(ln_mod.LayerNormFunction, "apply", lambda *a: lcalls.append(a))
     ln_mod.layer_norm(x, w, None)
     assert not lcalls
+
+
+@pytest.mark.gpu
+def test_gpu_attention_follows_this_gpus_table(monkeypatch):
+    """On the device, table mode: head_dim 256 training and KV-cache decoding take the path this GPU's table
+    names (stock when it has no table or no rule), and either path computes the oracle's attention."""
+    monkeypatch.delenv(routing.MODE_ENV, raising=False)
+    monkeypatch.delenv(routing.TABLE_ENV, raising=False)
+    monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "auto")
+    routing.reset()
+    cls = routing.gpu_class("cuda")
+    table = routing.load_table(cls)
+    calls = []
+    real = fk._stock
+    monkeypatch.setattr(fk, "_stock", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mod = torch.nn.Module()
+    mod.is_causal = True
+    torch.manual_seed(0)
+    for d, sq, sk, kind, grad in ((256, 1024, 1024, "dense", True), (128, 1, 8192, "decode", False),
+                                  (128, 16, 8192, "decode", False)):
+        q = torch.randn(2, 8, sq, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+        k = torch.randn(2, 2, sk, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+        v = torch.randn(2, 2, sk, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+        case = dict(kind=kind, head_dim=d, q_len=sq, kv_len=sk, causal=True, window=False, softcap=False,
+                    grad=grad)
+        want = table.decide("attention", case)[0] if table is not None else routing.STOCK
+        n = len(calls)
+        with torch.set_grad_enabled(grad):
+            out, _ = fk.fastkern_attention_forward(mod, q, k, v, None)
+        assert (len(calls) == n + 1) == (want == routing.STOCK), (cls, case, want)
+        oracle = reference.attention(q.double(), k.double(), v.double(), causal=True).transpose(1, 2)
+        baseline = reference.attention(q.detach(), k.detach(), v.detach(), causal=True).transpose(1, 2)
+        assert_close(out.detach(), oracle, baseline, torch.bfloat16, name=f"{kind} d{d} {sq}x{sk} ({want})")
+    routing.reset()
