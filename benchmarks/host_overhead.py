@@ -173,12 +173,71 @@ def op_cases():
     dy = torch.randn(64, 64, dtype=bf)
     cases.append(("glu_down", "entry", "64x256->64", lambda: fused_mlp.glu_down(g, u, down), (g, u, down.weight),
                   dy))
+    cases += _more_cases()
     return cases
 
 
-def run_ops(counter: list[int], reps: int) -> list[dict]:
+def _more_cases():
+    """The other entry points a patched decoder layer calls (issue 21): norms, activation, the attention call
+    site (what the model calls, validation and routing included) and a PEFT LoRA linear with fp32 adapters on a
+    bf16 base without autocast (PEFT's default in a plain loop). Tiny shapes: the host work is the point."""
+    from hf_fastkern.kernels import activations, layer_norm, rms_norm
+    from hf_fastkern.patches import attention as fk
+
+    bf = torch.bfloat16
+    x = torch.randn(2, 16, 64, dtype=bf, requires_grad=True)
+    w = torch.ones(64, dtype=bf, requires_grad=True)
+    b = torch.zeros(64, dtype=bf, requires_grad=True)
+    dx = torch.randn(2, 16, 64, dtype=bf)
+    g = torch.randn(2, 16, 128, dtype=bf, requires_grad=True)
+    u = torch.randn(2, 16, 128, dtype=bf, requires_grad=True)
+    dg = torch.randn(2, 16, 128, dtype=bf)
+    q = torch.randn(2, 4, 16, 16, dtype=bf, requires_grad=True)
+    k = torch.randn(2, 2, 16, 16, dtype=bf, requires_grad=True)
+    v = torch.randn(2, 2, 16, 16, dtype=bf, requires_grad=True)
+    do = torch.randn(2, 16, 4, 16, dtype=bf)
+    mod = torch.nn.Module()
+    mod.is_causal = True
+    cases = [
+        ("rms_norm", "entry", "2x16x64", lambda: rms_norm.rms_norm(x, w, 1e-6), (x, w), dx),
+        ("layer_norm", "entry", "2x16x64", lambda: layer_norm.layer_norm(x, w, b, 1e-5), (x, w, b), dx),
+        ("swiglu", "entry", "2x16x128", lambda: activations.swiglu(g, u), (g, u), dg),
+        ("attention", "call_site", "2x4x16x16 gqa2",
+         lambda: fk.fastkern_attention_forward(mod, q, k, v, None, scaling=0.25)[0], (q, k, v), do),
+    ]
+    try:
+        import peft
+
+        from hf_fastkern import apply_fast_kernels
+    except ImportError:
+        return cases
+
+    class _P(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 64, bias=False)
+
+        def forward(self, t):
+            return self.proj(t)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(_P().to(bf), peft.LoraConfig(r=8, target_modules=["proj"]))
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+    unpatched = copy.deepcopy(pm)
+    apply_fast_kernels(pm, attention=False, cross_entropy=False)
+    xl = torch.randn(32, 64, dtype=bf, requires_grad=True)
+    dl = torch.randn(32, 64, dtype=bf)
+    cases.append(("lora_linear", "fused", "32x64->64 r8 fp32 adapters", lambda: pm(xl), (xl,), dl))
+    cases.append(("lora_linear", "peft", "32x64->64 r8 fp32 adapters", lambda: unpatched(xl), (xl,), dl))
+    return cases
+
+
+def run_ops(counter: list[int], reps: int, only: set[str] | None = None) -> list[dict]:
     rows = []
     for op, path, shape, f, leaves, d in op_cases():
+        if only and op not in only:
+            continue
         def fwdbwd(f=f, leaves=leaves, d=d):
             out = f()
             out.backward(d)
@@ -254,6 +313,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--skip-ops", action="store_true")
     ap.add_argument("--skip-models", action="store_true")
+    ap.add_argument("--ops", help="comma-separated op names to run (default: all)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         # the kernel modules read TRITON_INTERPRET when imported: rerun this script with it set
@@ -265,7 +325,7 @@ def main() -> None:
     ops, models = [], []
     with stubbed_launches(counter):
         if not args.skip_ops:
-            ops = run_ops(counter, args.reps)
+            ops = run_ops(counter, args.reps, set(args.ops.split(",")) if args.ops else None)
         if not args.skip_models:
             models = run_models(counter, args.reps, (2, 4))
     print()

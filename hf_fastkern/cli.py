@@ -32,6 +32,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from hf_fastkern.kernels import routing
+
 SECTIONS = {
     "ops": ("rms_norm", "layer_norm", "activations"),
     "attention": ("attention",),
@@ -567,6 +569,7 @@ def info(json_path: str | None = None) -> dict:
     w = max(len(r["op"]) for r in paths)
     for r in paths:
         print(f"  {r['op']:<{w}}  {r['dtype']:<8}  {r['path']:<17}  {r['why']}")
+    routing.print_routing()
     doc = {"env": env, "integration": reg, "ops": paths}
     if json_path:
         _write(json_path, doc)

@@ -9,6 +9,9 @@ if not torch.cuda.is_available():
 # The patched models' tests check our attention kernel: on Hopper the default ("auto") would hand the plain
 # dense case to SDPA/cuDNN (hf_fastkern.patches.attention). tests/test_patch_attention.py tests "auto" itself.
 os.environ.setdefault("HF_FASTKERN_ATTENTION", "triton")
+# Likewise the routing tables (hf_fastkern.kernels.routing) would send small GPU test sizes to PyTorch: the GPU
+# tests check the kernels. tests/test_routing.py tests the tables themselves.
+os.environ.setdefault("HF_FASTKERN_ROUTING", "kernel")
 
 
 def pytest_collection_modifyitems(config, items):

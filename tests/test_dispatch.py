@@ -151,3 +151,63 @@ def test_deterministic_switch_where_documented():
                "attention.py": flash_attention, "cross_entropy.py": fused_linear_cross_entropy}
     for fname, kw in ATOMIC_KERNELS.items():
         assert kw in inspect.signature(entries[fname]).parameters, f"{fname}: no {kw}= keyword"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation and the kernel/reference decision run once per call signature (issue 21: host time per call)
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm", "swiglu"])
+def test_validation_runs_once_per_shape(op, monkeypatch):
+    from hf_fastkern.kernels import activations
+    from hf_fastkern.kernels import layer_norm as ln_mod
+    from hf_fastkern.kernels import rms_norm as rms_mod
+
+    mod, name = {"rms_norm": (rms_mod, "_validate"), "layer_norm": (ln_mod, "_validate"),
+                 "swiglu": (activations, "_check_pair")}[op]
+    validated = _count_calls(monkeypatch, mod, name)
+    decided = _count_calls(monkeypatch, mod, "use_kernel")
+    a, b = torch.randn(4, 32), torch.randn(3, 32)
+    for _ in range(3):
+        CALLS[op](a)
+    assert len(validated) == 1 and len(decided) == 1
+    CALLS[op](b)  # a new shape: validated again
+    assert len(validated) == 2
+    CALLS[op](a.t().contiguous().t())  # same shape, other strides: validated again
+    assert len(validated) == 3
+    CALLS[op](a.requires_grad_())  # autograd state is part of the signature (routing keeps grad apart)
+    assert len(validated) == 4
+    monkeypatch.setenv("HF_FASTKERN_FORCE_REFERENCE", "1")  # so is the environment
+    CALLS[op](a)
+    assert len(validated) == 5
+
+
+def test_bad_input_raises_every_call():
+    x = torch.randn(4, 32)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="weight must have shape"):
+            rms_norm(x, torch.ones(31))
+
+
+def test_attention_validates_once_per_shape(monkeypatch):
+    from hf_fastkern.patches import attention as fk
+
+    validated = _count_calls(monkeypatch, fk, "_validate")
+    mod = torch.nn.Module()
+    mod.is_causal = True
+    q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    k = torch.randn(1, 1, 8, 16, dtype=torch.bfloat16)
+    for _ in range(3):  # the layers of one forward share a signature
+        fk.fastkern_attention_forward(mod, q, k, k, None)
+    assert len(validated) == 1
+    fk.fastkern_attention_forward(mod, q[:, :, :4], k[:, :, :4], k[:, :, :4], None)
+    assert len(validated) == 2
+    with pytest.raises(ValueError, match="value must have shape"):
+        fk.fastkern_attention_forward(mod, q, k, k[:, :, :4], None)

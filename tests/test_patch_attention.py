@@ -472,12 +472,12 @@ def test_dense_backend_env_values(monkeypatch):
     with pytest.raises(ValueError, match="HF_FASTKERN_ATTENTION"):
         fk._route_dense_to_sdpa(q, True, 8, 8)
     monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "auto")
-    assert not fk._route_dense_to_sdpa(q, True, 8, 8)  # auto routes only on Hopper GPUs
+    assert not fk._route_dense_to_sdpa(q, True, 8, 8)  # auto follows the routing table: CPU tensors run the kernel
     monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "triton")
     assert not fk._route_dense_to_sdpa(q, True, 8, 8)
     monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "sdpa")
     assert fk._route_dense_to_sdpa(q, True, 8, 8) and fk._route_dense_to_sdpa(q, False, 1, 8)
-    # SDPA's is_causal is top-left aligned: KV-cache decoding / chunked prefill always stay on the kernel
+    # KV-cache decoding is the routing table's "decode" case, not the plain dense one (CPU: the kernel)
     assert not fk._route_dense_to_sdpa(q, True, 1, 8)
 
 

@@ -17,15 +17,18 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fastkern.kernels import reference
+from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels._triton_utils import TunedLaunch, cdiv, round_to, tune_configs
 from hf_fastkern.kernels.dispatch import (
+    PerShape,
     check_floating,
     check_same_device,
     check_same_shape,
     device_check,
+    entry_key,
     use_kernel,
 )
+from hf_fastkern.kernels.rms_norm import leading_rows, records_grad
 
 # Activation codes (constexpr in the kernels).
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2
@@ -286,11 +289,35 @@ def _check_approximate(approximate: str) -> int:
     return _GELU_CODES[approximate]
 
 
+def glu_routed(gate: torch.Tensor, up: torch.Tensor | None) -> bool:
+    """Does the routing table send this SwiGLU/GeGLU (gate [..., I], or gate_up [..., 2I] with up None) to the
+    kernel? (hf_fastkern.kernels.routing: CPU tensors always run it.)"""
+    n = gate.shape[-1] if up is not None else gate.shape[-1] // 2
+    return routing.use_kernel("glu", gate.device, tokens=leading_rows(gate), intermediate=n,
+                              grad=records_grad(gate, up))
+
+
+# validation and the kernel/reference decision, once per call signature (dispatch.entry_key)
+_ENTRY = PerShape()
+
+
+def _glu_entry(op: str, gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Validate (raises on bad input) and decide kernel (True) or reference, once per op and signature."""
+    key = entry_key(gate, up)
+    if key is not None:
+        key = (op, key)
+    kernel = _ENTRY.get(key)
+    if kernel is None:
+        _check_pair(op, gate, up)
+        kernel = use_kernel(op, device_check((gate, up))) and glu_routed(gate, up)
+        _ENTRY.put(key, kernel)
+    return kernel
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``. gate, up: [..., intermediate] of one shape and dtype (fp32/bf16/fp16), any row
     strides (e.g. the halves of a fused gate_up projection). Returns a contiguous tensor, gate's dtype."""
-    _check_pair("swiglu", gate, up)
-    if not use_kernel("swiglu", device_check((gate, up))):
+    if not _glu_entry("swiglu", gate, up):
         return reference.swiglu(gate, up)
     return _apply(gate, up, SILU)
 
@@ -299,8 +326,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
     """``gelu(gate) * up``; ``approximate='none'`` is the erf GELU, ``'tanh'`` GPT-2's ``gelu_new``.
     gate, up: [..., intermediate] of one shape and dtype. Returns gate's dtype."""
     code = _check_approximate(approximate)
-    _check_pair("geglu", gate, up)
-    if not use_kernel("geglu", device_check((gate, up))):
+    if not _glu_entry("geglu", gate, up):
         return reference.geglu(gate, up, approximate)
     return _apply(gate, up, code)
 

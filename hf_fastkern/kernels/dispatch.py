@@ -63,8 +63,10 @@ def warn_once(key: str, message: str) -> None:
 
 
 def reset_warnings() -> None:
-    """Forget which fallbacks were already reported (tests use this)."""
+    """Forget which fallbacks were already reported, and the per-shape decisions that carry them (tests)."""
     _warned.clear()
+    for cache in _PER_SHAPE:
+        cache.clear()
 
 
 # Triton's oldest NVIDIA target is Volta (sm_70); bf16 arithmetic and bf16 tensor-core dots need Ampere (sm_80).
@@ -182,3 +184,55 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
     for name, t in items[1:]:
         if t.shape != first.shape:
             raise ValueError(f"{name} must have the shape of {first_name} {tuple(first.shape)}, got {tuple(t.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# once per shape: validation and dispatch decisions cached on the call's tensor signature (issue 21)
+
+_ENV_KEYS = ("HF_FASTKERN_FORCE_REFERENCE", "HF_FASTKERN_ROUTING", "HF_FASTKERN_ROUTING_TABLE",
+             "HF_FASTKERN_ATTENTION", "TRITON_INTERPRET")
+
+
+def call_key(*tensors: torch.Tensor | None) -> tuple:
+    """What an entry point's validation and kernel/reference decision read from its tensors and the process:
+    each tensor's shape, strides, dtype, device and requires_grad, grad mode, the deterministic flag, and the
+    environment switches (tests and users flip them at run time)."""
+    env = os.environ
+    return (tuple(env.get(k) for k in _ENV_KEYS), torch.is_grad_enabled(),
+            torch.are_deterministic_algorithms_enabled(),
+            *(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors))
+
+
+# every PerShape, created at import by the entry points' modules, so reset_warnings() can clear them
+_PER_SHAPE: list = []
+
+
+class PerShape:
+    """Results computed on the first call with a given :func:`call_key` and reused after (validation that
+    passed, the kernel-or-reference decision). Bad input raises before anything is stored, so it raises on
+    every call. Bounded: cleared when full (dynamic shapes, decoding lengths)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._d: dict = {}
+        self._size = size
+        _PER_SHAPE.append(self)
+
+    def get(self, key: tuple | None):
+        return None if key is None else self._d.get(key)
+
+    def put(self, key: tuple | None, value) -> None:
+        if key is None:
+            return
+        if len(self._d) >= self._size:
+            self._d.clear()
+        self._d[key] = value
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+def entry_key(*tensors: torch.Tensor | None) -> tuple | None:
+    """:func:`call_key`, or None while torch.compile traces (the graph runs the checks once, at trace time)."""
+    if torch.compiler.is_compiling():
+        return None
+    return call_key(*tensors)

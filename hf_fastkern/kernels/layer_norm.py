@@ -22,13 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fastkern.kernels import reference
+from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels._triton_utils import TunedLaunch, cdiv, device_props, persistent_grid, round_to
 from hf_fastkern.kernels.dispatch import (
+    PerShape,
     check_floating,
     check_same_device,
     check_shape,
     device_check,
+    entry_key,
     use_kernel,
 )
 from hf_fastkern.kernels.rms_norm import (
@@ -37,6 +39,7 @@ from hf_fastkern.kernels.rms_norm import (
     MAX_FUSED_HIDDEN,
     leading_rows,
     prune_by_elems_per_thread,
+    records_grad,
     row_class,
     row_tile,
     rows_view,
@@ -265,13 +268,7 @@ def _kernel_check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
     return ok, why
 
 
-def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dimension, exactly ``reference.layer_norm``.
-
-    x: [..., hidden] fp32/bf16/fp16 (any leading shape, any strides); weight, bias: [hidden] or None (any
-    floating dtype, e.g. fp32 parameters with bf16 activations). Returns [..., hidden] in x.dtype.
-    """
+def _validate(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
     check_floating("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension [..., hidden], got a 0-d tensor")
@@ -280,7 +277,27 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
             check_floating(name, t)
             check_shape(name, t, (x.shape[-1],))
     check_same_device(x=x, weight=weight, bias=bias)
-    if not use_kernel("layer_norm", _kernel_check(x, weight, bias)):
+
+
+# validation and the kernel/reference decision, once per call signature (dispatch.entry_key)
+_ENTRY = PerShape()
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension, exactly ``reference.layer_norm``.
+
+    x: [..., hidden] fp32/bf16/fp16 (any leading shape, any strides); weight, bias: [hidden] or None (any
+    floating dtype, e.g. fp32 parameters with bf16 activations). Returns [..., hidden] in x.dtype.
+    """
+    key = entry_key(x, weight, bias)
+    kernel = _ENTRY.get(key)
+    if kernel is None:  # first call with this signature: validate (raises on bad input) and decide
+        _validate(x, weight, bias)
+        kernel = use_kernel("layer_norm", _kernel_check(x, weight, bias)) and routing.use_kernel(
+            "layer_norm", x.device, tokens=leading_rows(x), hidden=x.shape[-1], grad=records_grad(x, weight, bias))
+        _ENTRY.put(key, kernel)
+    if not kernel:
         return reference.layer_norm(x, weight, bias, eps)
     # The kernels index weight/bias as dense [hidden] vectors; strided views are copied (autograd-tracked).
     if weight is not None and not weight.is_contiguous():

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fastkern.kernels import reference
+from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels._triton_utils import (
     TunedLaunch,
     cdiv,
@@ -44,10 +44,12 @@ from hf_fastkern.kernels._triton_utils import (
     tune_configs,
 )
 from hf_fastkern.kernels.dispatch import (
+    PerShape,
     check_floating,
     check_same_device,
     check_shape,
     device_check,
+    entry_key,
     use_kernel,
 )
 
@@ -370,11 +372,30 @@ class RMSNormFunction(torch.autograd.Function):
 # public entry
 
 
+def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Will autograd record this call (the routing table keeps forward-only and training cases apart)?"""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _kernel_check(x: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple[bool, str]:
     ok, why = device_check((x, weight))
     if ok and x.shape[-1] > MAX_FUSED_HIDDEN:
         return False, f"hidden size {x.shape[-1]} > {MAX_FUSED_HIDDEN} does not fit the one-row-in-registers kernel"
     return ok, why
+
+
+def _validate(x: torch.Tensor, weight: Optional[torch.Tensor]) -> None:
+    check_floating("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension [..., hidden], got a 0-d tensor")
+    if weight is not None:
+        check_floating("weight", weight)
+        check_shape("weight", weight, (x.shape[-1],))
+        check_same_device(x=x, weight=weight)
+
+
+# validation and the kernel/reference decision, once per call signature (dispatch.entry_key)
+_ENTRY = PerShape()
 
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, offset: float = 0.0,
@@ -386,14 +407,14 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
     (``cast_before_weight=True``). Gemma: ``offset=1.0, cast_before_weight=False``.
     ``save_rstd_only``: keep only the per-row fp32 rstd for backward (True) or recompute it there (False).
     """
-    check_floating("x", x)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension [..., hidden], got a 0-d tensor")
-    if weight is not None:
-        check_floating("weight", weight)
-        check_shape("weight", weight, (x.shape[-1],))
-        check_same_device(x=x, weight=weight)
-    if not use_kernel("rms_norm", _kernel_check(x, weight)):
+    key = entry_key(x, weight)
+    kernel = _ENTRY.get(key)
+    if kernel is None:  # first call with this signature: validate (raises on bad input) and decide
+        _validate(x, weight)
+        kernel = use_kernel("rms_norm", _kernel_check(x, weight)) and routing.use_kernel(
+            "rms_norm", x.device, tokens=leading_rows(x), hidden=x.shape[-1], grad=records_grad(x, weight))
+        _ENTRY.put(key, kernel)
+    if not kernel:
         return reference.rms_norm(x, weight, eps, offset, cast_before_weight)
     # The kernels index weight as a dense [hidden] vector; a strided view (w[::2]) is copied (autograd-tracked).
     if weight is not None and not weight.is_contiguous():

@@ -135,10 +135,10 @@ def down_parts(down: nn.Module) -> tuple[DownParts | None, str]:
                      bool(getattr(down, "cast_input_dtype_enabled", True))), ""
 
 
-# Per-module cache of down_parts for plain nn.Linear projections: the structural walk costs ~8 us per call on the
-# CI CPU (several times that on the H100 host), once per decoder layer and step. An entry is reused only while
-# the module's state key (below) is unchanged; LoRA layers (adapters toggled, merged, set_adapter ...) take the
-# full walk every call.
+# Per-module cache of down_parts: the structural walk costs ~8 us per call for a plain nn.Linear on the CI CPU
+# and several times that for a PEFT lora.Linear (several times more on the H100 host), once per projection and
+# step. An entry is reused only while the module's state key (below) is unchanged: for LoRA that includes what
+# set_adapter, merge/unmerge, enable/disable_adapters and update_layer change.
 _PARTS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -154,13 +154,39 @@ def _linear_state(m: nn.Module) -> tuple | None:
             getattr(w, "shape", None), id(b), type(b), getattr(b, "dtype", None))
 
 
+def _lora_state(m: nn.Module) -> tuple | None:
+    """What down_parts' verdict on a PEFT lora.Linear depends on: its own forward and hooks, the PEFT flags
+    (``_active_adapter``, ``merged_adapters``, ``_disable_adapters``, fan_in_fan_out, the input cast), and per
+    active adapter its layers' states, dropout type, scaling, variant and bias flags; the base layer's state."""
+    if not is_lora_linear(m):
+        return None
+    d = m.__dict__
+    mods = m._modules
+    la, lb, drop = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
+    active = m._active_adapter  # a class attribute until set_adapter sets it on the instance
+    names = (active,) if isinstance(active, str) else tuple(active or ())
+    per = tuple((n, _linear_state(la[n]) if n in la else None, _linear_state(lb[n]) if n in lb else None,
+                 type(drop.get(n)), d["scaling"].get(n), n in d.get("lora_variant", {}),
+                 d.get("use_dora", {}).get(n), d.get("lora_bias", {}).get(n)) for n in names)
+    return (d.get("forward"), len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+            len(m._backward_pre_hooks), global_hooks(), tuple(d.get("merged_adapters", ())),
+            m._disable_adapters, d.get("fan_in_fan_out"), d.get("cast_input_dtype_enabled"),
+            tuple(la), _linear_state(mods["base_layer"]), per)
+
+
 def down_parts_cached(down: nn.Module) -> tuple[DownParts | None, str]:
-    """``down_parts(down)``, reused across calls while a plain nn.Linear's state key is unchanged."""
+    """``down_parts(down)``, reused across calls while the module's state key is unchanged (a plain
+    nn.Linear or a PEFT lora.Linear; other modules take the walk every call)."""
     if torch.compiler.is_compiling():
         # Dynamo would guard on the weak dictionary's entries (and fail building those guards); a compiled
         # graph runs this walk once, at trace time, anyway
         return down_parts(down)
     state = _linear_state(down)
+    if state is None:
+        try:
+            state = _lora_state(down)
+        except (KeyError, AttributeError, TypeError):  # a PEFT version laid out otherwise: no cache
+            state = None
     if state is None:
         return down_parts(down)
     hit = _PARTS_CACHE.get(down)
@@ -234,7 +260,13 @@ def linear_adapter(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     compute-bound GEMM, where adding the adapter after the base GEMM costs a memory-bound read-and-write pass
     of the whole output. Mixed dtypes (no autocast, fp32 adapters over a bf16 base): PEFT's order and dtypes."""
     if not (x.dtype == weight.dtype == a.dtype == b_scaled.dtype and (bias is None or bias.dtype == x.dtype)):
-        return (F.linear(x, weight, bias) + F.linear(a, b_scaled)).to(torch.result_type(x, weight))
+        # PEFT's dtypes: the base output in its dtype, the adapter product and the sum in the adapter's (fp32),
+        # rounded once to the base output's dtype; one fp32 [tokens, out] buffer where PEFT makes three
+        # (lora_B's output, its product with the scaling, the sum)
+        y = F.linear(x, weight, bias)
+        acc = rows(y).to(torch.promote_types(y.dtype, a.dtype))
+        acc.addmm_(rows(a).to(acc.dtype), b_scaled.t().to(acc.dtype))
+        return acc.to(y.dtype).reshape(y.shape)
     a2 = rows(a)
     y = torch.mm(a2, b_scaled.t()) if bias is None else torch.addmm(bias, a2, b_scaled.t())
     y.addmm_(rows(x), weight.t())
@@ -247,11 +279,13 @@ def adapter_grads(dy: torch.Tensor, a: torch.Tensor, lora_b: torch.Tensor, scali
     """(dB, da) of ``y += a (sB)^T``: ``dB = s dy^T a`` ([out, r], in B's dtype) and ``da = dy (sB)``
     ([..., r], in a's dtype), each only when asked; the scaling goes on the rank-r products, never on dy."""
     dlb = da = None
+    # one cast of dy for both products (an fp32 copy of a bf16 dy with fp32 adapters and no autocast)
+    dyc = dy.to(a.dtype) if need_lb else dy
     if need_lb:
-        dlb = (torch.matmul(rows(dy).t().to(a.dtype), rows(a)) * scaling).to(lora_b.dtype)
+        dlb = (torch.matmul(rows(dyc).t(), rows(a)) * scaling).to(lora_b.dtype)
     if need_da:
         lb = scaled_b(lora_b, scaling, ac)
-        da = torch.matmul(dy.to(lb.dtype), lb).to(a.dtype)
+        da = torch.matmul((dyc if dyc.dtype == lb.dtype else dy.to(lb.dtype)), lb).to(a.dtype)
     return dlb, da
 
 

@@ -26,6 +26,15 @@ in the GEMM's fp32 epilogue, where PEFT rounds ``a B^T``, its product with ``s``
 likewise ``dx``. Both are at least as accurate; the tests hold them to the tolerance table against an fp64
 oracle.
 
+Without autocast, fp32 adapters on a bf16/fp16 base (PEFT's default ``autocast_adapter_dtype=True`` in a plain
+loop, issue 21) take this node too, with PEFT's numerics there: ``x.to(float32)`` (exact) into an fp32
+``lora_A``, the adapter product and its sum with the base output in fp32, rounded once to the base output's
+dtype; gradients of the adapters in fp32 from the same operands; ``dx`` the base's plus the adapter's, each
+rounded to x's dtype, as PEFT sums them. What differs is memory and passes: PEFT keeps an fp32 copy of ``x`` per
+projection for ``lora_A``'s weight gradient, the node keeps ``x`` (cast again in backward), and the forward
+holds one fp32 ``[tokens, out]`` buffer where PEFT makes three. A bf16 adapter product would be cheaper still,
+but its adapter gradients would carry bf16 error where PEFT's carry fp32's: outside the tolerance table.
+
 Taken per call, for a PEFT ``lora.Linear`` (exactly that class) with one active adapter, dropout 0 (an
 ``nn.Identity``), no DoRA or other variant, not merged, no ``lora_bias``, not ``fan_in_fan_out``, a plain
 ``nn.Linear`` base and no hooks (:func:`hf_fastkern.layers.common.down_parts` decides), and no extra forward
@@ -44,7 +53,7 @@ from hf_fastkern.layers.common import (
     ac_cast,
     adapter_grads,
     autocast_state,
-    down_parts,
+    down_parts_cached,
     grad_input_adapter,
     linear_adapter,
     lora_input,
@@ -70,21 +79,31 @@ class LoRALinearFunction(torch.autograd.Function):
         a = F.linear(xl, ac_cast(lora_a, ac))  # [..., r]
         y = linear_adapter(xb, ac_cast(weight, ac), ac_cast(bias, ac), a, scaled_b(lora_b, scaling, ac))
         ctx.autocast, ctx.scaling, ctx.x_dtype, ctx.x_shape = ac, scaling, x.dtype, x.shape
+        ctx.cast_input = cast_input
+        # Without autocast lora_A's operand is a cast of x itself (an fp32 copy of a bf16 x: PEFT's default fp32
+        # adapters in a plain loop, twice x's bytes per projection, which PEFT keeps): save nothing more, cast
+        # again in backward. Under autocast it is a cast of the caller's tensor, kept as before.
         ctx.same = xl is xb
-        ctx.save_for_backward(xb, None if ctx.same else xl, weight, bias, lora_a, lora_b, a)
+        ctx.recast = not ctx.same and x is xb
+        ctx.save_for_backward(xb, None if ctx.same or ctx.recast else xl, weight, bias, lora_a, lora_b, a)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
         xb, xl, weight, bias, lora_a, lora_b, a = ctx.saved_tensors
-        xl = xb if ctx.same else xl
         need_x, need_w, need_b, need_la, need_lb = ctx.needs_input_grad[:5]
         ac, s = ctx.autocast, ctx.scaling
         dy2 = rows(dy)
         dx = dw = db = dla = None
         dlb, da = adapter_grads(dy2, rows(a), lora_b, s, ac, need_lb, need_la or need_x)  # [out, r], [tokens, r]
         if need_la:
+            # the forward's lora_A operand again (the same casts of the same x: the same values)
+            if ctx.same:
+                xl = xb
+            elif ctx.recast:
+                xl = lora_input(xb, lora_a.dtype, ctx.cast_input, ac)
             dla = torch.mm(da.t().to(xl.dtype), rows(xl)).to(lora_a.dtype)  # [r, in]
+            del xl
         if need_w:
             dw = torch.mm(dy2.t().to(xb.dtype), rows(xb)).to(weight.dtype)
         if need_b:
@@ -99,7 +118,7 @@ def lora_linear_reason(module: nn.Module, x: torch.Tensor) -> tuple[Any, str]:
     """(parts, "") when :class:`LoRALinearFunction` computes ``module(x)``, else (None, why)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None, f"input is {getattr(x, 'dtype', type(x).__name__)}"
-    parts, why = down_parts(module)
+    parts, why = down_parts_cached(module)
     if parts is None:
         return None, why
     if parts.lora_a is None:

@@ -206,6 +206,6 @@ def glu_down(gate: torch.Tensor, up: torch.Tensor | None, down: nn.Module, kind:
                                           f"is stored): {why}.")
         return _unfused(g, u, down, kind, approximate)
     _act._check_pair(kind, g, u)
-    kernel = use_kernel(kind, device_check((g, u)))
+    kernel = use_kernel(kind, device_check((g, u))) and _act.glu_routed(g, u)
     return GLUDownFunction.apply(gate, up, parts.weight, parts.bias, parts.lora_a, parts.lora_b, code,
                                  parts.scaling, parts.cast_input, kernel)

@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_fastkern.kernels import attention as _kernels
-from hf_fastkern.kernels import dispatch
-from hf_fastkern.kernels._triton_utils import device_props
+from hf_fastkern.kernels import dispatch, routing
 
 NAME = "fastkern"
 # head_dims the kernel is built for (the kernel's own ``attention_supported`` is the authority once it exists).
@@ -244,14 +243,15 @@ def _kernel_check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, d
     return True, ""
 
 
-# Dense attention backend (no mask, no window, no softcap): "auto" (default), "triton" or "sdpa".
-# Why "auto" exists: on Hopper, cuDNN's attention (which SDPA picks there) uses wgmma/TMA, FA3-style, and runs
-# fwd+bwd at 1.2-1.4x our FlashAttention-2-style Triton kernel at head_dim 64 and 128 (benchmarks/results/h100/
-# attention.json: 0.70-0.84x), while our kernel beats SDPA's own FA2 backend by 1.15-1.26x. So on sm90, for the
-# plain dense case SDPA runs it, and our kernel runs everything SDPA cannot do as fast or at all: sliding
-# windows, softcap, padding (unpadded varlen) and packed sequences, KV-cache (bottom-right causal), other GPUs.
+# Attention backend: "auto" (default), "triton" or "sdpa".
+# "auto" reads the routing table measured on this GPU class (hf_fastkern/kernels/routing.py, issue 21): per case
+# (dense / KV-cache decoding / padded / packed, head_dim, lengths, window, softcap, training or not) our kernel
+# runs only where the table measured it faster than the path unpatched transformers takes (SDPA, or eager for
+# softcap); elsewhere, on GPUs without a table and outside the measured grid, that stock path runs.
+# "triton": our kernel for every case it supports. "sdpa": SDPA for the plain dense case, the table elsewhere.
+# Deterministic algorithms keep the kernel (its backward is deterministic; cuDNN's and FA2's accumulate dQ with
+# atomics).
 ATTENTION_BACKEND_ENV = "HF_FASTKERN_ATTENTION"
-_SDPA_HEAD_DIMS = (64, 128)  # the head dims measured on the H100 (cuDNN supports these in fwd and bwd)
 
 
 def _dense_backend() -> str:
@@ -261,30 +261,39 @@ def _dense_backend() -> str:
     return mode
 
 
-def _is_hopper(device: torch.device) -> bool:
-    """An NVIDIA sm90 GPU (device_props reports (0, 0) for the CPU), where "auto" prefers SDPA/cuDNN."""
-    return torch.version.hip is None and device_props(device)["cc"][0] == 9
+def _attention_kind(attention_mask: torch.Tensor | None, packed: bool, causal: bool, sq: int, sk: int) -> str:
+    """The routing table's ``kind`` of a call (hf_fastkern.kernels.routing)."""
+    if packed or (attention_mask is not None and attention_mask.dtype == torch.int32):
+        return "packed"
+    if causal and sq < sk:
+        return "decode"
+    return "dense" if attention_mask is None else "padded"
+
+
+def _route_to_stock(query: torch.Tensor, kind: str, causal: bool, sq: int, sk: int, window: int | None,
+                    softcap: float | None) -> bool:
+    """Should this call run the stock path (SDPA, eager for softcap) instead of our kernel?"""
+    mode = _dense_backend()
+    if mode == "triton" or torch.are_deterministic_algorithms_enabled():
+        return False
+    plain = kind == "dense" and window is None and not softcap
+    if mode == "sdpa" and plain:
+        return True
+    grad = torch.is_grad_enabled() and query.requires_grad
+    return not routing.use_kernel("attention", query.device, kind=kind, head_dim=query.shape[-1], q_len=sq,
+                                  kv_len=sk, causal=causal, window=window is not None, softcap=bool(softcap),
+                                  grad=grad)
 
 
 def _route_dense_to_sdpa(query: torch.Tensor, causal: bool, sq: int, sk: int) -> bool:
-    """Should the dense, unmasked, unwindowed, uncapped case run SDPA (cuDNN on Hopper) instead of the kernel?"""
-    mode = _dense_backend()
-    if mode == "triton":
-        return False
-    # SDPA's is_causal is top-left aligned: only q_len == kv_len means what the model asked for.
-    if causal and sq != sk:
-        return False
-    if mode == "sdpa":
-        return True
-    # auto: Hopper, measured head dims, and not when deterministic algorithms are requested (cuDNN's backward
-    # accumulates dQ with atomics; our kernel's backward is deterministic).
-    return (query.shape[-1] in _SDPA_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
-            and _is_hopper(query.device))
+    """The plain dense case (no mask, window or softcap): does it run SDPA? (KV-cache calls are ``decode``.)"""
+    kind = "decode" if causal and sq < sk else "dense"
+    return _route_to_stock(query, kind, causal, sq, sk, None, None)
 
 
 def dense_backend_summary(device: torch.device | str | None = None) -> str:
-    """What ``attn_implementation="fastkern"`` runs for the plain dense case on ``device`` (for ``hf-fastkern
-    info``): the ``HF_FASTKERN_ATTENTION`` mode and the backend it picks there."""
+    """What ``attn_implementation="fastkern"`` runs on ``device`` (for ``hf-fastkern info``): the
+    ``HF_FASTKERN_ATTENTION`` mode and where the choice comes from."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -292,15 +301,14 @@ def dense_backend_summary(device: torch.device | str | None = None) -> str:
         mode = _dense_backend()
     except ValueError as e:
         return str(e)
-    rest = "windows, softcap, padding, packed sequences and KV-cache decoding run the Triton kernel"
     if mode == "triton":
         return f"triton: the Triton kernel for every supported case ({ATTENTION_BACKEND_ENV}=triton)"
+    table = "the routing table below"
     if mode == "sdpa":
-        return f"sdpa: SDPA for the plain dense case ({ATTENTION_BACKEND_ENV}=sdpa); {rest}"
-    if _is_hopper(device):
-        return (f"auto: SDPA (cuDNN on this Hopper GPU) for the plain dense case at head_dim {_SDPA_HEAD_DIMS}, "
-                f"unless deterministic algorithms are on; {rest}")
-    return f"auto: the Triton kernel (SDPA is preferred only on Hopper GPUs, this device is {device.type})"
+        return f"sdpa: SDPA for the plain dense case ({ATTENTION_BACKEND_ENV}=sdpa); {table} for the rest"
+    if device.type != "cuda":
+        return f"auto: the Triton kernel (routing applies to CUDA devices, this one is {device.type})"
+    return f"auto: kernel or SDPA/eager per case from {table} (stock where it has no measurement)"
 
 
 def _sdpa_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float):
@@ -434,9 +442,11 @@ def _eager(query, key, value, mask, dropout, scaling, softcap, training):
 
 def _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, reason,
               kwargs):
-    dispatch.warn_once(f"attention:{reason}",
-                       f"hf_fastkern: attention '{NAME}' falls back to {'eager' if softcap else 'SDPA'} "
-                       f"for such calls: {reason}.")
+    """SDPA (eager with softcap) with a dense mask; ``reason`` None: routed here, not a fallback (no warning)."""
+    if reason is not None:
+        dispatch.warn_once(f"attention:{reason}",
+                           f"hf_fastkern: attention '{NAME}' falls back to {'eager' if softcap else 'SDPA'} "
+                           f"for such calls: {reason}.")
     b, _, sq, _ = query.shape
     sk = key.shape[2]
     if kwargs.get("position_bias") is not None and softcap is None and window is None and (
@@ -457,8 +467,28 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, causa
     return out.transpose(1, 2).contiguous(), None
 
 
+def _stock(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, kwargs):
+    """The path unpatched ``sdpa`` transformers takes, where the routing table chose it: SDPA without a mask
+    where its own causal flag is exact (q_len == kv_len, or one query that sees every key), else SDPA (eager with
+    softcap) with the dense mask built from ``attention_mask``. q [b, h, sq, d] -> ([b, sq, h, d], None)."""
+    sq, sk = query.shape[2], key.shape[2]
+    if attention_mask is None and window is None and not softcap and (not causal or sq == sk or sq == 1):
+        return _sdpa_dense(query, key, value, causal and sq == sk and sq > 1, scaling), None
+    return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, None,
+                     kwargs)
+
+
+def _segments_from_cu(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """cu_seqlens [n + 1] -> [1, total] int32 segment ids (no host read)."""
+    pos = torch.arange(total, device=cu.device)
+    return torch.searchsorted(cu[1:].to(pos.dtype), pos, right=True).to(torch.int32)[None]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the attention function
+
+
+_CHECKED = dispatch.PerShape()
 
 
 def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -479,7 +509,14 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if torch.is_autocast_enabled(dev_type) and torch.float32 in (query.dtype, key.dtype, value.dtype):
         dt = torch.get_autocast_dtype(dev_type)
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
-    _validate(query, key, value, attention_mask)
+    # validation and the kernel check, once per call signature (every layer of a forward shares one)
+    sig = dispatch.entry_key(query, key, value, attention_mask)
+    sig = None if sig is None else (sig, dropout)
+    checked = _CHECKED.get(sig)
+    if checked is None:
+        _validate(query, key, value, attention_mask)
+        checked = _kernel_check(query, key, value, dropout)
+        _CHECKED.put(sig, checked)
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"attn_implementation='{NAME}' does not support attention sinks (s_aux); "
                          "use attn_implementation='eager'")
@@ -510,7 +547,7 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if not causal and window is not None:
         return fallback("bidirectional sliding window")
     # dtype, device and head_dim are all the check reads: the [b, h, s, d] tensors answer like their transposes
-    ok, reason = _kernel_check(query, key, value, dropout)
+    ok, reason = checked
     if not ok:
         return fallback(reason)
     if kwargs.get("output_attentions", False):
@@ -522,12 +559,20 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     def bshd():
         return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
+    def stock(kind: str, mask: torch.Tensor | None = attention_mask):
+        """None when the routing table keeps this call on our kernel, else the stock path's result."""
+        if not _route_to_stock(query, kind, causal, sq, sk, window, softcap):
+            return None
+        return _stock(module, query, key, value, mask, dropout, scaling, causal, window, softcap, kwargs)
+
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if attention_mask is None and cu_q is not None and cu_k is not None:
         # DataCollatorWithFlattening(return_flash_attn_kwargs=True): one packed row, boundaries given.
         if cu_q.numel() < 2 or int(cu_q.shape[0]) != int(cu_k.shape[0]) or sq != sk:
             raise ValueError(f"cu_seq_lens_q / cu_seq_lens_k must have shape (n_seq + 1,) each, with q_len == "
                              f"kv_len, got {tuple(cu_q.shape)}, {tuple(cu_k.shape)} for q_len {sq}, kv_len {sk}")
+        if (res := stock("packed", _segments_from_cu(cu_q, b * sq).view(b, sq))) is not None:
+            return res
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
         max_q = int(max_q) if max_q is not None else int(cu_q.diff().max())
         max_k = int(max_k) if max_k is not None else int(cu_k.diff().max())
@@ -546,14 +591,17 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         # Not while compiling (it would break the graph in every layer); SDPA does not detect this case either.
         meta = _cached(pos, ("pos",), lambda: _segment_meta(_segments_from_positions(pos.reshape(1, -1))))
         if meta.cu_q.numel() > 2:
+            if (res := stock("packed", _segments_from_cu(meta.cu_q, sq))) is not None:
+                return res
             q, k, v = bshd()
             out = _kernels.flash_attention_varlen(q.reshape(sq, h, d), k.reshape(sk, -1, d), v.reshape(sk, -1, d),
                                                   meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, **opts)
             return out.view(b, sq, h, d), None
 
+    kind = _attention_kind(attention_mask, False, causal, sq, sk)
+    if (res := stock(kind)) is not None:
+        return res
     if attention_mask is None:
-        if window is None and not softcap and _route_dense_to_sdpa(query, causal, sq, sk):
-            return _sdpa_dense(query, key, value, causal and sq > 1, scaling), None
         # validated above and _kernel_check said yes: the kernel's heads-first entry skips a second round of
         # checks and takes [b, h, s, d] as it is (the transposes happen inside its autograd node)
         return _kernels.flash_attention_heads_first(query, key, value, causal, scaling, window, softcap), None

@@ -1,0 +1,368 @@
+"""The "never slower" guard (issue 21): patched vs unpatched ``sdpa``, same model, same process, per case.
+
+Every recipe architecture (llama, mistral, qwen2, qwen3, gemma, gpt2, gpt_neox, phi3) at tiny and real hidden
+sizes, head_dim 64/128/256, small and large batches, a training step (forward + backward + AdamW) and
+``generate()``, autocast on and off, LoRA (PEFT, r16, every projection, PEFT's default fp32 adapters) and full
+fine-tune. One model per case: timed unpatched (``attn_implementation="sdpa"``), then
+``apply_fast_kernels`` (per instance), timed, ``revert_fast_kernels``, timed again, patched again: rounds
+alternate (A B A B ...) so drift in clocks or the allocator hits both sides; each side's time is the median of
+its rounds. ``ratio = unpatched_ms / patched_ms`` (> 1: patched is faster; the target is >= 0.98 everywhere).
+
+Real hidden sizes stay affordable with ``--layers`` (default 4: the per-layer work is the model's, the
+embedding and head are the full vocabulary's). Issue 21's four rows are cases ``issue21-*``.
+
+    python benchmarks/bench_guard.py --out guard.json [--quick] [--layers 4] [--cases NAME,...]
+    python benchmarks/bench_guard.py --cpu-smoke --out guard_smoke.json   (toy sizes, CPU, checks the script)
+
+To register with ``hf-fastkern bench``: the module exposes ``main(argv)`` and ``run_cases(...)``; the registry
+entry is ``guard`` -> ``benchmarks/bench_guard.py`` (``--quick`` maps to the registry's quick mode).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+try:
+    from hf_fastkern.benchmarks.common import environment
+except ImportError:  # run as a script from a source checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.common import environment
+
+from hf_fastkern import apply_fast_kernels, revert_fast_kernels
+
+VOCAB = 32000
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    arch: str
+    hidden: int
+    head_dim: int
+    kv_heads_div: int = 4  # kv heads = heads // this (1: MHA)
+    batch: int = 1
+    seq: int = 512
+    mode: str = "train"  # "train" or "generate"
+    autocast: bool = True  # train: bf16 autocast over fp32 weights; off: bf16 weights, no autocast
+    lora: bool = False
+    grad_ckpt: bool = False
+    new_tokens: int = 64
+    vocab: int = VOCAB
+    intermediate: int | None = None  # default 4x hidden (8/3 rounded for gated MLPs)
+    rotary_pct: float = 1.0  # gpt_neox
+    extra: dict = field(default_factory=dict)
+
+
+def _inter(c: Case) -> int:
+    if c.intermediate:
+        return c.intermediate
+    return 4 * c.hidden if c.arch in ("gpt2", "gpt_neox") else (8 * c.hidden // 3 + 255) // 256 * 256
+
+
+def build_config(c: Case, layers: int, device: str):
+    """A transformers config for case ``c`` with ``layers`` decoder layers (random init, no download)."""
+    import transformers as tf
+    heads = max(c.hidden // c.head_dim, 1)
+    kv = max(heads // c.kv_heads_div, 1)
+    common = dict(vocab_size=c.vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if c.arch == "gpt2":
+        return tf.GPT2Config(n_embd=c.hidden, n_layer=layers, n_head=heads, n_positions=max(c.seq + c.new_tokens, 64),
+                             n_inner=_inter(c), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if c.arch == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=c.hidden, intermediate_size=_inter(c), num_hidden_layers=layers,
+                                num_attention_heads=heads, rotary_pct=c.rotary_pct, hidden_dropout=0.0,
+                                attention_dropout=0.0, max_position_embeddings=max(c.seq + c.new_tokens, 64),
+                                **common)
+    kw = dict(hidden_size=c.hidden, intermediate_size=_inter(c), num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(c.seq + c.new_tokens, 64),
+              **common, **c.extra)
+    cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+           "gemma": tf.GemmaConfig, "phi3": tf.Phi3Config}[c.arch]
+    if c.arch in ("qwen3", "gemma"):
+        kw["head_dim"] = c.head_dim
+    if c.arch == "mistral":
+        kw.setdefault("sliding_window", 4096)
+    return cls(**kw)
+
+
+def build_model(c: Case, layers: int, device: str):
+    import transformers as tf
+    cfg = build_config(c, layers, device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    # fp32 master weights only for a full fine-tune under autocast (the Trainer's way); LoRA bases, bf16
+    # training without autocast and generate() hold bf16 weights (the CPU smoke test keeps fp32)
+    if device == "cuda" and (c.lora or not c.autocast or c.mode == "generate"):
+        model = model.to(torch.bfloat16)
+    if c.lora:
+        import peft
+        targets = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                               "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj",
+                               "c_fc", "qkv_proj", "gate_up_proj")
+                   if any(m.endswith("." + n) for m, _ in model.named_modules())]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets,
+                                                           lora_dropout=0.0))
+    if c.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timer(c: Case, model, device: str):
+    """A function that runs one unit of work (a training step or one generate()) and returns its seconds."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(3, c.vocab, (c.batch, c.seq), generator=g).to(device)
+    if c.mode == "generate":
+        model.eval()
+        am = torch.ones_like(ids)
+
+        def gen() -> float:
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=am, max_new_tokens=c.new_tokens,
+                               min_new_tokens=c.new_tokens, do_sample=False, pad_token_id=0)
+            _sync(device)
+            return time.perf_counter() - t0
+        return gen
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
+    ac = c.autocast and device == "cuda"
+
+    def step() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=ac):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - t0
+    return step
+
+
+def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int) -> dict:
+    """Alternate unpatched / patched rounds on one model; the median per-step time of each side."""
+    model = build_model(c, layers, device)
+    run = _timer(c, model, device)
+    times: dict[str, list[float]] = {"sdpa": [], "fastkern": []}
+    peaks: dict[str, float] = {}
+    report = ""
+    n_steps = 1 if c.mode == "generate" else steps
+    for r in range(rounds):
+        for side in ("sdpa", "fastkern"):
+            if side == "fastkern":
+                report = str(apply_fast_kernels(model))
+            else:
+                revert_fast_kernels(model)
+            if r == 0:  # warm-up: compile/autotune, allocator
+                run()
+                if c.mode == "train":
+                    run()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ts = [run() for _ in range(n_steps)]
+            times[side].append(statistics.median(ts))
+            if device == "cuda":
+                peaks[side] = max(peaks.get(side, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    revert_fast_kernels(model)
+    del model, run
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    tokens = c.batch * (c.new_tokens if c.mode == "generate" else c.seq)
+    row = {**asdict(c), "layers": layers, "sdpa_ms": ms["sdpa"], "fastkern_ms": ms["fastkern"],
+           "ratio": ms["sdpa"] / ms["fastkern"], "sdpa_tok_s": tokens / ms["sdpa"] * 1e3,
+           "fastkern_tok_s": tokens / ms["fastkern"] * 1e3, "rounds": rounds,
+           "patch_report": report[:600]}
+    if peaks:
+        row.update(sdpa_peak_GiB=peaks["sdpa"], fastkern_peak_GiB=peaks["fastkern"],
+                   mem_ratio=peaks["fastkern"] / peaks["sdpa"] if peaks["sdpa"] else None)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the grid
+
+
+LLAMA8B = dict(arch="llama", hidden=4096, head_dim=128, intermediate=14336, vocab=128256)
+PYTHIA1B = dict(arch="gpt_neox", hidden=2048, head_dim=256, kv_heads_div=1, intermediate=8192, vocab=50304,
+                rotary_pct=0.25)
+ARCH_SHAPES = {
+    # arch: (real-size kwargs, head_dim)
+    "llama": dict(arch="llama", hidden=2048, head_dim=64, intermediate=8192),
+    "mistral": dict(arch="mistral", hidden=4096, head_dim=128, intermediate=14336),
+    "qwen2": dict(arch="qwen2", hidden=1536, head_dim=128, kv_heads_div=6, intermediate=8960),
+    "qwen3": dict(arch="qwen3", hidden=2048, head_dim=128, kv_heads_div=2, intermediate=6144),
+    "gemma": dict(arch="gemma", hidden=2048, head_dim=256, kv_heads_div=8, intermediate=16384, vocab=256000),
+    "gpt2": dict(arch="gpt2", hidden=1600, head_dim=64, kv_heads_div=1),
+    "gpt_neox": PYTHIA1B,
+    "phi3": dict(arch="phi3", hidden=3072, head_dim=96, kv_heads_div=1, intermediate=8192, vocab=32064),
+}
+
+
+def issue21_cases() -> list[Case]:
+    """The four rows of issue 21's table."""
+    return [
+        Case("issue21-pythia1b-full-bf16-B2x4096", **PYTHIA1B, batch=2, seq=4096, autocast=False),
+        Case("issue21-generate-llama8b-B1x32768", **LLAMA8B, batch=1, seq=32768, mode="generate", new_tokens=64),
+        Case("issue21-generate-llama8b-B4x4096", **LLAMA8B, batch=4, seq=4096, mode="generate", new_tokens=64),
+        Case("issue21-small-llama2048-B1x128", arch="llama", hidden=2048, head_dim=64, intermediate=8192,
+             batch=1, seq=128),
+        Case("issue21-small-llama2048-B1x512", arch="llama", hidden=2048, head_dim=64, intermediate=8192,
+             batch=1, seq=512),
+        Case("issue21-small-llama2048-B2x1024", arch="llama", hidden=2048, head_dim=64, intermediate=8192,
+             batch=2, seq=1024),
+        Case("issue21-lora8b-noautocast-B4x2048", **LLAMA8B, batch=4, seq=2048, lora=True, autocast=False,
+             grad_ckpt=True),
+        Case("issue21-lora8b-autocast-B4x2048", **LLAMA8B, batch=4, seq=2048, lora=True, autocast=True,
+             grad_ckpt=True),
+    ]
+
+
+def all_cases() -> list[Case]:
+    cases = issue21_cases()
+    for arch, shape in ARCH_SHAPES.items():
+        tiny = dict(shape, hidden=256, head_dim=64, intermediate=None, vocab=VOCAB)
+        if arch == "gemma":
+            tiny["kv_heads_div"] = 1
+        cases += [
+            Case(f"{arch}-tiny-train-B1x128", **tiny, batch=1, seq=128),
+            Case(f"{arch}-real-train-B1x512", **shape, batch=1, seq=512),
+            Case(f"{arch}-real-train-B8x2048", **shape, batch=8, seq=2048),
+            Case(f"{arch}-real-train-noautocast-B4x1024", **shape, batch=4, seq=1024, autocast=False),
+            Case(f"{arch}-real-lora-B4x1024", **shape, batch=4, seq=1024, lora=True, autocast=False),
+            Case(f"{arch}-real-generate-B1x512", **shape, batch=1, seq=512, mode="generate"),
+            Case(f"{arch}-real-generate-B16x2048", **shape, batch=16, seq=2048, mode="generate"),
+        ]
+    return cases
+
+
+def quick_cases() -> list[Case]:
+    """~4 minutes on one H100 at --layers 2: issue 21's rows and one training + one generate() case per arch."""
+    by = {c.name: c for c in all_cases()}
+    names = [c.name for c in issue21_cases() if "B1x512" not in c.name and "autocast-B4" not in c.name]
+    names += [f"{a}-real-train-B1x512" for a in ARCH_SHAPES]
+    names += [f"{a}-real-generate-B1x512" for a in ("llama", "gpt_neox", "gemma")]
+    return [by[n] for n in names]
+
+
+def smoke_cases() -> list[Case]:
+    """Toy sizes for the CPU: every arch, both modes, LoRA and autocast-off, so the script's paths all run."""
+    out = []
+    for arch in ARCH_SHAPES:
+        toy = dict(arch=arch, hidden=64, head_dim=16, kv_heads_div=1 if arch in ("gpt2", "gpt_neox", "phi3") else 2,
+                   intermediate=128, vocab=128, rotary_pct=0.25 if arch == "gpt_neox" else 1.0)
+        out.append(Case(f"{arch}-toy-train", **toy, batch=1, seq=16, autocast=False))
+    out.append(Case("llama-toy-lora", arch="llama", hidden=64, head_dim=16, kv_heads_div=2, intermediate=128,
+                    vocab=128, batch=1, seq=16, lora=True, autocast=False))
+    out.append(Case("llama-toy-generate", arch="llama", hidden=64, head_dim=16, kv_heads_div=2, intermediate=128,
+                    vocab=128, batch=2, seq=8, mode="generate", new_tokens=4))
+    return out
+
+
+def run_cases(cases: list[Case], layers: int, device: str, rounds: int, steps: int, log=print) -> list[dict]:
+    rows = []
+    for c in cases:
+        t0 = time.time()
+        try:
+            row = measure_case(c, layers, device, rounds, steps)
+        except torch.OutOfMemoryError as e:
+            row = {**asdict(c), "layers": layers, "error": f"out of memory: {str(e)[:200]}"}
+        except Exception as e:  # one broken case never hides the others; the row says what broke
+            row = {**asdict(c), "layers": layers, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        row["secs"] = round(time.time() - t0, 1)
+        rows.append(row)
+        if "error" in row:
+            log(f"{c.name}: ERROR {row['error']}")
+        else:
+            log(f"{c.name}: sdpa {row['sdpa_ms']:.1f} ms, fastkern {row['fastkern_ms']:.1f} ms, "
+                f"ratio {row['ratio']:.3f} ({row['secs']} s)")
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    ok = [r for r in rows if "ratio" in r]
+    below = sorted((r["name"], round(r["ratio"], 3)) for r in ok if r["ratio"] < 0.98)
+    return {"cases": len(rows), "measured": len(ok), "errors": len(rows) - len(ok),
+            "min_ratio": min((r["ratio"] for r in ok), default=None),
+            "geomean_ratio": statistics.geometric_mean([r["ratio"] for r in ok]) if ok else None,
+            "below_0.98": below}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--quick", action="store_true", help="issue 21's rows + one train/generate per arch")
+    ap.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (checks the script)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers per model (default 4; quick 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds per side (default 3; quick 2)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per round (default 5; quick 3)")
+    ap.add_argument("--cases", help="comma-separated case names (see --list)")
+    ap.add_argument("--list", action="store_true", help="print the case names and exit")
+    args = ap.parse_args(argv)
+    if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        # the kernel modules read TRITON_INTERPRET when imported: rerun this script with it set
+        import subprocess
+        return subprocess.call([sys.executable, os.path.abspath(__file__)] + (argv if argv is not None else
+                                                                              sys.argv[1:]),
+                               env=dict(os.environ, TRITON_INTERPRET="1"))
+    if args.cpu_smoke:
+        cases, device = smoke_cases(), "cpu"
+        layers, rounds, steps = args.layers or 1, args.rounds or 1, args.steps or 1
+    else:
+        cases = quick_cases() if args.quick else all_cases()
+        device = "cuda"
+        layers = args.layers or (2 if args.quick else 4)
+        rounds, steps = args.rounds or (2 if args.quick else 3), args.steps or (3 if args.quick else 5)
+    if args.cases:
+        pool = {c.name: c for c in all_cases() + smoke_cases()}
+        missing = [n for n in args.cases.split(",") if n not in pool]
+        if missing:
+            ap.error(f"unknown case(s) {missing}; see --list")
+        cases = [pool[n] for n in args.cases.split(",")]
+    if args.list:
+        for c in cases:
+            print(c.name)
+        return 0
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("the guard benchmark needs a CUDA GPU (or --cpu-smoke)")
+    if device == "cpu":
+        # tiny CPU runs: no autocast (CPU bf16 matmuls are slow and not what the guard measures)
+        cases = [replace(c, autocast=False) for c in cases]
+    t0 = time.time()
+    rows = run_cases(cases, layers, device, rounds, steps)
+    env = environment()
+    command = "python benchmarks/bench_guard.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    doc = {"env": env, "command": command, "gpu": env.get("gpu") or "cpu", "secs": round(time.time() - t0, 1),
+           "summary": summary(rows), "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    s = doc["summary"]
+    print(f"wrote {args.out}: {s['measured']}/{s['cases']} cases, min ratio {s['min_ratio']}, "
+          f"below 0.98: {s['below_0.98']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Measure the routing table (kernel vs stock PyTorch, hf_fastkern/kernels/routing.py) on this GPU (issue 21).
+
+Every case runs the op's real entry point twice in one process, once with ``HF_FASTKERN_ROUTING=kernel`` and
+once with ``HF_FASTKERN_ROUTING=stock`` (so what is timed is exactly what the routing switches between: for
+attention ``fastkern_attention_forward`` taking our kernel or the SDPA/eager path unpatched transformers runs;
+for norms and activations the Triton entry or the PyTorch reference), median of CUDA-event timings
+(``triton.testing.do_bench``), training cases forward + backward. ``ratio = stock_ms / kernel_ms``.
+
+Rules: per family (fixed keys, one swept length), the interval between two neighbouring grid points goes to the
+kernel only when the kernel won at both ends (by ``--margin``), and a family's variants (batch sizes, q_len 1
+and 16 for decoding) must all win; everything else, and everything outside the grid, is stock.
+
+    python benchmarks/bench_routing.py --out hf_fastkern/kernels/routing/h100.json [--quick] [--json rows.json]
+    python benchmarks/bench_routing.py --seed-from benchmarks/results/h100 --out hf_fastkern/kernels/routing/h100.json
+
+``--seed-from DIR`` builds a table from committed benchmark JSON instead (attention.json vs SDPA-cuDNN,
+rms_norm/layer_norm/activations.json vs torch eager), stating those files and their commands as provenance;
+no GPU needed. ``--cpu-smoke``: a tiny grid on the CPU (interpreter), to check the script, not to route.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+try:
+    from hf_fastkern.benchmarks.common import bench_ms, environment
+except ImportError:  # run as a script from a source checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.common import bench_ms, environment
+
+from hf_fastkern.kernels import activations, layer_norm, rms_norm, routing
+from hf_fastkern.patches import attention as fk
+
+MARGIN = 1.02  # the kernel must be this much faster (stock_ms / kernel_ms) to be chosen: noise is not a win
+
+
+# ----------------------------------------------------------------------------------------------------------
+# intervals -> rules
+
+
+def family_rules(op: str, fixed: dict[str, Any], sweep: str, points: list[tuple[int, float]], source: str,
+                 margin: float = MARGIN) -> list[dict]:
+    """Rules for one family: ``points`` [(sweep value, ratio)] sorted; [x_i, x_{i+1}] is kernel when both ends won.
+
+    Interval rules overlap at their shared end: the first rule wins, and both give the same choice there only
+    when the point won on both sides, so the order is: each point alone first, then the open intervals."""
+    points = sorted(points)
+    rules = []
+    for x, r in points:
+        rules.append({"match": {**fixed, sweep: [x, x]}, "choice": "kernel" if r >= margin else "stock",
+                      "ratio": round(r, 3), "source": source})
+    for (x0, r0), (x1, r1) in zip(points, points[1:]):
+        win = min(r0, r1) >= margin
+        rules.append({"match": {**fixed, sweep: [x0, x1]}, "choice": "kernel" if win else "stock",
+                      "ratio": round(min(r0, r1), 3), "source": f"{source} (between grid points)"})
+    return rules
+
+
+def provenance(command: str, gpu: str, versions: dict, date: str, note: str = "") -> dict:
+    out = {"command": command, "gpu": gpu, "versions": versions, "date": date}
+    if note:
+        out["note"] = note
+    return out
+
+
+def table_doc(cls: str, prov: dict, rules: dict[str, list[dict]]) -> dict:
+    doc = {"schema": routing.SCHEMA, "gpu_class": cls, "provenance": prov, "ops": rules}
+    routing.parse_table(doc, f"<{cls} table>")  # what we write, the package can read
+    return doc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# seeding from committed results
+
+
+def _load(path: str) -> dict | None:
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def seed_rules(src: str) -> tuple[dict[str, list[dict]], list[str], dict]:
+    """Rules from committed results in ``src`` (attention.json, rms_norm.json, layer_norm.json, activations.json)."""
+    rules: dict[str, list[dict]] = {}
+    used, env = [], {}
+    att = _load(os.path.join(src, "attention.json"))
+    if att:
+        used.append(f"attention.json ({att.get('command')})")
+        env = att.get("env", env)
+        fam: dict[int, list[tuple[int, float]]] = {}
+        for r in att["rows"]:
+            # dense causal, q_len == kv_len, our kernel against SDPA's cuDNN backend (what SDPA runs on Hopper)
+            if r.get("impl") == "fastkern" and r.get("fwdbwd_x_sdpa_cudnn") is not None:
+                fam.setdefault(r["D"], []).append((r["S"], float(r["fwdbwd_x_sdpa_cudnn"])))
+        out = []
+        for d, pts in sorted(fam.items()):
+            # several rows per S (H32 and GQA 32/8): the worst ratio counts
+            worst: dict[int, float] = {}
+            for s, x in pts:
+                worst[s] = min(worst.get(s, x), x)
+            out += family_rules("attention", {"kind": "dense", "head_dim": d, "causal": True}, "kv_len",
+                                list(worst.items()), "attention.json fwd+bwd vs sdpa_cudnn")
+        rules["attention"] = out
+    for op, fname, dim in (("rms_norm", "rms_norm.json", "hidden"), ("layer_norm", "layer_norm.json", "hidden"),
+                           ("glu", "activations.json", "intermediate")):
+        doc = _load(os.path.join(src, fname))
+        if not doc:
+            continue
+        used.append(f"{fname} ({doc.get('command')})")
+        ms: dict[tuple, dict[str, float]] = {}
+        for r in doc["rows"]:
+            if r.get("impl") not in ("fastkern", "torch") or r.get("dtype") != "bf16":
+                continue
+            size = r.get("H", r.get("I"))
+            ms.setdefault((r["op"], r["mode"], size, r["T"]), {})[r["impl"]] = float(r["ms"])
+        fams: dict[tuple, dict[int, float]] = {}
+        for (_op, mode, size, t), m in ms.items():
+            if "fastkern" not in m or "torch" not in m:
+                continue
+            ratio = m["torch"] / m["fastkern"]
+            key = (mode == "fwd+bwd", size)
+            # glu: every activation measured at that point must win (swiglu, geglu)
+            fams.setdefault(key, {})[t] = min(fams.get(key, {}).get(t, ratio), ratio)
+        out = []
+        for (grad, size), pts in sorted(fams.items()):
+            out += family_rules(op, {"grad": grad, dim: size}, "tokens", list(pts.items()),
+                                f"{fname} {'fwd+bwd' if grad else 'fwd'} vs torch eager")
+        rules[op] = out
+    return rules, used, env
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measuring on this device
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, causal: bool = True):
+        super().__init__()
+        self.is_causal = causal
+
+
+def _timed(fn: Callable[[], Any], grad: bool, leaves: list[torch.Tensor]) -> dict[str, float]:
+    """stock and kernel medians of ``fn`` (forward, or forward + backward when ``grad``)."""
+    def run():
+        y = fn()
+        if grad:
+            y = y[0] if isinstance(y, tuple) else y
+            y.backward(torch.ones_like(y))
+    out = {}
+    saved = os.environ.get(routing.MODE_ENV)
+    try:
+        for path in (routing.STOCK, routing.KERNEL):
+            os.environ[routing.MODE_ENV] = path
+            ctx = torch.enable_grad() if grad else torch.no_grad()
+            with ctx:
+                out[path] = bench_ms(run, grad_to_none=leaves if grad else None)
+    finally:
+        if saved is None:
+            os.environ.pop(routing.MODE_ENV, None)
+        else:
+            os.environ[routing.MODE_ENV] = saved
+    return out
+
+
+def _attn_case(kind: str, b: int, h: int, hk: int, d: int, sq: int, sk: int, grad: bool, dev: str,
+               window: int | None = None, softcap: float | None = None):
+    dt = torch.bfloat16
+    q = torch.randn(b, h, sq, d, device=dev, dtype=dt, requires_grad=grad)
+    k = torch.randn(b, hk, sk, d, device=dev, dtype=dt, requires_grad=grad)
+    v = torch.randn(b, hk, sk, d, device=dev, dtype=dt, requires_grad=grad)
+    mask = None
+    if kind == "padded":
+        mask = torch.ones(b, sk, dtype=torch.bool, device=dev)
+        for i in range(b):
+            mask[i, : (i * sk) // (4 * b)] = False  # left padding, up to a quarter of the row
+    elif kind == "packed":
+        n_seq = 8
+        mask = (torch.arange(sk, device=dev) * n_seq // sk).to(torch.int32)[None].expand(b, sk).contiguous()
+    mod = _Module()
+    kw = {}
+    if window:
+        kw["sliding_window"] = window
+    if softcap:
+        kw["softcap"] = softcap
+
+    def fn():
+        return fk.fastkern_attention_forward(mod, q, k, v, mask, scaling=d ** -0.5, **dict(kw))
+    return fn, [q, k, v] if grad else []
+
+
+def attention_grid(quick: bool, smoke: bool) -> list[dict]:
+    """Families: (fixed match, sweep key, [(sweep value, [variant case kwargs])])."""
+    fams = []
+    dims = (64, 128, 256)
+    hidden = 2048 if not smoke else 64
+    tokens = 16384 if not smoke else 64
+    seqs = (512, 2048, 8192) if quick else (256, 512, 1024, 2048, 4096, 8192, 16384)
+    caches = (1024, 8192, 32768) if quick else (512, 2048, 8192, 32768, 131072)
+    if smoke:
+        dims, seqs, caches = (64,), (16, 32), (32, 64)
+    for grad in (True, False):
+        for d in dims:
+            h = max(hidden // d, 1)
+            hk = max(h // 4, 1)
+            for kind in ("dense", "padded", "packed"):
+                pts = [(s, [dict(kind=kind, b=max(tokens // s, 1), h=h, hk=hk, d=d, sq=s, sk=s)]) for s in seqs]
+                fams.append(({"kind": kind, "head_dim": d, "causal": True, "window": False, "softcap": False,
+                              "grad": grad}, "kv_len", pts))
+            if d == 128 or smoke:
+                w = 4096 if not smoke else 8
+                pts = [(s, [dict(kind="dense", b=max(tokens // s, 1), h=h, hk=hk, d=d, sq=s, sk=s, window=w)])
+                       for s in seqs if s > w]
+                fams.append(({"kind": "dense", "head_dim": d, "causal": True, "window": True, "softcap": False,
+                              "grad": grad}, "kv_len", pts))
+            if d == 256 or smoke:  # Gemma 2's softcap comes with head_dim 256
+                pts = [(s, [dict(kind="dense", b=max(tokens // s, 1), h=h, hk=hk, d=d, sq=s, sk=s, softcap=50.0)])
+                       for s in seqs[:3]]
+                fams.append(({"kind": "dense", "head_dim": d, "causal": True, "window": False, "softcap": True,
+                              "grad": grad}, "kv_len", pts))
+        if not grad:
+            for d in dims:
+                h = max(hidden // d, 1) * (2 if not smoke else 1)
+                hk = max(h // 4, 1)
+                pts = [(c, [dict(kind="decode", b=b, h=h, hk=hk, d=d, sq=sq, sk=c)
+                            for b in ((1, 16) if not smoke else (1,)) for sq in (1, 16 if not smoke else 4)])
+                       for c in caches]
+                fams.append(({"kind": "decode", "head_dim": d, "q_len": [1, 16], "causal": True, "window": False,
+                              "softcap": False, "grad": False}, "kv_len", pts))
+    return fams
+
+
+def norm_grid(quick: bool, smoke: bool) -> list[tuple[str, dict, str, list]]:
+    toks = (16, 128, 512, 2048, 8192, 32768) if not quick else (16, 128, 1024, 8192)
+    hiddens = (2048, 4096, 8192) if not quick else (2048, 4096)
+    inters = (8192, 14336) if not quick else (8192,)
+    if smoke:
+        toks, hiddens, inters = (4, 16), (64,), (128,)
+    fams = []
+    for grad in (True, False):
+        for hd in hiddens:
+            fams.append(("rms_norm", {"grad": grad, "hidden": hd}, "tokens", [(t, [dict(t=t, n=hd)]) for t in toks]))
+            fams.append(("layer_norm", {"grad": grad, "hidden": hd}, "tokens",
+                         [(t, [dict(t=t, n=hd)]) for t in toks]))
+        for i in inters:
+            fams.append(("glu", {"grad": grad, "intermediate": i}, "tokens", [(t, [dict(t=t, n=i)]) for t in toks]))
+    return fams
+
+
+def _norm_fn(op: str, t: int, n: int, grad: bool, dev: str):
+    dt = torch.bfloat16
+    if op == "glu":
+        g = torch.randn(t, n, device=dev, dtype=dt, requires_grad=grad)
+        u = torch.randn(t, n, device=dev, dtype=dt, requires_grad=grad)
+        return (lambda: activations.swiglu(g, u)), [g, u] if grad else []
+    x = torch.randn(t, n, device=dev, dtype=dt, requires_grad=grad)
+    w = torch.ones(n, device=dev, dtype=dt, requires_grad=grad)
+    if op == "rms_norm":
+        return (lambda: rms_norm.rms_norm(x, w, 1e-6)), [x, w] if grad else []
+    b = torch.zeros(n, device=dev, dtype=dt, requires_grad=grad)
+    return (lambda: layer_norm.layer_norm(x, w, b, 1e-5)), [x, w, b] if grad else []
+
+
+def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print) -> tuple[dict[str, list[dict]], list[dict]]:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rows: list[dict] = []
+    rules: dict[str, list[dict]] = {"attention": [], "rms_norm": [], "layer_norm": [], "glu": []}
+    src = "bench_routing.py, stock vs kernel in one process"
+
+    def one(op: str, fixed: dict, sweep: str, pts: list, make: Callable[[dict], tuple]) -> None:
+        found = []
+        for x, variants in pts:
+            worst = None
+            for kw in variants:
+                try:
+                    fn, leaves = make(kw)
+                    t = _timed(fn, fixed.get("grad", False), leaves)
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    rows.append({"op": op, **fixed, sweep: x, **kw, "error": "out of memory"})
+                    worst = 0.0
+                    continue
+                ratio = t[routing.STOCK] / t[routing.KERNEL]
+                rows.append({"op": op, **{k: v for k, v in fixed.items() if not isinstance(v, list)}, sweep: x,
+                             **kw, "stock_ms": t[routing.STOCK], "kernel_ms": t[routing.KERNEL],
+                             "ratio": ratio})
+                log(f"{op} {fixed} {sweep}={x} {kw}: stock {t['stock']:.3f} ms, kernel {t['kernel']:.3f} ms, "
+                    f"ratio {ratio:.2f}")
+                worst = ratio if worst is None else min(worst, ratio)
+            if worst is not None:
+                found.append((x, worst))
+        rules[op] += family_rules(op, fixed, sweep, found, src)
+
+    for fixed, sweep, pts in attention_grid(quick, smoke):
+        grad = fixed["grad"]
+
+        def make(kw, grad=grad):
+            return _attn_case(grad=grad, dev=dev, **kw)
+        one("attention", fixed, sweep, pts, make)
+    for op, fixed, sweep, pts in norm_grid(quick, smoke):
+        def make(kw, op=op, grad=fixed["grad"]):
+            return _norm_fn(op, kw["t"], kw["n"], grad, dev)
+        one(op, fixed, sweep, pts, make)
+    return rules, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="routing table JSON to write")
+    ap.add_argument("--json", help="also write every measured row here")
+    ap.add_argument("--quick", action="store_true", help="a smaller grid (~2 minutes on an H100)")
+    ap.add_argument("--seed-from", help="build the table from committed results in this folder instead")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny grid on the CPU interpreter (checks the script)")
+    ap.add_argument("--gpu-class", help="class name to write (default: this GPU's, or the seed's GPU)")
+    args = ap.parse_args(argv)
+    command = "python benchmarks/bench_routing.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    env = environment()
+    versions = {k: env.get(k) for k in ("torch", "triton", "transformers")}
+    if args.seed_from:
+        rules, used, src_env = seed_rules(args.seed_from)
+        gpu = src_env.get("gpu", "unknown")
+        cls = args.gpu_class or routing.gpu_class_of_name(gpu)
+        prov = provenance(command, gpu, {k: src_env.get(k) for k in ("torch", "triton", "transformers")},
+                          src_env.get("time_utc", ""),
+                          "seeded from committed results, not measured by bench_routing.py: " + "; ".join(used)
+                          + ". Cases they do not cover (head_dim 256, decoding, padding, packing, windows, "
+                          "softcap, other sizes) route to stock until bench_routing.py measures them.")
+    else:
+        if not torch.cuda.is_available() and not args.cpu_smoke:
+            ap.error("measuring needs a CUDA GPU (or --cpu-smoke for a check of the script)")
+        if args.cpu_smoke:
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        t0 = time.time()
+        rules, rows = measure(args.quick, args.cpu_smoke)
+        gpu = env.get("gpu", "cpu") if torch.cuda.is_available() else "cpu (smoke test, not a routing table)"
+        cls = args.gpu_class or (routing.gpu_class(None) if torch.cuda.is_available() else "cpu-smoke")
+        prov = provenance(command, gpu, versions, env["time_utc"], f"measured in {time.time() - t0:.0f} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "command": command, "rows": rows}, f, indent=1)
+    doc = table_doc(cls, prov, rules)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    n = sum(len(v) for v in rules.values())
+    k = sum(r["choice"] == "kernel" for v in rules.values() for r in v)
+    print(f"wrote {args.out}: {n} rules ({k} kernel), GPU class {cls}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

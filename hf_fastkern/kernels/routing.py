@@ -1,0 +1,328 @@
+"""Kernel or stock PyTorch, per op and case, from a table measured on this GPU class (issue 21).
+
+Why: a fused kernel that is slower than PyTorch's own path on some GPU or at some size (head_dim 256 attention,
+KV-cache decoding against cuDNN/FlashAttention, a norm at 128 tokens) makes ``apply_fast_kernels`` a slowdown.
+So wherever an op may run either our Triton kernel or the stock PyTorch path (what unpatched transformers runs),
+the choice is read from ``routing/<gpu_class>.json``, shipped with the package and measured on that GPU class by
+``benchmarks/bench_routing.py`` (each table carries the command that produced it, the GPU, versions and date).
+
+Rules:
+- A table holds, per op, an ordered list of rules ``{"match": {key: value | [lo, hi]}, "choice": "kernel" |
+  "stock", "ratio": stock_ms / kernel_ms, "source": ...}``; the first rule whose every key matches decides
+  (a list is an inclusive range, ``null`` an open end; a key the rule does not name matches anything).
+- No table for this GPU class, or a case no rule covers (outside the measured grid): **stock**. The table must
+  vouch for the kernel; it is never assumed faster.
+- Only CUDA tensors are routed. On the CPU (``TRITON_INTERPRET=1``) the kernel path runs as before: that is how
+  CI executes every kernel.
+- ``HF_FASTKERN_ROUTING=kernel`` / ``stock`` overrides every table (tests pin ``kernel`` so GPU tests exercise
+  the kernels); ``HF_FASTKERN_ROUTING_TABLE=/path/table.json`` replaces the shipped table (e.g. the fresh output
+  of ``bench_routing.py``).
+- A malformed table raises :class:`RoutingTableError` naming the file and the field, at its first use.
+
+Cases (keys a rule may name, per op):
+- ``attention``: ``kind`` ("dense", "decode" = fewer queries than keys (KV cache), "padded", "packed"),
+  ``head_dim``, ``q_len``, ``kv_len``, ``causal``, ``window`` (bool), ``softcap`` (bool), ``grad`` (bool).
+- ``rms_norm``, ``layer_norm``: ``tokens``, ``hidden``, ``grad``.
+- ``glu`` (SwiGLU/GeGLU): ``tokens``, ``intermediate``, ``grad``.
+
+Decisions are cached per (GPU class, op, case), so a call pays one dictionary lookup after the first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROUTING_DIR = Path(__file__).with_name("routing")
+SCHEMA = 1
+MODE_ENV = "HF_FASTKERN_ROUTING"
+TABLE_ENV = "HF_FASTKERN_ROUTING_TABLE"
+KERNEL, STOCK = "kernel", "stock"
+MODES = ("table", KERNEL, STOCK)
+
+# op -> the case keys a rule may match on (the call sites pass exactly these)
+CASE_KEYS: dict[str, tuple[str, ...]] = {
+    "attention": ("kind", "head_dim", "q_len", "kv_len", "causal", "window", "softcap", "grad"),
+    "rms_norm": ("tokens", "hidden", "grad"),
+    "layer_norm": ("tokens", "hidden", "grad"),
+    "glu": ("tokens", "intermediate", "grad"),
+}
+ATTENTION_KINDS = ("dense", "decode", "padded", "packed")
+PROVENANCE_KEYS = ("command", "gpu", "versions", "date")
+
+
+class RoutingTableError(ValueError):
+    """A routing table that cannot be read: the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: dict[str, Any]
+    choice: str
+    ratio: float | None = None
+    source: str = ""
+
+    def matches(self, case: dict[str, Any]) -> bool:
+        for key, want in self.match.items():
+            got = case.get(key)
+            if isinstance(want, list):
+                lo, hi = want
+                if got is None or isinstance(got, bool) or (lo is not None and got < lo) \
+                        or (hi is not None and got > hi):
+                    return False
+            elif got != want:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    gpu_class: str
+    path: str
+    provenance: dict[str, Any]
+    rules: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
+
+    def decide(self, op: str, case: dict[str, Any]) -> tuple[str, str]:
+        """(choice, why) for ``op`` at ``case``: the first matching rule, else stock."""
+        for rule in self.rules.get(op, ()):
+            if rule.matches(case):
+                ratio = f", stock/kernel time {rule.ratio:.2f}" if rule.ratio is not None else ""
+                return rule.choice, f"{os.path.basename(self.path)}: {rule.source or 'rule'}{ratio}"
+        return STOCK, f"outside the grid measured in {os.path.basename(self.path)}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading and checking a table
+
+
+def _fail(path: str, what: str) -> RoutingTableError:
+    return RoutingTableError(f"routing table {path}: {what}")
+
+
+def _check_match(path: str, where: str, op: str, match: Any) -> dict[str, Any]:
+    if not isinstance(match, dict):
+        raise _fail(path, f"{where}.match must be an object of case keys, got {type(match).__name__}")
+    out = {}
+    for key, want in match.items():
+        if key not in CASE_KEYS[op]:
+            raise _fail(path, f"{where}.match has key {key!r}; {op} cases have {', '.join(CASE_KEYS[op])}")
+        if isinstance(want, list):
+            if len(want) != 2 or not all(v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+                                         for v in want):
+                raise _fail(path, f"{where}.match.{key} must be [lo, hi] numbers or null, got {want!r}")
+        elif not isinstance(want, bool | int | float | str):
+            raise _fail(path, f"{where}.match.{key} must be a value or a [lo, hi] range, got {want!r}")
+        out[key] = want
+    return out
+
+
+def parse_table(doc: Any, path: str) -> RoutingTable:
+    """Check a table document (see the module docstring) and build it; :class:`RoutingTableError` if malformed."""
+    if not isinstance(doc, dict):
+        raise _fail(path, f"must be a JSON object, got {type(doc).__name__}")
+    if doc.get("schema") != SCHEMA:
+        raise _fail(path, f"schema must be {SCHEMA}, got {doc.get('schema')!r}")
+    gpu_class = doc.get("gpu_class")
+    if not isinstance(gpu_class, str) or not gpu_class:
+        raise _fail(path, "gpu_class must be a non-empty string")
+    prov = doc.get("provenance")
+    if not isinstance(prov, dict) or any(k not in prov for k in PROVENANCE_KEYS):
+        raise _fail(path, f"provenance must be an object with {', '.join(PROVENANCE_KEYS)}")
+    ops = doc.get("ops")
+    if not isinstance(ops, dict):
+        raise _fail(path, "ops must be an object {op: [rules]}")
+    rules: dict[str, tuple[Rule, ...]] = {}
+    for op, lst in ops.items():
+        if op not in CASE_KEYS:
+            raise _fail(path, f"unknown op {op!r} (known: {', '.join(CASE_KEYS)})")
+        if not isinstance(lst, list):
+            raise _fail(path, f"ops.{op} must be a list of rules")
+        out = []
+        for i, r in enumerate(lst):
+            where = f"ops.{op}[{i}]"
+            if not isinstance(r, dict):
+                raise _fail(path, f"{where} must be an object")
+            if r.get("choice") not in (KERNEL, STOCK):
+                raise _fail(path, f"{where}.choice must be 'kernel' or 'stock', got {r.get('choice')!r}")
+            ratio = r.get("ratio")
+            if ratio is not None and (not isinstance(ratio, int | float) or isinstance(ratio, bool)):
+                raise _fail(path, f"{where}.ratio must be a number or null, got {ratio!r}")
+            out.append(Rule(_check_match(path, where, op, r.get("match", {})), r["choice"],
+                            None if ratio is None else float(ratio), str(r.get("source", ""))))
+        rules[op] = tuple(out)
+    return RoutingTable(gpu_class, path, prov, rules)
+
+
+def read_table(path: str | os.PathLike) -> RoutingTable:
+    path = str(path)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise _fail(path, f"is not valid JSON ({e})") from e
+    return parse_table(doc, path)
+
+
+def gpu_class_of_name(name: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA A100-SXM4-80GB" -> "a100", else a slug of the whole name."""
+    words = re.split(r"[^a-z0-9]+", name.lower())
+    for w in words:
+        if w != "nvidia" and re.fullmatch(r"[a-z]+\d+[a-z]*", w) and not re.fullmatch(r"\d+gb|hbm\d*|sxm\d*", w):
+            return w
+    return "-".join(w for w in words if w)
+
+
+# (device index) -> class; (class, env path) -> table or None. Filled lazily, never at import.
+_CLASS: dict[int, str] = {}
+_TABLES: dict[tuple[str, str | None], RoutingTable | None] = {}
+_DECISIONS: dict[tuple, bool] = {}
+_MAX_DECISIONS = 1 << 14
+
+
+def gpu_class(device: torch.device | str | int | None = None) -> str | None:
+    """The routing class of a CUDA device (None when CUDA is absent or ``device`` is not CUDA)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return None
+        device = torch.device("cuda")
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CLASS:
+        _CLASS[idx] = gpu_class_of_name(torch.cuda.get_device_name(idx))
+    return _CLASS[idx]
+
+
+def table_path(cls: str) -> tuple[str, bool]:
+    """(path, from_env) of the table for GPU class ``cls``."""
+    env = os.environ.get(TABLE_ENV)
+    if env:
+        return env, True
+    return str(ROUTING_DIR / f"{cls}.json"), False
+
+
+def load_table(cls: str) -> RoutingTable | None:
+    """The table for GPU class ``cls`` (None when the package ships none); ``HF_FASTKERN_ROUTING_TABLE`` wins."""
+    env = os.environ.get(TABLE_ENV)
+    key = (cls, env)
+    if key not in _TABLES:
+        path, from_env = table_path(cls)
+        if not from_env and not os.path.exists(path):
+            _TABLES[key] = None
+        else:
+            _TABLES[key] = read_table(path)
+    return _TABLES[key]
+
+
+def reset() -> None:
+    """Forget loaded tables and cached decisions (tests; after replacing a table file)."""
+    _TABLES.clear()
+    _DECISIONS.clear()
+
+
+def mode() -> str:
+    m = os.environ.get(MODE_ENV, "table")
+    if m not in MODES:
+        raise ValueError(f"{MODE_ENV} must be one of {', '.join(MODES)}, got {m!r}")
+    return m
+
+
+def decide(op: str, cls: str | None, case: dict[str, Any]) -> tuple[str, str]:
+    """(choice, why) for ``op`` at ``case`` on GPU class ``cls`` (None: not a CUDA device -> kernel)."""
+    if op not in CASE_KEYS:
+        raise ValueError(f"op must be one of {', '.join(CASE_KEYS)}, got {op!r}")
+    m = mode()
+    if m != "table":
+        return m, f"{MODE_ENV}={m}"
+    if cls is None:
+        return KERNEL, "not a CUDA device (the CPU interpreter runs the kernels)"
+    table = load_table(cls)
+    if table is None:
+        return STOCK, f"no routing table for GPU class {cls!r} (measure one with benchmarks/bench_routing.py)"
+    return table.decide(op, case)
+
+
+def use_kernel(op: str, device: torch.device, **case: Any) -> bool:
+    """True when ``op`` should run our kernel at ``case`` on ``device``, False for the stock PyTorch path.
+
+    ``case`` holds the op's keys (:data:`CASE_KEYS`), always passed in the same order by a call site: the
+    decision is cached on the values."""
+    if device.type != "cuda":
+        m = mode()
+        return m != STOCK
+    m = os.environ.get(MODE_ENV)
+    if m == KERNEL:
+        return True
+    if m == STOCK:
+        return False
+    key = (op, device.index, os.environ.get(TABLE_ENV), *case.values())
+    hit = _DECISIONS.get(key)
+    if hit is not None:
+        return hit
+    ok = decide(op, gpu_class(device), case)[0] == KERNEL
+    if len(_DECISIONS) >= _MAX_DECISIONS:
+        _DECISIONS.clear()
+    _DECISIONS[key] = ok
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `hf-fastkern info`
+
+
+def _fmt_match(match: dict[str, Any]) -> str:
+    parts = []
+    for k, v in match.items():
+        if isinstance(v, list):
+            lo, hi = v
+            parts.append(f"{k} {'' if lo is None else lo}..{'' if hi is None else hi}")
+        else:
+            parts.append(f"{k}={v}")
+    return ", ".join(parts) or "any"
+
+
+def describe(device: torch.device | str | None = None) -> list[str]:
+    """The routing in force for ``device`` (default: this machine's GPU), one line each."""
+    try:
+        m = mode()
+    except ValueError as e:
+        return [str(e)]
+    if m != "table":
+        return [f"{MODE_ENV}={m}: every routed op runs the {m} path"]
+    cls = gpu_class(device)
+    if cls is None:
+        return ["no CUDA device: routing does not apply (kernels run wherever Triton runs)"]
+    try:
+        table = load_table(cls)
+    except RoutingTableError as e:
+        return [str(e)]
+    if table is None:
+        path, _ = table_path(cls)
+        return [f"GPU class {cls}: no routing table ({path} is absent), every routed op runs the stock path",
+                "  measure one: python benchmarks/bench_routing.py --out table.json, then set "
+                f"{TABLE_ENV}=table.json"]
+    p = table.provenance
+    lines = [f"GPU class {cls}: {table.path}",
+             f"  measured on {p.get('gpu')} {p.get('date')}: {p.get('command')}",
+             f"  versions: {', '.join(f'{k} {v}' for k, v in (p.get('versions') or {}).items())}"]
+    if p.get("note"):
+        lines.append(f"  note: {p['note']}")
+    for op, rules in table.rules.items():
+        lines.append(f"  {op}: {len(rules)} rule(s), first match wins, no match -> stock")
+        for r in rules:
+            ratio = "" if r.ratio is None else f"  stock/kernel {r.ratio:.2f}"
+            lines.append(f"    {r.choice:<6} {_fmt_match(r.match)}{ratio}")
+    return lines
+
+
+def print_routing(device: torch.device | str | None = None) -> None:
+    """Print :func:`describe` under a heading (the one call ``hf-fastkern info`` makes)."""
+    print("routing (kernel vs stock PyTorch, hf_fastkern/kernels/routing.py)")
+    for line in describe(device):
+        print(f"  {line}")

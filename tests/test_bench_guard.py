@@ -1,0 +1,43 @@
+"""benchmarks/bench_guard.py (issue 21's "never slower" guard): the grid covers every recipe architecture and the
+issue's rows, and a CPU smoke run writes well-formed JSON with a ratio per case."""
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench_guard
+
+
+def test_grid_covers_archs_and_issue_rows():
+    cases = bench_guard.all_cases()
+    names = {c.name for c in cases}
+    assert len(names) == len(cases), "case names are unique"
+    assert {c.arch for c in cases} == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "gpt_neox", "phi3"}
+    assert {c.head_dim for c in cases} >= {64, 128, 256}
+    assert {c.mode for c in cases} == {"train", "generate"}
+    assert {c.autocast for c in cases} == {True, False} and {c.lora for c in cases} == {True, False}
+    assert {c.batch for c in cases} >= {1, 16}
+    issue = [c for c in cases if c.name.startswith("issue21-")]
+    # Pythia-1B shape, generate() 32K prompt, small Llama steps, 8B LoRA without autocast
+    assert any(c.arch == "gpt_neox" and c.head_dim == 256 and c.rotary_pct == 0.25 for c in issue)
+    assert any(c.mode == "generate" and c.seq == 32768 and c.batch == 1 for c in issue)
+    assert sum(c.hidden == 2048 and c.arch == "llama" for c in issue) == 3
+    assert any(c.lora and not c.autocast and c.grad_ckpt and c.hidden == 4096 for c in issue)
+    quick = bench_guard.quick_cases()
+    assert {c.name for c in quick} <= names and {c.arch for c in quick} == {c.arch for c in cases}
+
+
+def test_cpu_smoke_writes_ratios(tmp_path):
+    out = tmp_path / "guard.json"
+    names = "gpt_neox-toy-train,llama-toy-lora,llama-toy-generate"
+    assert bench_guard.main(["--cpu-smoke", "--out", str(out), "--cases", names]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["command"].startswith("python benchmarks/bench_guard.py --cpu-smoke")
+    assert doc["env"]["torch"] and doc["gpu"] == "cpu"
+    rows = doc["rows"]
+    assert [r["name"] for r in rows] == names.split(",")
+    for r in rows:
+        assert "error" not in r, r
+        assert r["sdpa_ms"] > 0 and r["fastkern_ms"] > 0
+        assert abs(r["ratio"] - r["sdpa_ms"] / r["fastkern_ms"]) < 1e-9
+        assert "patched" in r["patch_report"]
+    assert doc["summary"]["measured"] == len(rows) and doc["summary"]["errors"] == 0
