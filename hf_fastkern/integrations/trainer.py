@@ -1,0 +1,92 @@
+"""One switch for ``transformers.Trainer`` and TRL: ``callbacks=[hf_fastkern.FastKernels(**options)]``.
+
+Why a callback: the model a trainer trains is not the model the user hands over. ``SFTTrainer`` and
+``DPOTrainer`` wrap it with PEFT (``peft_config``) and install TRL's fused LM head *inside* their ``__init__``,
+and ``Trainer`` turns on gradient checkpointing and wraps it for DDP/FSDP when training starts. A model
+patched before all that keeps PEFT's unfused LoRA path (0 of 14 LoRA linears fused on a tiny Llama). A
+callback's ``on_train_begin`` runs after every one of those steps, and ``CallbackHandler.call_event`` hands it
+``model=trainer.model`` (transformers 5.17 and 5.25 alike): the unwrapped model (a ``PeftModel`` with PEFT)
+that DDP/FSDP and the optimizer share, so patching that instance patches what trains.
+
+What ``on_train_begin`` does: ``apply_fast_kernels(model, **options)`` (idempotent: a second ``train()`` or a
+model patched by hand before patches only what is new, e.g. LoRA layers PEFT added since), then prints the
+report once, on the main process. ``DPOTrainer``'s reference model is not in the callback's arguments and is
+left alone; ``FastKernels(patch_ref_model=True).attach(trainer)`` patches ``trainer.ref_model`` too (with
+PEFT and no separate reference model, the reference pass is the policy with its adapters disabled, so it runs
+patched either way).
+
+TRL's fused LM head: ``SFTTrainer`` / ``DPOTrainer`` call ``model(..., fused_lm_head=True)``, which runs the
+backbone and TRL's chunked log-prob kernel and returns per-token log-probs, entropy and top-1 (TRL's loss and
+its ``entropy`` / ``mean_token_accuracy`` metrics need all three). Our fused-loss wrapper steps aside for such
+calls (:mod:`hf_fastkern.patches.loss`), so exactly one fused head runs, TRL's, in either patching order;
+``docs/trl.md`` says why and how the two were measured against each other.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any
+
+import torch.nn as nn
+from transformers import TrainerCallback
+
+from hf_fastkern.patches.apply import apply_fast_kernels
+from hf_fastkern.patches.ledger import PatchReport
+
+# the keyword options FastKernels forwards (everything apply_fast_kernels takes after the model)
+_APPLY_OPTIONS = tuple(list(inspect.signature(apply_fast_kernels).parameters)[1:])
+
+
+class FastKernels(TrainerCallback):
+    """Patch the model a (TRL) trainer trains at ``on_train_begin``, with ``apply_fast_kernels``' options.
+
+    ``FastKernels(**options)``: ``options`` are :func:`hf_fastkern.apply_fast_kernels` keywords (``attention``,
+    ``norm``, ``mlp``, ``cross_entropy``, ``lora``, ``rope``, ``offload_activations``, ...); an unknown one
+    raises ``TypeError`` here, not at training time.
+    patch_ref_model: also patch a TRL trainer's separate ``ref_model`` (``DPOTrainer``); needs ``attach``,
+    because callbacks are not handed the trainer.
+    verbose: print the patch report once, on the main process, when training starts.
+    After training starts, ``report`` (and ``ref_report``) hold the :class:`PatchReport`.
+    """
+
+    def __init__(self, *, patch_ref_model: bool = False, verbose: bool = True, **options: Any):
+        unknown = sorted(set(options) - set(_APPLY_OPTIONS))
+        if unknown:
+            raise TypeError(f"FastKernels got unknown option(s) {', '.join(unknown)}; apply_fast_kernels "
+                            f"takes {', '.join(_APPLY_OPTIONS)}")
+        self.options = options
+        self.patch_ref_model = patch_ref_model
+        self.verbose = verbose
+        self.report: PatchReport | None = None
+        self.ref_report: PatchReport | None = None
+        self._trainer = None
+
+    def attach(self, trainer) -> FastKernels:
+        """Add this callback to ``trainer`` and keep a weak reference to it (for ``patch_ref_model``)."""
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self._trainer = weakref.ref(trainer)
+        return self
+
+    def _ref_model(self) -> nn.Module | None:
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is None:
+            raise ValueError("FastKernels(patch_ref_model=True) must be attached to the trainer: "
+                             "FastKernels(patch_ref_model=True).attach(trainer), since callbacks are not handed "
+                             "the trainer or its ref_model")
+        return getattr(trainer, "ref_model", None)
+
+    def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
+        if model is None:
+            raise ValueError("FastKernels.on_train_begin was not handed the model (a Trainer always passes it)")
+        first = self.report is None
+        self.report = apply_fast_kernels(model, **self.options)
+        if self.patch_ref_model:
+            ref = self._ref_model()
+            if ref is not None and ref is not model:
+                self.ref_report = apply_fast_kernels(ref, **self.options)
+        if first and self.verbose and state.is_world_process_zero:
+            print(f"hf_fastkern.FastKernels: patched the trained model ({type(model).__name__})\n{self.report}")
+            if self.ref_report is not None:
+                print(f"hf_fastkern.FastKernels: reference model\n{self.ref_report}")
+        return control
