@@ -23,8 +23,10 @@ from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments  # 
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: E402
 
+import hf_fastkern.integrations.trl_head as fk_trl_head  # noqa: E402
 import hf_fastkern.patches.loss as fk_loss  # noqa: E402
 from hf_fastkern import FastKernels, apply_fast_kernels  # noqa: E402
+from hf_fastkern.integrations.trl_head import fastkern_head_active, use_fastkern_head  # noqa: E402
 from hf_fastkern.kernels import attention as fk_attention  # noqa: E402
 from hf_fastkern.patches.apply import is_patched  # noqa: E402
 from tests.test_patch_archs import ARCHS, VOCAB, build  # noqa: E402
@@ -255,3 +257,59 @@ def test_trainer_plain_and_second_train_idempotent(tmp_path):
     assert first.changed and is_patched(model)
     trainer.train()
     assert not fk.report.changed and fk.report.count("norm") == first.count("norm"), str(fk.report)
+
+
+@pytest.mark.parametrize("head", ["trl", "fastkern"])
+def test_trl_fused_head_same_loss_and_grads(head, monkeypatch):
+    """TRL's fused_lm_head=True call on a patched model gives the unpatched model's loss, per-token log-probs
+    and gradients, with exactly one fused head running: TRL's (ours steps aside) or ours (use_fastkern_head)."""
+    ours = Counter(fk_trl_head.fused_linear_cross_entropy)
+    monkeypatch.setattr(fk_trl_head, "fused_linear_cross_entropy", ours)
+    loss_ours = Counter(fk_loss.fused_linear_cross_entropy)
+    monkeypatch.setattr(fk_loss, "fused_linear_cross_entropy", loss_ours)
+    theirs = Counter(trl_utils._ChunkedLogProbFunction.apply)
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", theirs)
+    ref = build(LLAMA)
+    ref.train()
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(sft_rows(3, seed=7))
+
+    def run(model, patch: bool):
+        trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        if patch:
+            apply_fast_kernels(model)
+            if head == "fastkern":
+                assert use_fastkern_head(model) == (True, "") and fastkern_head_active(model)
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, fused_lm_head=True)
+        out.loss.backward()
+        return out, [p.grad.double() for p in model.parameters()]
+
+    oracle, oracle_g = run(copy.deepcopy(ref).double(), False)
+    base, base_g = run(copy.deepcopy(ref), False)
+    theirs.calls = 0
+    got, got_g = run(copy.deepcopy(ref), True)
+    assert (ours.calls, theirs.calls, loss_ours.calls) == ((1, 0, 0) if head == "fastkern" else (0, 1, 0))
+    assert torch.equal(got.label_mask, oracle.label_mask)
+    assert_close(got.loss.double()[None], oracle.loss[None], base.loss.double()[None], torch.float32, "output",
+                 f"{head} head loss")
+    assert_close(got.log_probs.double(), oracle.log_probs, base.log_probs.double(), torch.float32, "output",
+                 f"{head} head log_probs")
+    for (name, _), a, o, b in zip(ref.named_parameters(), got_g, oracle_g, base_g):
+        assert_close(a, o, b, torch.float32, "grad", f"{head} head grad {name}")
+    if head == "fastkern":
+        # not computed by our kernel: NaN, never a made-up number
+        assert torch.isnan(got.entropy).all() and torch.isnan(got.is_top1).all()
+
+
+def test_sft_fastkern_head_switch(tmp_path, monkeypatch):
+    """FastKernels(lm_head="fastkern") in SFTTrainer: our head answers TRL's calls and trains to the same losses
+    (wiring test: kernels as their PyTorch reference)."""
+    monkeypatch.setenv("HF_FASTKERN_FORCE_REFERENCE", "1")
+    ours = Counter(fk_trl_head.fused_linear_cross_entropy)
+    monkeypatch.setattr(fk_trl_head, "fused_linear_cross_entropy", ours)
+    fk = FastKernels(verbose=False, lm_head="fastkern")
+    oracle, base, patched, trainer = three_sft_runs(tmp_path, fk)
+    assert_close(patched, oracle, base, torch.float32, "output", "SFTTrainer losses, fastkern head")
+    assert ours.calls == STEPS and "hf_fastkern fused linear" in fk.lm_head_note, fk.lm_head_note
+    with pytest.raises(ValueError, match="lm_head"):
+        FastKernels(lm_head="liger")
