@@ -21,6 +21,8 @@ CASES = {
     "finetune_lora": ["--steps", "3"],
     "accelerate_loop": ["--steps", "3", "--gradient-checkpointing"],
     "long_context": ["--steps", "2", "--seq", "128,256"],
+    # TRL SFTTrainer + FastKernels callback: padding-free packed rows, LoRA through peft_config
+    "sft_trl": ["--steps", "3", "--padding-free", "--peft"],
 }
 
 
@@ -47,7 +49,7 @@ def test_example_runs(name, tmp_path):
         assert len(out["run"]["losses"]) == 3 and out["environment"]["torch"]
 
 
-@pytest.mark.parametrize("script", ["finetune_trainer", "finetune_lora"])
+@pytest.mark.parametrize("script", ["finetune_trainer", "finetune_lora", "sft_trl"])
 def test_compare_mode(script, tmp_path):
     """--compare runs unpatched and patched in two processes and writes both curves (the LoRA one: issue 12's
     loss-curve tooling, with gradient checkpointing as in the scenario)."""
