@@ -131,7 +131,7 @@ def worker(variant: str, model_name: str, layers: int | None, batch: int, steps:
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     cfg_kwargs = dict(MODELS["tiny" if not cuda else model_name])
-    if layers:
+    if layers and cuda:
         cfg_kwargs["num_hidden_layers"] = layers
     row = dict(bench="sft", model=model_name if cuda else "tiny(cpu)", impl=variant, batch=batch, steps=steps,
                layers=cfg_kwargs["num_hidden_layers"])
