@@ -3,7 +3,8 @@
 Every training case runs two optimizer steps three times from one init and one data order: the unpatched
 model in fp64 (the oracle), the unpatched model in fp32 (PyTorch's baseline) and the model patched by the
 callback; the per-micro-batch losses are judged with the tolerance table (kind "output"). TRL's SFTConfig
-turns gradient checkpointing on by default, so every SFT case trains with it. Tiny Llama (hidden 64, 2 layers),
+turns gradient checkpointing on by default; the PEFT and patched-before cases keep it, the plain and
+padding-free ones turn it off (the interpreter's time). Tiny Llama (hidden 64, 2 layers),
 a word-level tokenizer built in memory: no downloads.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: E40
 
 import hf_fastkern.integrations.trl_head as fk_trl_head  # noqa: E402
 import hf_fastkern.patches.loss as fk_loss  # noqa: E402
-from hf_fastkern import FastKernels, apply_fast_kernels  # noqa: E402
+from hf_fastkern import FastKernels, apply_fast_kernels, report  # noqa: E402
 from hf_fastkern.integrations.trl_head import fastkern_head_active, use_fastkern_head  # noqa: E402
 from hf_fastkern.kernels import attention as fk_attention  # noqa: E402
 from hf_fastkern.patches.apply import is_patched  # noqa: E402
@@ -70,11 +71,12 @@ def lora_config():
                                            "down_proj"])
 
 
-def train_sft(model, tmp_path, *, callbacks=(), use_peft=False, padding_free=False):
+def train_sft(model, tmp_path, *, callbacks=(), use_peft=False, padding_free=False, gc=True):
     args = SFTConfig(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-3,
                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1, report_to=[],
-                     use_cpu=True, seed=0, data_seed=0, save_strategy="no", disable_tqdm=True, bf16=False,
-                     padding_free=padding_free, max_length=None if padding_free else 1024)
+                     use_cpu=next(model.parameters()).device.type == "cpu", seed=0, data_seed=0, save_strategy="no", disable_tqdm=True, bf16=False,
+                     padding_free=padding_free, max_length=None if padding_free else 1024,
+                     gradient_checkpointing=gc)
     trainer = RecordingSFT(model=model, args=args, train_dataset=datasets.Dataset.from_list(sft_rows()),
                            processing_class=tokenizer(), callbacks=list(callbacks),
                            peft_config=lora_config() if use_peft else None)
@@ -83,13 +85,13 @@ def train_sft(model, tmp_path, *, callbacks=(), use_peft=False, padding_free=Fal
     return trainer, torch.tensor(trainer.losses, dtype=torch.float64)
 
 
-def three_sft_runs(tmp_path, fk: FastKernels, dtype: torch.dtype = torch.float32, **kw):
-    """(oracle fp64, baseline, patched) loss curves of one init (model weights in ``dtype``); returns the patched
-    trainer too."""
+def three_sft_runs(tmp_path, fk: FastKernels, dtype: torch.dtype = torch.float32, device: str = "cpu", **kw):
+    """(oracle fp64, baseline, patched) loss curves of one init (model weights in ``dtype`` on ``device``);
+    returns the patched trainer too."""
     ref = build(LLAMA)
-    _, oracle = train_sft(copy.deepcopy(ref).double(), tmp_path / "oracle", **kw)
-    _, base = train_sft(copy.deepcopy(ref).to(dtype), tmp_path / "base", **kw)
-    trainer, patched = train_sft(copy.deepcopy(ref).to(dtype), tmp_path / "patched", callbacks=[fk], **kw)
+    _, oracle = train_sft(copy.deepcopy(ref).double().to(device), tmp_path / "oracle", **kw)
+    _, base = train_sft(copy.deepcopy(ref).to(device, dtype), tmp_path / "base", **kw)
+    trainer, patched = train_sft(copy.deepcopy(ref).to(device, dtype), tmp_path / "patched", callbacks=[fk], **kw)
     assert len(set(patched.tolist())) > 1, "the loss never changed: nothing trained"
     return oracle, base, patched, trainer
 
@@ -116,26 +118,29 @@ def test_sft_plain_one_fused_head(tmp_path, monkeypatch):
     theirs = Counter(trl_utils._ChunkedLogProbFunction.apply)
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", theirs)
     fk = FastKernels(verbose=False)
-    oracle, base, patched, trainer = three_sft_runs(tmp_path, fk)
+    # checkpointing off here (on in the PEFT case): the interpreter's time is the forward, run twice with it
+    oracle, base, patched, trainer = three_sft_runs(tmp_path, fk, gc=False)
     assert_close(patched, oracle, base, torch.float32, "output", "SFTTrainer losses")
     assert fk.report is not None and fk.report.count("cross_entropy") == 1, str(fk.report)
     assert fk.report.count("norm") > 0 and fk.report.count("attention") == 1, str(fk.report)
-    assert trainer.model.is_gradient_checkpointing
     # our wrapper sits over TRL's fused head and steps aside for fused_lm_head=True: only TRL's ran
     assert ours.calls == 0 and theirs.calls > 0, (ours.calls, theirs.calls)
 
 
-def test_sft_model_patched_before_trainer(tmp_path, monkeypatch):
-    """Patching by hand before SFTTrainer (TRL's head then wraps ours) trains to the same losses. What is
-    tested is the order of the two forward wrappers, so the kernels run as their PyTorch reference."""
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "peft_config"])
+def test_sft_model_patched_before_trainer(tmp_path, monkeypatch, use_peft):
+    """Patching by hand before SFTTrainer (TRL's head then wraps ours; PEFT wraps the patched model) trains to
+    the same losses, and the LoRA layers TRL adds are fused at the first forward. What is tested is the order
+    of the wrappers, so the kernels run as their PyTorch reference."""
     monkeypatch.setenv("HF_FASTKERN_FORCE_REFERENCE", "1")
     ref = build(LLAMA)
-    _, oracle = train_sft(copy.deepcopy(ref).double(), tmp_path / "oracle")
-    _, base = train_sft(copy.deepcopy(ref), tmp_path / "base")
+    _, oracle = train_sft(copy.deepcopy(ref).double(), tmp_path / "oracle", use_peft=use_peft)
+    _, base = train_sft(copy.deepcopy(ref), tmp_path / "base", use_peft=use_peft)
     model = copy.deepcopy(ref)
     apply_fast_kernels(model)
-    _, patched = train_sft(model, tmp_path / "patched")
+    trainer, patched = train_sft(model, tmp_path / "patched", use_peft=use_peft)
     assert_close(patched, oracle, base, torch.float32, "output", "SFTTrainer losses, patched before")
+    assert report(trainer.model).count("lora_linear") == (14 if use_peft else 0), str(report(trainer.model))
 
 
 def test_sft_peft_lora_fused(tmp_path):
@@ -147,7 +152,7 @@ def test_sft_peft_lora_fused(tmp_path):
     assert n_lora == 14
     # TRL wrapped the model with PEFT inside __init__; the callback saw the PeftModel and fused every LoRA layer
     assert fk.report.count("lora_linear") == n_lora, str(fk.report)
-    assert type(trainer.model).__name__.startswith("Peft")
+    assert type(trainer.model).__name__.startswith("Peft") and trainer.model.is_gradient_checkpointing
 
 
 def test_sft_padding_free(tmp_path, monkeypatch):
@@ -155,10 +160,26 @@ def test_sft_padding_free(tmp_path, monkeypatch):
     monkeypatch.setattr(fk_attention, "flash_attention_varlen", varlen)
     fk = FastKernels(verbose=False)
     # bf16 weights: the attention kernel takes bf16/fp16 (fp32 falls back to SDPA by design)
-    oracle, base, patched, _ = three_sft_runs(tmp_path, fk, torch.bfloat16, padding_free=True)
+    oracle, base, patched, _ = three_sft_runs(tmp_path, fk, torch.bfloat16, padding_free=True, gc=False)
     assert_close(patched, oracle, base, torch.bfloat16, "output", "SFTTrainer padding_free losses")
     # the attention of the patched run went through the varlen kernel (2 layers x 2 steps at least)
     assert varlen.calls >= 2 * STEPS, varlen.calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "peft_config"])
+def test_sft_padding_free_gpu(tmp_path, monkeypatch, use_peft):
+    """The Triton kernels on the GPU: padding-free SFT in bf16 (varlen attention), with and without LoRA."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    varlen = Counter(fk_attention.flash_attention_varlen)
+    monkeypatch.setattr(fk_attention, "flash_attention_varlen", varlen)
+    fk = FastKernels(verbose=False)
+    oracle, base, patched, _ = three_sft_runs(tmp_path, fk, torch.bfloat16, "cuda", padding_free=True,
+                                              use_peft=use_peft)
+    assert_close(patched, oracle, base, torch.bfloat16, "output", f"SFTTrainer padding_free GPU peft={use_peft}")
+    assert varlen.calls >= 2 * STEPS, varlen.calls
+    assert fk.report.count("lora_linear") == (14 if use_peft else 0), str(fk.report)
 
 
 def packed_batch(rows: list[dict]) -> dict:
