@@ -2,11 +2,12 @@
 
 Why a callback: the model a trainer trains is not the model the user hands over. ``SFTTrainer`` and
 ``DPOTrainer`` wrap it with PEFT (``peft_config``) and install TRL's fused LM head *inside* their ``__init__``,
-and ``Trainer`` turns on gradient checkpointing and wraps it for DDP/FSDP when training starts. A model
-patched before all that keeps PEFT's unfused LoRA path (0 of 14 LoRA linears fused on a tiny Llama). A
-callback's ``on_train_begin`` runs after every one of those steps, and ``CallbackHandler.call_event`` hands it
-``model=trainer.model`` (transformers 5.17 and 5.25 alike): the unwrapped model (a ``PeftModel`` with PEFT)
-that DDP/FSDP and the optimizer share, so patching that instance patches what trains.
+and ``Trainer`` turns on gradient checkpointing and wraps it for DDP/FSDP when training starts. A callback's
+``on_train_begin`` runs after every one of those steps, and ``CallbackHandler.call_event`` hands it
+``model=trainer.model`` (read in transformers 5.25; the metrics callback relies on the same keyword on 5.17):
+the unwrapped model (a ``PeftModel`` with PEFT) that DDP/FSDP and the optimizer share, so patching that
+instance patches what trains, and the report printed is the report of what trains (LoRA layers included;
+a model patched by hand before ``SFTTrainer`` gets them bound at its first forward, silently).
 
 What ``on_train_begin`` does: ``apply_fast_kernels(model, **options)`` (idempotent: a second ``train()`` or a
 model patched by hand before patches only what is new, e.g. LoRA layers PEFT added since), then prints the
