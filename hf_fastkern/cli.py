@@ -1,6 +1,6 @@
 """``hf-fastkern``: benchmark, check and describe hf_fastkern on this machine.
 
-    hf-fastkern bench [ops|attention|ce|e2e|longctx|lora|all ...] [--quick] [--budget SECONDS] [--json FILE]
+    hf-fastkern bench [ops|attention|ce|e2e|longctx|lora|sft|all ...] [--quick] [--budget SECONDS] [--json FILE]
                       [--out-dir DIR] [--plot FILE] [--longctx-variants V1,V2]
     hf-fastkern info  [--json FILE]
     hf-fastkern check
@@ -42,6 +42,8 @@ SECTIONS = {
     "longctx": ("longctx",),
     # issue 12: LoRA fine-tuning of the Llama-3.1-8B shape (one subprocess per variant, ~2 minutes on an H100)
     "lora": ("lora",),
+    # issue 24: SFTTrainer padded / packed, HF / Liger / fastkern (one subprocess per variant)
+    "sft": ("sft",),
 }
 # what one would run on a GPU for "all": longctx is long (minutes per variant), so it is named explicitly
 # (lora too: it builds an 8B model per variant)
@@ -716,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="benchmarks beside the peers (tables, JSON, plot)")
     b.add_argument("targets", nargs="*", default=["all"], metavar="TARGET",
-                   help="ops | attention | ce | e2e | longctx | lora | all (default: all)")
+                   help="ops | attention | ce | e2e | longctx | lora | sft | all (default: all)")
     b.add_argument("--quick", action="store_true", help="small sizes, fewer repetitions")
     b.add_argument("--json", help="write every row + environment + command to this file")
     b.add_argument("--out-dir", help="also write one <bench>.json per script here (e.g. benchmarks/results/h100)")

@@ -21,6 +21,8 @@ CASES = {
     "finetune_lora": ["--steps", "3"],
     "accelerate_loop": ["--steps", "3", "--gradient-checkpointing"],
     "long_context": ["--steps", "2", "--seq", "128,256"],
+    # TRL SFTTrainer + FastKernels callback: padding-free packed rows, LoRA through peft_config
+    "sft_trl": ["--steps", "3", "--padding-free", "--peft"],
 }
 
 
@@ -47,7 +49,7 @@ def test_example_runs(name, tmp_path):
         assert len(out["run"]["losses"]) == 3 and out["environment"]["torch"]
 
 
-@pytest.mark.parametrize("script", ["finetune_trainer", "finetune_lora"])
+@pytest.mark.parametrize("script", ["finetune_trainer", "finetune_lora", "sft_trl"])
 def test_compare_mode(script, tmp_path):
     """--compare runs unpatched and patched in two processes and writes both curves (the LoRA one: issue 12's
     loss-curve tooling, with gradient checkpointing as in the scenario)."""
@@ -66,3 +68,17 @@ def test_compare_mode(script, tmp_path):
     assert res["within_1pct"] and res["max_rel_diff"] < 1e-3, res
     if script == "finetune_lora":
         assert res["patched"]["base_frozen"] and res["patched"]["trainable_params"] > 0
+
+
+def test_sft_trl_two_processes(tmp_path):
+    """examples/sft_trl.py under a 2-process launcher (torchrun, gloo DDP on the CPU): FastKernels patches each
+    rank's model, both ranks train, the report is printed once (main process)."""
+    env = {**os.environ, "HF_FASTKERN_FORCE_REFERENCE": "1", "PYTHONPATH": str(EXAMPLES.parent)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(EXAMPLES / "sft_trl.py"), "--steps", "3", "--padding-free", "--peft"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("summary: [patched]")]
+    assert len(summaries) == 2, proc.stdout[-3000:]
+    assert proc.stdout.count("FastKernels: patched") == 1 and "patched lora_linear      14" in proc.stdout

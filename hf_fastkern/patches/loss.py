@@ -181,8 +181,10 @@ def _make_forward():
             args = args[:state.labels_pos] + (None,) + args[state.labels_pos + 1:]
         else:
             labels = kwargs.pop("labels", None)
-        # like the model itself: no labels, no loss (shift_labels alone does not ask for one)
-        if labels is None or not self.training or return_logits:
+        # like the model itself: no labels, no loss (shift_labels alone does not ask for one). TRL's fused LM
+        # head (trl.trainer.utils.add_fused_lm_head, installed under this wrapper when the model is patched
+        # after the trainer was built) computes its own per-token log-probs: let it, so one fused head runs.
+        if labels is None or not self.training or return_logits or kwargs.get("fused_lm_head"):
             return _call_with_positional(state, args, labels, kwargs)
         head = self.get_output_embeddings()
         why = "lm_head was replaced after enable_fused_loss" if head is not state.head else _head_problem(head)
