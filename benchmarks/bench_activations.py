@@ -1,6 +1,6 @@
 """SwiGLU / GeGLU activation benchmark: fastkern vs torch eager, torch.compile and Liger, one process.
 
-Run on the GPU:  PYTHONPATH=. python benchmarks/bench_activations.py --json $OUT/activations.json [--quick]
+Run on the GPU:  python -m benchmarks.bench_activations --json $OUT/activations.json [--quick]
 
 Rows: bf16 gate and up [T, I] (both with grad): swiglu ``silu(g) * u`` vs Liger's LigerSiLUMulFunction,
 geglu_tanh ``gelu_tanh(g) * u`` vs Liger's LigerGELUMulFunction (tanh form), geglu_erf (no Liger form) and
@@ -13,45 +13,28 @@ first of each op).
 """
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-try:
-    from hf_fastkern.benchmarks.bench_rms_norm import (
-        COLUMNS,
-        Budget,
-        compiled,
-        finish,
-        gate,
-        liger_import,
-        main,
-        raise_compile_limits,
-        run_grads,
-        time_impl,
-    )
-    from hf_fastkern.benchmarks.common import print_table
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.bench_rms_norm import (
-        COLUMNS,
-        Budget,
-        compiled,
-        finish,
-        gate,
-        liger_import,
-        main,
-        raise_compile_limits,
-        run_grads,
-        time_impl,
-    )
-    from benchmarks.common import print_table
-
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels.activations import geglu, swiglu
+
+from . import harness
+from .harness import (
+    COLUMNS,
+    Budget,
+    compiled,
+    finish,
+    gate,
+    op_main,
+    peer_import,
+    print_table,
+    raise_compile_limits,
+    run_grads,
+    time_impl,
+)
 
 SHAPES = [(16384, 14336), (4096, 14336), (16384, 8192)]
 QUICK = [(64, 256)]
@@ -91,7 +74,7 @@ def _impls(op: str, key, gpu: bool) -> dict[str, Callable | str]:
     if gpu:
         impls["compile"] = compiled(eager, f"{op}_{key}")
         if liger is not None:
-            fn = liger_import(liger)
+            fn = peer_import(liger)
             impls["liger"] = (lambda g, u, fn=fn: fn.apply(g, u)) if fn is not None else "liger_kernel is not installed"
     if layout == "fused":
         impls = {k: (_fused(v) if callable(v) else v) for k, v in impls.items()}
@@ -107,8 +90,8 @@ def _fused_swiglu_torch(gu):
 
 
 def run(quick: bool = False, budget_s: float | None = None) -> list[dict]:
-    gpu = torch.cuda.is_available()
-    device = "cuda" if gpu else "cpu"
+    device = harness.device()
+    gpu = device == "cuda"
     dtype = torch.bfloat16
     raise_compile_limits()
     rows: list[dict] = []
@@ -156,4 +139,4 @@ def run(quick: bool = False, budget_s: float | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(run, __doc__)
+    op_main(run, __doc__)

@@ -1,6 +1,6 @@
 """Attention benchmark: fastkern flash_attention vs SDPA flash, SDPA cuDNN and compiled flex_attention.
 
-Run on the GPU:  PYTHONPATH=. python benchmarks/bench_attention.py --json $OUT/attention.json [--quick]
+Run on the GPU:  python -m benchmarks.bench_attention --json $OUT/attention.json [--quick]
 
 Rows (bf16): the four target shapes (32 heads, head_dim 128, causal; (B, S) = (8, 2K), (4, 4K), (2, 8K),
 (1, 16K)), GQA 32/8 at (4, 4K), head_dim 64 at (4, 4K), sliding window 4096 at (1, 16K), and a varlen batch
@@ -11,26 +11,22 @@ FLOPs: forward = 4 * D * H * (visible (query, key) pairs), i.e. 4*B*H*S^2*D/2 fo
 FlashAttention convention, also used by anchors/gpu_anchors.py); window and varlen count their exact
 visible pairs. Forward + backward = 3.5x forward. Every implementation is gated on correctness: its forward
 output is compared with fastkern's and with SDPA-math in fp32 on one (batch, head) slice; rows that fail
-carry ``error`` and no timing. Timings: triton.testing.do_bench median (via benchmarks/common.bench_ms).
+carry ``error`` and no timing. Timings: triton.testing.do_bench median (via benchmarks/harness.bench_ms).
+Without a GPU: two tiny cases (S=64), fastkern's fallback path beside SDPA's math backend, wall clock.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-try:
-    from hf_fastkern.benchmarks.common import add_ratios, bench_ms, peak_mib, print_table, save
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import add_ratios, bench_ms, peak_mib, print_table, save
-
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels.attention import flash_attention, flash_attention_varlen
+
+from . import harness
+from .harness import add_ratios, bench_ms, peak_mib, print_table, save
 
 H, D = 32, 128
 TARGETS = [(8, 2048), (4, 4096), (2, 8192), (1, 16384)]
@@ -65,7 +61,10 @@ def _flex():
 
 
 def _impls(case: dict, q, k, v):
-    """name -> callable(q, k, v) in [B, S, H, D] (or packed for varlen) returning the same layout."""
+    """name -> callable(q, k, v) in [B, S, H, D] (or packed for varlen) returning the same layout. On a CUDA
+    GPU the peers are SDPA's flash and cuDNN backends and compiled flex_attention; on the CPU, SDPA's default
+    (math) backend, the one peer that runs there (flex needs a compiler toolchain)."""
+    gpu = q.is_cuda
     from torch.nn.attention import SDPBackend, sdpa_kernel
     causal, window, hk = case["causal"], case.get("window"), case["HK"]
     impls = {}
@@ -75,7 +74,11 @@ def _impls(case: dict, q, k, v):
     else:
         impls["fastkern"] = lambda q, k, v: flash_attention(q, k, v, causal=causal, sliding_window=window)
     gqa = hk != case["H"]
-    if not case.get("varlen") and not window:
+    if not gpu and not case.get("varlen") and not window:
+        impls["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+            **({"enable_gqa": True} if hk != case["H"] else {})).transpose(1, 2)
+    if gpu and not case.get("varlen") and not window:
         for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
             def f(q, k, v, be=be):
                 with sdpa_kernel(be):
@@ -84,11 +87,11 @@ def _impls(case: dict, q, k, v):
                                                        is_causal=causal, **kw)
                 return o.transpose(1, 2)
             impls[name] = f
-    flex, create_block_mask = _flex()
+    flex, create_block_mask = _flex() if gpu else (None, None)
     if flex is not None:
         if case.get("varlen"):
-            doc = torch.repeat_interleave(torch.arange(len(case["lengths"]), device="cuda"),
-                                          torch.tensor(case["lengths"], device="cuda"))
+            doc = torch.repeat_interleave(torch.arange(len(case["lengths"]), device=q.device),
+                                          torch.tensor(case["lengths"], device=q.device))
             mask_mod = lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (qi >= ki)
             s = doc.numel()
         elif window:
@@ -97,7 +100,7 @@ def _impls(case: dict, q, k, v):
         else:
             mask_mod = lambda b, h, qi, ki: qi >= ki
             s = case["S"]
-        bm = create_block_mask(mask_mod, None, None, s, s, device="cuda")
+        bm = create_block_mask(mask_mod, None, None, s, s, device=q.device)
 
         def fx(q, k, v):
             if q.dim() == 3:  # packed: one batch of all tokens
@@ -127,7 +130,14 @@ def _oracle_err(case: dict, out: torch.Tensor, q, k, v) -> float:
     return (os_[:, :, h:h + 1].float() - ref.transpose(1, 2)).abs().max().item()
 
 
-def _cases(quick: bool) -> list[dict]:
+# CPU pass (no GPU): the reference path / Triton interpreter at a size that takes seconds
+CPU_CASES = [dict(name="causal", B=1, S=64, H=4, HK=4, D=32, causal=True),
+             dict(name="gqa4/2", B=1, S=64, H=4, HK=2, D=32, causal=True)]
+
+
+def _cases(quick: bool, gpu: bool = True) -> list[dict]:
+    if not gpu:
+        return [dict(c) for c in CPU_CASES]
     cases = [dict(name="causal", B=b, S=s, H=H, HK=H, D=D, causal=True) for b, s in TARGETS]
     cases += [
         dict(name="gqa32/8", B=4, S=4096, H=H, HK=8, D=D, causal=True),
@@ -139,21 +149,21 @@ def _cases(quick: bool) -> list[dict]:
     return cases[:2] if quick else cases
 
 
-def _run_case(case: dict) -> list[dict]:
+def _run_case(case: dict, device: str) -> list[dict]:
     b, s, hq, hk, d = case["B"], case["S"], case["H"], case["HK"], case["D"]
     torch.manual_seed(0)
     if case.get("varlen"):
-        case["cu"] = torch.tensor([0] + torch.tensor(case["lengths"]).cumsum(0).tolist(), device="cuda",
+        case["cu"] = torch.tensor([0] + torch.tensor(case["lengths"]).cumsum(0).tolist(), device=device,
                                   dtype=torch.int32)
         shape_q, shape_kv = (s, hq, d), (s, hk, d)
         pairs = sum(_pairs(n, n, True, None) for n in case["lengths"])
     else:
         shape_q, shape_kv = (b, s, hq, d), (b, s, hk, d)
         pairs = b * _pairs(s, s, case["causal"], case.get("window"))
-    q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(shape_q, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(shape_kv, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(shape_kv, device=device, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(shape_q, device=device, dtype=torch.bfloat16)
     flops = 4.0 * d * hq * pairs
     rows = []
     for name, fn in _impls(case, q, k, v).items():
@@ -186,11 +196,14 @@ def _run_case(case: dict) -> list[dict]:
 
 def run(quick: bool = False, json_path: str | None = None) -> list[dict]:
     """Benchmark every case; returns the rows (also printed). With ``json_path`` the rows so far are saved
-    after every case, so a run cut short by a time limit still leaves its measurements."""
+    after every case, so a run cut short by a time limit still leaves its measurements. Without a GPU it runs
+    the CPU cases (fastkern's fallback path beside SDPA's math backend)."""
+    device = harness.device()
     rows = []
-    for case in _cases(quick):
-        rows += _run_case(case)
-        torch.cuda.empty_cache()
+    for case in _cases(quick, device == "cuda"):
+        rows += _run_case(case, device)
+        if device == "cuda":
+            torch.cuda.empty_cache()
         _ratios(rows)
         save(json_path, rows)
     return rows
@@ -218,10 +231,6 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write rows + environment here")
     ap.add_argument("--quick", action="store_true", help="two shapes only")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_attention needs a CUDA GPU; nothing to measure here.")
-        save(args.json, [], {"note": "no GPU"})
-        return
     rows = run(quick=args.quick, json_path=args.json)
     print_table(rows, ["case", "impl", "B", "S", "HK", "D", "fwd_ms", "fwdbwd_ms", "fwd_TFLOPs", "fwdbwd_TFLOPs",
                        "fwdbwd_x_sdpa_flash", "fwdbwd_x_sdpa_cudnn", "fwdbwd_x_flex_compiled", "peak_MiB",

@@ -7,8 +7,8 @@ fwd+bwd (``6 * T * H * V``: three matmuls), peak extra MiB over the live inputs
 loss's relative error against a chunked fp32 reference, and for ours the gradient error against it.
 Correctness gate: a row whose loss is off by more than 1e-3 relative is marked ``ok=False``.
 
-    PYTHONPATH=. python benchmarks/bench_cross_entropy.py --json $OUT/cross_entropy.json
-    PYTHONPATH=. python benchmarks/bench_cross_entropy.py --sweep-chunks 256,512,1024,2048 --quick
+    python -m benchmarks.bench_cross_entropy --json $OUT/cross_entropy.json
+    python -m benchmarks.bench_cross_entropy --sweep-chunks 256,512,1024,2048 --quick
 
 ``--sweep-chunks`` adds our rows for each chunk size (tokens per chunk) at the main shape; the default chunk
 is ``default_chunk`` (HF_FASTKERN_CE_CHUNK_MB=128 -> 512 tokens at vocab 128256).
@@ -16,31 +16,29 @@ is ``default_chunk`` (HF_FASTKERN_CE_CHUNK_MB=128 -> 512 tokens at vocab 128256)
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-try:
-    from hf_fastkern.benchmarks.common import add_ratios, bench_ms, environment, peak_mib, print_table, save
-except ImportError:  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import add_ratios, bench_ms, environment, peak_mib, print_table, save
-
 from hf_fastkern.kernels.cross_entropy import default_chunk, fused_linear_cross_entropy
+
+from . import harness
+from .harness import add_ratios, bench_ms, peak_mib, print_table, save
 
 MAIN = (8192, 4096, 128256)
 EXTRA = [(4096, 2048, 128256), (16384, 4096, 128256)]
+# without a GPU: one tiny shape (odd sizes) through the fallback path, no chunk sweep, no torch.compile
+CPU_SHAPE = (63, 64, 1000)
 COLS = ["T", "H", "V", "impl", "chunk", "fwd_ms", "fwdbwd_ms", "TFLOPs", "peak_MiB", "loss_rel_err",
         "grad_err_dh", "grad_err_dw", "vs_best_peer", "ok", "error"]
 
 
 def _inputs(T, H, V, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    w = (torch.randn(V, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02).requires_grad_()
-    y = torch.randint(0, V, (T,), device="cuda", generator=g)
+    dev = harness.device()
+    g = torch.Generator(device=dev).manual_seed(seed)
+    h = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+    w = (torch.randn(V, H, device=dev, dtype=torch.bfloat16, generator=g) * 0.02).requires_grad_()
+    y = torch.randint(0, V, (T,), device=dev, generator=g)
     y[::7] = -100
     return h, w, y
 
@@ -125,7 +123,7 @@ def _grad_reference(h, w, y, chunk=2048):
 
 def _run_shape(T: int, H: int, V: int, sweep_chunks: list[int] | None, peers: bool) -> list[dict]:
     rows = []
-    main = (T, H, V) == MAIN
+    main = (T, H, V) in (MAIN, CPU_SHAPE)
     h, w, y = _inputs(T, H, V)
     ref = _fp32_reference(h, w, y)
     grad_ref = _grad_reference(h, w, y) if main else None
@@ -141,7 +139,7 @@ def _run_shape(T: int, H: int, V: int, sweep_chunks: list[int] | None, peers: bo
                                  h, w, T, H, V, ref, chunk=c))
             print_table(rows[-1:], COLS)
     if peers:
-        for name, (fn, err) in _peers(h, w, y, with_compile=main).items():
+        for name, (fn, err) in _peers(h, w, y, with_compile=main and h.is_cuda).items():
             if fn is None:
                 rows.append({"bench": "flce", "T": T, "H": H, "V": V, "impl": name, "error": err, "ok": False})
             else:
@@ -152,10 +150,12 @@ def _run_shape(T: int, H: int, V: int, sweep_chunks: list[int] | None, peers: bo
 
 
 def run(quick: bool = False, sweep_chunks: list[int] | None = None, peers: bool = True) -> list[dict]:
-    """All rows: the main shape (with the chunk sweep and torch.compile), then the extra shapes unless quick."""
+    """All rows: the main shape (with the chunk sweep and torch.compile), then the extra shapes unless quick.
+    Without a GPU: ``CPU_SHAPE`` only (our fallback path beside torch eager and any importable peer)."""
     rows = []
-    for T, H, V in [MAIN] if quick else [MAIN] + EXTRA:
-        rows += _run_shape(T, H, V, sweep_chunks, peers)
+    gpu = harness.device() == "cuda"
+    for T, H, V in ([MAIN] if quick else [MAIN] + EXTRA) if gpu else [CPU_SHAPE]:
+        rows += _run_shape(T, H, V, sweep_chunks if gpu else None, peers)
         torch.cuda.empty_cache()
     add_ratios(rows, ["T", "H", "V"], metric="fwdbwd_ms")
     return rows
@@ -169,10 +169,6 @@ def main() -> None:
                     help="comma-separated chunk sizes (tokens) for extra fastkern rows at the main shape; '' = none")
     ap.add_argument("--no-peers", action="store_true", help="only our implementation")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_cross_entropy needs a CUDA GPU; environment:", environment())
-        save(args.json, [], {"note": "no GPU"})
-        return
     sweep = [int(c) for c in args.sweep_chunks.split(",") if c.strip()]
     rows = run(quick=args.quick, sweep_chunks=sweep, peers=not args.no_peers)
     print()

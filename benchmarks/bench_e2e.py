@@ -15,26 +15,20 @@ causal attention), see hf_fastkern/callbacks.py. MFU is against the H100 SXM dat
 Without a GPU, `run()` does a tiny in-process smoke pass: the same step on a 2-layer model, patched vs unpatched
 on identical weights, and reports the loss/gradient agreement and CPU step times (not performance numbers).
 
-    PYTHONPATH=. python benchmarks/bench_e2e.py --json benchmarks/results/h100/e2e.json
+    python -m benchmarks.bench_e2e --json benchmarks/results/h100/e2e.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import subprocess
 import sys
 import time
 
 import torch
 
-try:
-    from hf_fastkern.benchmarks import common
-    from hf_fastkern.benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks import common
-    from benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
+from . import harness
+from .harness import emit_result, prepare_variant, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
 LLAMA_1B5 = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -132,12 +126,12 @@ def worker(variant: str, batch: int, seq: int, steps: int, warmup: int, cfg_kwar
                mfu_peak_TFLOPs=peak, flops_formula="6*N_matmul*tokens + 6*L*H*D*B*S^2",
                peak_GiB=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss.item()), loss0=loss0, **notes)
     if profile:
-        row["profile"] = common.profile_steps(step)
+        row["profile"] = harness.profile_steps(step)
     return row
 
 
 def _spawn(variant: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--batch", str(args.batch),
+    cmd = [sys.executable, "-m", __spec__.name, "--worker", "--variant", variant, "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.tiny:
         cmd.append("--tiny")

@@ -5,23 +5,18 @@ Why: in the 8B LoRA profile (H100, 2026-11-26) our attention class took 175 ms p
 transformers may hand SDPA K/V already repeated (``repeat_kv``). This times both, causal, forward + backward,
 per backend (cuDNN, flash), with the repeat and its backward (the sum over each group) included.
 
-    python benchmarks/bench_gqa_sdpa.py [--json FILE]
+    python -m benchmarks.bench_gqa_sdpa [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-try:
-    from hf_fastkern.benchmarks.common import bench_ms, print_table, save
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import bench_ms, print_table, save
+from .harness import bench_ms, print_table, save
 
 # (batch, q heads, kv heads, seq, head_dim): 8B LoRA shapes, then the 1.5B e2e shape
 SHAPES = [(1, 32, 8, 8192, 128), (4, 32, 8, 2048, 128), (4, 32, 8, 2048, 64)]

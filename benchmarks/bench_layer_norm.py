@@ -1,6 +1,6 @@
 """LayerNorm benchmark: fastkern layer_norm vs torch eager, torch.compile and Liger's LigerLayerNorm, one process.
 
-Run on the GPU:  PYTHONPATH=. python benchmarks/bench_layer_norm.py --json $OUT/layer_norm.json [--quick]
+Run on the GPU:  python -m benchmarks.bench_layer_norm --json $OUT/layer_norm.json [--quick]
 
 Rows: bf16 x, bf16 weight and bias with grad, hidden 2048/4096/8192 x tokens 4096/16384/65536; modes "fwd"
 and "fwd+bwd" (dx, dW, dB). Bytes: fwd 2*T*H*e, fwd+bwd (2 + 3)*T*H*e (as bench_rms_norm.py).
@@ -9,47 +9,29 @@ Correctness-gated like bench_rms_norm.py (output and all three gradients vs the 
 """
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-try:
-    from hf_fastkern.benchmarks.bench_rms_norm import (
-        COLUMNS,
-        TARGET,
-        Budget,
-        compiled,
-        finish,
-        gate,
-        liger_import,
-        main,
-        raise_compile_limits,
-        run_grads,
-        time_impl,
-    )
-    from hf_fastkern.benchmarks.common import print_table
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.bench_rms_norm import (
-        COLUMNS,
-        TARGET,
-        Budget,
-        compiled,
-        finish,
-        gate,
-        liger_import,
-        main,
-        raise_compile_limits,
-        run_grads,
-        time_impl,
-    )
-    from benchmarks.common import print_table
-
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels.layer_norm import layer_norm
+
+from . import harness
+from .bench_rms_norm import TARGET
+from .harness import (
+    COLUMNS,
+    Budget,
+    compiled,
+    finish,
+    gate,
+    op_main,
+    peer_import,
+    print_table,
+    raise_compile_limits,
+    run_grads,
+    time_impl,
+)
 
 HIDDEN = (2048, 4096, 8192)
 TOKENS = (4096, 16384, 65536)
@@ -66,7 +48,7 @@ def _impls(hidden: int, dtype: torch.dtype, device: str, gpu: bool) -> dict[str,
     impls: dict[str, Callable | str] = {"torch": _ln_torch, "fastkern": lambda x, w, b: layer_norm(x, w, b, EPS)}
     if gpu:
         impls["compile"] = compiled(_ln_torch, hidden)
-        liger_cls = liger_import("liger_kernel.transformers:LigerLayerNorm")
+        liger_cls = peer_import("liger_kernel.transformers:LigerLayerNorm")
         if liger_cls is None:
             impls["liger"] = "liger_kernel is not installed"
         else:
@@ -85,8 +67,8 @@ def _impls(hidden: int, dtype: torch.dtype, device: str, gpu: bool) -> dict[str,
 
 
 def run(quick: bool = False, budget_s: float | None = None) -> list[dict]:
-    gpu = torch.cuda.is_available()
-    device = "cuda" if gpu else "cpu"
+    device = harness.device()
+    gpu = device == "cuda"
     dtype = torch.bfloat16
     raise_compile_limits()
     shapes = QUICK if quick else [TARGET] + [(t, h) for h in HIDDEN for t in TOKENS if (t, h) != TARGET]
@@ -131,4 +113,4 @@ def run(quick: bool = False, budget_s: float | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(run, __doc__)
+    op_main(run, __doc__)

@@ -21,7 +21,7 @@ With ``--json`` the file is rewritten after every finished trial (``partial: tru
 the row of a search still running says ``in_progress: true`` and holds the longest length that trained so far),
 so a run that a time limit kills still leaves every trial it finished. SIGTERM ends the running trial too.
 
-    PYTHONPATH=. python benchmarks/bench_longctx.py --variants fastkern,fastkern_gc --json results/h100/longctx.json
+    python -m benchmarks.bench_longctx --variants fastkern,fastkern_gc --json results/h100/longctx.json
 """
 from __future__ import annotations
 
@@ -37,13 +37,9 @@ from collections.abc import Callable
 
 import torch
 
-try:
-    from hf_fastkern.benchmarks import common
-    from hf_fastkern.benchmarks.common import emit_result, print_table, save, worker_result
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks import common
-    from benchmarks.common import emit_result, print_table, save, worker_result
+from . import harness
+from .bench_e2e import LLAMA_1B5, TINY, _forward_backward, build_model
+from .harness import emit_result, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern", "sdpa_gc", "sdpa+liger_gc", "fastkern_gc")
 # /work/shared/anchors/anchors_h100.jsonl 'longctx' rows (H100 80GB, torch 2.11, transformers 5.17)
@@ -89,11 +85,7 @@ def auto_start(v: str) -> int:
 
 def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
     """One forward+backward at batch 1, length ``seq``, in this process."""
-    try:
-        from hf_fastkern.benchmarks.bench_e2e import LLAMA_1B5, TINY, _forward_backward, build_model
-    except ImportError:
-        from benchmarks.bench_e2e import LLAMA_1B5, TINY, _forward_backward, build_model
-    gpu_cap = common.cap_gpu_memory()  # an 80 GB card emulated on a larger one
+    gpu_cap = harness.cap_gpu_memory()  # an 80 GB card emulated on a larger one
     base, gc, offload = parse_variant(variant)
     cfg = dict(TINY if tiny else LLAMA_1B5, max_position_embeddings=max(seq, 8192))
     model, _ = build_model(base, cfg, "cuda", gc, offload, mlp_chunk_tokens=split_chunk(variant)[1])
@@ -115,10 +107,10 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
         raise
 
 
-def run_trial(script: str, variant: str, seq: int, timeout: float, tiny: bool) -> dict:
-    """One long-context attempt as ``script --trial VARIANT SEQ`` in a fresh process (this file and
+def run_trial(module: str, variant: str, seq: int, timeout: float, tiny: bool) -> dict:
+    """One long-context attempt as ``python -m module --trial VARIANT SEQ`` in a fresh process (this file and
     bench_lora.py share it): the worker's result, or ok=False with oom / timeout / error."""
-    cmd = [sys.executable, script, "--trial", variant, str(seq)] + (["--tiny"] if tiny else [])
+    cmd = [sys.executable, "-m", module, "--trial", variant, str(seq)] + (["--tiny"] if tiny else [])
     # A trial is one step in a fresh process: full autotuning of every kernel at a new length would dominate
     # it (a 50K-token trial hit a 110 s limit on 2026-11-25). The quick configs change speed, not memory.
     env = {**os.environ, "HF_FASTKERN_QUICK_TUNE": "1"}
@@ -136,7 +128,7 @@ def run_trial(script: str, variant: str, seq: int, timeout: float, tiny: bool) -
 
 
 def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
-    return run_trial(os.path.abspath(__file__), variant, seq, timeout, tiny)
+    return run_trial(__spec__.name, variant, seq, timeout, tiny)
 
 
 def search(variant: str, start: int = 4096, cap: int = 1 << 20, budget_s: float = 600, trial_timeout: float = 420,

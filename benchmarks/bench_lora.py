@@ -22,14 +22,13 @@ the budget ran out.
 
 Without a GPU, ``run()`` does a tiny CPU smoke pass (2-layer LoRA model, patched vs unpatched loss agreement).
 
-    PYTHONPATH=. python benchmarks/bench_lora.py --json benchmarks/results/h100/lora.json
+    python -m benchmarks.bench_lora --json benchmarks/results/h100/lora.json
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
-import os
 import subprocess
 import sys
 import time
@@ -37,13 +36,9 @@ from collections.abc import Callable
 
 import torch
 
-try:
-    from hf_fastkern.benchmarks import common
-    from hf_fastkern.benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks import common
-    from benchmarks.common import emit_result, prepare_variant, print_table, save, worker_result
+from . import harness
+from .bench_longctx import run_trial, search
+from .harness import emit_result, prepare_variant, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
 ALL_VARIANTS = VARIANTS + ("fastkern_offload", "fastkern_prepeft")
@@ -185,13 +180,13 @@ def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev:
         for row in rows:
             if row.get("step_ms"):
                 ids = _tokens(row["B"], row["S"], cfg_kwargs["vocab_size"], dev)
-                row["profile"] = common.profile_steps(lambda ids=ids: _step(model, opt, ids, dev))
+                row["profile"] = harness.profile_steps(lambda ids=ids: _step(model, opt, ids, dev))
     return rows
 
 
 def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
     """One LoRA training step (forward, backward, AdamW) at batch 1, length ``seq``, in this process."""
-    gpu_cap = common.cap_gpu_memory()  # an 80 GB card emulated on a larger one
+    gpu_cap = harness.cap_gpu_memory()  # an 80 GB card emulated on a larger one
     cfg = dict(TINY if tiny else LLAMA_8B, max_position_embeddings=max(seq, 8192))
     model, _ = build_model(variant, cfg, "cuda", longctx=True)
     opt = _optimizer(model, "cuda")
@@ -213,11 +208,7 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
 
 def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
     # bench_longctx names variants with their checkpointing ('fastkern_gc_offload'); here it is always on
-    try:
-        from hf_fastkern.benchmarks.bench_longctx import run_trial
-    except ImportError:
-        from benchmarks.bench_longctx import run_trial
-    return run_trial(os.path.abspath(__file__), variant.replace("_gc", ""), seq, timeout, tiny)
+    return run_trial(__spec__.name, variant.replace("_gc", ""), seq, timeout, tiny)
 
 
 def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | None = None,
@@ -226,10 +217,6 @@ def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | Non
 
     ``on_rows(rows)`` is called after every trial with the finished rows and the one in progress, so a run that a
     time limit kills mid-search still leaves what it measured (the caller saves it)."""
-    try:
-        from hf_fastkern.benchmarks.bench_longctx import search
-    except ImportError:
-        from benchmarks.bench_longctx import search
     rows, t0 = [], time.time()
 
     def as_lora(row: dict, v: str) -> dict:
@@ -299,7 +286,7 @@ def cpu_smoke(batch: int = 2, seq: int = 32) -> list[dict]:
 
 
 def _spawn(variant: str, args: argparse.Namespace) -> list[dict]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--shapes", args.shapes,
+    cmd = [sys.executable, "-m", __spec__.name, "--worker", "--variant", variant, "--shapes", args.shapes,
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else []) \
         + (["--profile"] if args.profile else [])
     try:

@@ -14,21 +14,16 @@ Why (issue 12): the fused path's GEMM class took 559 ms per 4 x 2048 step agains
 2. The fused linear cross-entropy's chunk (tokens per logits block; 512 by default for a 128K vocabulary):
    forward + backward of 8192 tokens against the frozen 128256 x 4096 head, time and extra memory.
 
-    python benchmarks/bench_lora_gemm.py [--json FILE] [--tokens 8192]
+    python -m benchmarks.bench_lora_gemm [--json FILE] [--tokens 8192]
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-try:
-    from hf_fastkern.benchmarks.common import bench_ms, peak_mib, print_table, save
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import bench_ms, peak_mib, print_table, save
+from .harness import bench_ms, peak_mib, print_table, save
 
 # (name, in, out) for Llama-3.1-8B
 PROJ = [("q", 4096, 4096), ("k", 4096, 1024), ("v", 4096, 1024), ("o", 4096, 4096), ("gate", 4096, 14336),

@@ -17,7 +17,7 @@ step only); timing and peak memory cover the steps after ``--warmup``. Rows carr
 The 1-GPU runs of two implementations go side by side on two different GPUs (``--serial-single`` to not).
 NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set for every launch.
 
-    PYTHONPATH=. python benchmarks/bench_multi_gpu.py --json benchmarks/results/h100x2/multi_gpu.json
+    python -m benchmarks.bench_multi_gpu --json benchmarks/results/h100x2/multi_gpu.json
 Without CUDA: a tiny CPU smoke pass (gloo DDP through torch.distributed.run; FSDP2 needs GPUs), not numbers.
 """
 from __future__ import annotations
@@ -34,11 +34,7 @@ import time
 
 import torch
 
-try:
-    from hf_fastkern.benchmarks.common import print_table, save
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import print_table, save
+from .harness import print_table, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "accelerate_multi_gpu.py")

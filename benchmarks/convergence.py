@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
 import time
 
 import torch
 
-if __package__ in (None, ""):
-    # `python benchmarks/convergence.py` from the repository root: make `benchmarks.common` importable.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .harness import save
 
 FINAL_RTOL = 0.01  # final loss within 1%
 CURVE_RTOL = 0.02  # every logged point within 2%
@@ -231,8 +228,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  patched with: {r['patched'].get('attn_implementation')}; {r['patched'].get('report', '')}")
     ok = all(r["verdict"]["ok"] for r in results)
     if args.json:
-        from benchmarks.common import save
-
         save(args.json, [], extra={"convergence": results, "pass": ok})
     if args.plot:
         plot([r for r in results if "error" not in r], args.plot)

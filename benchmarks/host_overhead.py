@@ -18,7 +18,7 @@ Columns: wall_us (best of reps), compute_us (profiled time of the matmuls and SD
 CPU while our kernels are stubbed), host_us = wall_us - compute_us: the overhead being compared.
 The GPU-side launch cost (Triton's argument binding, the driver call) is not included.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--json host_overhead.json] [--reps 7]
+    python -m benchmarks.host_overhead [--json host_overhead.json] [--reps 7]
 """
 from __future__ import annotations
 
@@ -32,11 +32,7 @@ import time
 
 import torch
 
-try:
-    from hf_fastkern.benchmarks.common import environment, print_table, save
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import environment, print_table, save
+from .harness import environment, print_table, save
 
 SEQ = 16  # tokens of the tiny model: CPU bf16 GEMMs are slow (~1 GFLOP/s), keep their share of the step small
 OP_COLS = ["op", "path", "shape", "wall_us", "compute_us", "host_us", "launches", "aten_ops", "autograd_nodes"]
@@ -317,7 +313,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         # the kernel modules read TRITON_INTERPRET when imported: rerun this script with it set
-        sys.exit(subprocess.call([sys.executable] + sys.argv, env=dict(os.environ, TRITON_INTERPRET="1")))
+        sys.exit(subprocess.call([sys.executable, "-m", __spec__.name] + sys.argv[1:], env=dict(os.environ, TRITON_INTERPRET="1")))
     import warnings
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)

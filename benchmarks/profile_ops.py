@@ -16,8 +16,8 @@ allocations, autograd, the launch path up to Triton's run). Per op it reports th
 launches per call, the top-level aten ops per call (torch.profiler, CPU) and the autograd nodes of the output.
 The GPU-side launch cost (Triton's argument binding, the driver call) is not in it.
 
-    PYTHONPATH=. python benchmarks/profile_ops.py --json $OUT/profile_ops.json
-    PYTHONPATH=. python benchmarks/profile_ops.py --cpu-host [--json host.json]
+    python -m benchmarks.profile_ops --json $OUT/profile_ops.json
+    python -m benchmarks.profile_ops --cpu-host [--json host.json]
 """
 from __future__ import annotations
 
@@ -30,29 +30,25 @@ import time
 import torch
 import torch.nn.functional as F
 
-try:
-    from hf_fastkern.benchmarks.bench_rms_norm import (
-        compiled,
-        kernel_table,
-        liger_import,
-        raise_compile_limits,
-    )
-    from hf_fastkern.benchmarks.common import bench_ms, print_table, save
-    from hf_fastkern.benchmarks.host_overhead import (
-        autograd_node_names,
-        per_call_us,
-        stubbed_launches,
-        top_level_aten,
-    )
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.bench_rms_norm import compiled, kernel_table, liger_import, raise_compile_limits
-    from benchmarks.common import bench_ms, print_table, save
-    from benchmarks.host_overhead import autograd_node_names, per_call_us, stubbed_launches, top_level_aten
-
 from hf_fastkern.kernels.activations import swiglu
 from hf_fastkern.kernels.layer_norm import layer_norm
 from hf_fastkern.kernels.rms_norm import rms_norm
+
+from .harness import (
+    bench_ms,
+    compiled,
+    kernel_table,
+    peer_import,
+    print_table,
+    raise_compile_limits,
+    save,
+)
+from .host_overhead import (
+    autograd_node_names,
+    per_call_us,
+    stubbed_launches,
+    top_level_aten,
+)
 
 COLS = ["op", "impl", "mode", "T", "bench_ms", "gpu_ms", "host_ms", "n_kernels"]
 
@@ -107,15 +103,15 @@ def _cases(T: int, dev: str = "cuda", bf=torch.bfloat16):
         return (g, u), torch.randn(t, I, device=dev, dtype=bf)
 
     rms = {"fastkern": lambda x, w: rms_norm(x, w, 1e-6), "compile": compiled(_rms_torch, ("p", H))}
-    liger_rms = liger_import("liger_kernel.ops.rms_norm:LigerRMSNormFunction")
+    liger_rms = peer_import("liger_kernel.ops.rms_norm:LigerRMSNormFunction")
     if liger_rms is not None:
         rms["liger"] = lambda x, w: liger_rms.apply(x, w, 1e-6, 0.0, "llama", False)
     ln = {"fastkern": lambda x, w, b: layer_norm(x, w, b, 1e-5), "compile": compiled(_ln_torch, ("p", H))}
-    liger_ln = liger_import("liger_kernel.ops.layer_norm:LigerLayerNormFunction")
+    liger_ln = peer_import("liger_kernel.ops.layer_norm:LigerLayerNormFunction")
     if liger_ln is not None:
         ln["liger"] = lambda x, w, b: liger_ln.apply(x, w, b, 1e-5)
     glu = {"fastkern": swiglu, "compile": compiled(_swiglu_torch, ("p", I))}
-    liger_glu = liger_import("liger_kernel.ops.swiglu:LigerSiLUMulFunction")
+    liger_glu = peer_import("liger_kernel.ops.swiglu:LigerSiLUMulFunction")
     if liger_glu is not None:
         glu["liger"] = liger_glu.apply
     return [("rms_norm", rms_in, rms, 16384), ("layer_norm", ln_in, ln, 16384), ("swiglu", glu_in, glu, 16384)]
@@ -219,7 +215,7 @@ if __name__ == "__main__":
     if args.cpu_host:
         if os.environ.get("TRITON_INTERPRET") != "1":
             # the kernel modules read TRITON_INTERPRET when imported: rerun this script with it set
-            sys.exit(subprocess.call([sys.executable] + sys.argv, env=dict(os.environ, TRITON_INTERPRET="1")))
+            sys.exit(subprocess.call([sys.executable, "-m", __spec__.name] + sys.argv[1:], env=dict(os.environ, TRITON_INTERPRET="1")))
         rows = cpu_host()
         print_table(rows, CPU_HOST_COLS)
         save(args.json, rows)

@@ -104,8 +104,7 @@ def test_cap_gpu_memory_emulates_a_smaller_card(monkeypatch):
     import types
 
     import torch
-
-    from benchmarks import common
+    from hf_fastkern.benchmarks import harness as common
 
     got = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

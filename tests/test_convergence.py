@@ -9,8 +9,7 @@ the 300-step GPU run of the same script (`benchmarks/convergence.py`, see docs/s
 import math
 
 import pytest
-
-from benchmarks import convergence
+from hf_fastkern.benchmarks import convergence
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
