@@ -267,7 +267,7 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS, budget_s: flo
     a run killed by a time limit still leaves every trial it finished.
     """
     if not torch.cuda.is_available():
-        return [dict(bench="longctx", impl="-", error="needs a CUDA GPU (the search runs until the GPU is full)")]
+        return harness.cannot_run_here("longctx", "needs a CUDA GPU (the search runs until the GPU is full)")
     if quick:
         variants = tuple(v for v in variants if v.startswith("fastkern")) or variants
     for v in variants:

@@ -227,6 +227,12 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cannot_run_here(bench: str, why: str) -> list[dict]:
+    """The one row of a benchmark that cannot run on this machine at all, saying why in one line (the CLI
+    prints it and counts it as no failure)."""
+    return [dict(bench=bench, impl="-", error=why, cannot_run_here=True)]
+
+
 def peer_import(what: str):
     """A peer's attribute ``module:name`` (Liger Kernel, cut-cross-entropy, ...), or None when the peer is not
     installed or lacks it: the one place benchmarks import optional peers."""

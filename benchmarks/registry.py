@@ -39,6 +39,8 @@ BENCHMARKS: dict[str, Bench] = {
     "longctx": Bench("bench_longctx", "longctx", 500.0),
     # LoRA fine-tuning of the Llama-3.1-8B shape builds an 8B model per variant: named explicitly, not in `all`
     "lora": Bench("bench_lora", "lora", 240.0, in_all=False),
+    # SFTTrainer padded / packed, HF / Liger / fastkern, one subprocess per variant (issue 24)
+    "sft": Bench("bench_sft", "sft", 240.0, in_all=False),
 }
 
 

@@ -1,15 +1,18 @@
-"""Render the README results table and the plots from committed benchmark JSON.
+"""Render the results from committed benchmark JSON: the README's headline table and docs/results.md.
 
-Reads every ``*.json`` in ``--results`` (default ``benchmarks/results/h100``) that has a ``rows`` list
-(the format of ``benchmarks/common.save`` and ``hf-fastkern bench --json/--out-dir``), and writes:
-  - markdown: a headline table (end to end, longest context, our speed-up per op) and one table per bench;
-  - the README block between ``<!-- results:start -->`` and ``<!-- results:end -->`` (nothing else changes);
+Reads every ``*.json`` in ``--results`` (default ``benchmarks/results/h100``) that has a ``rows`` list (the
+format of ``harness.save`` and ``hf-fastkern bench --json/--out-dir``), and writes:
+  - the README block between ``<!-- results:start -->`` and ``<!-- results:end -->`` (nothing else changes):
+    one headline table (end to end, LoRA 8B, long context, attention, the fused loss), each ratio against the
+    peers measured in the same run, with the GPU named;
+  - ``--results-md`` (default ``docs/results.md``), generated whole: the headline, our ratio per op, and every
+    benchmark's full table with its plot;
   - PNG plots (``--plots``, default ``<results>/plots``) when matplotlib is installed.
-``--check`` writes nothing and exits 1 when the README block differs from what the JSON renders.
-Numbers come only from the JSON; the output depends only on the JSON (files read in name order).
+``--check`` writes nothing and exits 1 when the README block or docs/results.md differs from what the JSON
+renders. Numbers come only from the JSON; the output depends only on the JSON (files read in name order).
 
-    python benchmarks/report.py                 # update README.md and the plots
-    python benchmarks/report.py --check         # CI: is README.md up to date?
+    python benchmarks/report.py                 # update README.md, docs/results.md and the plots
+    python benchmarks/report.py --check         # CI: are they up to date?
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RESULTS = os.path.join(ROOT, "benchmarks", "results", "h100")
 DEFAULT_README = os.path.join(ROOT, "README.md")
+DEFAULT_RESULTS_MD = os.path.join(ROOT, "docs", "results.md")
 
 
 def load(results_dir: str) -> list[dict]:
@@ -139,14 +143,111 @@ def _ratio_text(r: dict) -> str:
     return ", ".join(parts)
 
 
+def _rows(docs: list[dict]) -> list[dict]:
+    return [dict(r, bench=r.get("bench") or os.path.splitext(d["file"])[0]) for d in docs for r in d["rows"]]
+
+
+def _env(docs: list[dict]) -> dict:
+    return next((d["env"] for d in docs if d.get("env", {}).get("gpu")), docs[0].get("env", {}) if docs else {})
+
+
+def _pick(rows: list[dict], bench: str, **match) -> dict | None:
+    return next((r for r in rows if r["bench"] == bench and not r.get("error")
+                 and all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _x(a, b) -> str:
+    return f"{fmt(a / b)}x" if a and b else "–"
+
+
+def _gmean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def headline_rows(rows: list[dict]) -> list[dict]:
+    """The README's table: per result, ours and our ratio to each peer measured in the same run (speed ratios
+    > 1 favour hf_fastkern; memory ratios < 1)."""
+    out = []
+    ours, sdpa, liger = (_pick(rows, "e2e", impl=i) for i in ("fastkern", "sdpa", "sdpa+liger"))
+    if ours and sdpa:
+        out.append({"what": f"train step, Llama 1.5B, B{ours.get('B')} x {ours.get('S')}",
+                    "ours": f"{fmt(ours['tok_per_s'])} tok/s, {fmt(ours.get('peak_GiB'))} GiB",
+                    "stock": f"{_x(ours['tok_per_s'], sdpa['tok_per_s'])} tok/s, "
+                             f"{_x(ours.get('peak_GiB'), sdpa.get('peak_GiB'))} memory (SDPA)",
+                    "liger": (f"{_x(ours['tok_per_s'], liger['tok_per_s'])} tok/s, "
+                              f"{_x(ours.get('peak_GiB'), liger.get('peak_GiB'))} memory") if liger else "–"})
+    for r in rows:
+        if r["bench"] == "lora" and r.get("impl") == "fastkern" and r.get("tok_per_s") and not r.get("error"):
+            base = _pick(rows, "lora", impl="sdpa", B=r.get("B"), S=r.get("S"))
+            lig = _pick(rows, "lora", impl="sdpa+liger", B=r.get("B"), S=r.get("S"))
+            if base:
+                out.append({"what": f"LoRA Llama-3.1-8B, B{r.get('B')} x {r.get('S')}",
+                            "ours": f"{fmt(r['tok_per_s'])} tok/s, {fmt(r.get('peak_GiB'))} GiB",
+                            "stock": f"{_x(r['tok_per_s'], base['tok_per_s'])} tok/s, "
+                                     f"{_x(r.get('peak_GiB'), base.get('peak_GiB'))} memory (HF + PEFT)",
+                            "liger": (f"{_x(r['tok_per_s'], lig['tok_per_s'])} tok/s, "
+                                      f"{_x(r.get('peak_GiB'), lig.get('peak_GiB'))} memory") if lig else "–"})
+    for r in rows:
+        if r["bench"] == "longctx" and r.get("max_seq"):
+            mode = "with checkpointing" + (" + offload" if "offload" in str(r.get("variant")) else "") \
+                if r.get("grad_ckpt") else "no checkpointing"
+            out.append({"what": f"longest sequence, 1.5B, B1, {mode}",
+                        "ours": f"{fmt(r['max_seq'])} tokens" + ("" if r.get("exact", True) else " (lower bound)"),
+                        "stock": "–",
+                        "liger": f"{fmt(r['vs_liger'])}x (Liger's length: earlier run, bench_longctx.ANCHORS)"
+                        if r.get("vs_liger") else "–"})
+    att = [r for r in rows if r["bench"] == "attention" and r.get("impl") == "fastkern" and r.get("case") == "causal"]
+    if att:
+        ratio = {p: _gmean([r.get(f"fwdbwd_x_{p}") for r in att]) for p in ("sdpa_flash", "sdpa_cudnn",
+                                                                              "flex_compiled")}
+        out.append({"what": f"attention fwd+bwd, causal, d128 ({len(att)} shapes, geomean)",
+                    "ours": f"{fmt(_gmean([r.get('fwdbwd_TFLOPs') for r in att]))} TFLOP/s",
+                    "stock": f"{fmt(ratio['sdpa_flash'])}x SDPA-flash, {fmt(ratio['sdpa_cudnn'])}x SDPA-cuDNN, "
+                             f"{fmt(ratio['flex_compiled'])}x flex",
+                    "liger": "–"})
+    flce = [r for r in rows if r["bench"] == "flce" and not r.get("error") and r.get("fwdbwd_ms")]
+    if flce:
+        t, h, v = flce[0]["T"], flce[0]["H"], flce[0]["V"]
+        same = [r for r in flce if (r["T"], r["H"], r["V"]) == (t, h, v)]
+        ours = same[0] if same[0].get("impl") == "fastkern" else None
+        torch_, lig = (next((r for r in same if r.get("impl") == i), None) for i in ("torch", "liger"))
+        if ours and torch_:
+            out.append({"what": f"fused linear cross-entropy {t} x {h} x {fmt(v)}, fwd+bwd",
+                        "ours": f"{fmt(ours['fwdbwd_ms'])} ms, {fmt(ours.get('peak_MiB'))} MiB",
+                        "stock": f"{_x(torch_['fwdbwd_ms'], ours['fwdbwd_ms'])} speed, "
+                                 f"{_x(ours.get('peak_MiB'), torch_.get('peak_MiB'))} memory (eager)",
+                        "liger": (f"{_x(lig['fwdbwd_ms'], ours['fwdbwd_ms'])} speed, "
+                                  f"{_x(ours.get('peak_MiB'), lig.get('peak_MiB'))} memory") if lig else "–"})
+    return out
+
+
+def render_headline(docs: list[dict]) -> str:
+    """The markdown between the README markers: one table, the GPU and versions named."""
+    if not docs:
+        return "No results yet: run `hf-fastkern bench all --out-dir benchmarks/results/h100` on a GPU, then " \
+               "`python benchmarks/report.py`."
+    rows = _rows(docs)
+    stamps = [str(d.get("env", {}).get("time_utc", "")) for d in docs for _ in d["rows"]]
+    env = _env(docs)
+    head = (f"{env.get('gpu')}; torch {env.get('torch')}, triton {env.get('triton')}, transformers "
+            f"{env.get('transformers')}. Each ratio is against the peer measured in the same run (speed > 1 and "
+            "memory < 1 favour hf_fastkern). Generated by `benchmarks/report.py` from `benchmarks/results/`; "
+            "every table: [docs/results.md](docs/results.md).")
+    table = md_table(headline_rows(_latest_longctx(rows, stamps)), ["what", "ours", "stock", "liger"],
+                     ["result", "hf_fastkern", "vs stock PyTorch / HF", "vs Liger Kernel"])
+    return head + "\n\n" + table
+
+
 def render(docs: list[dict], plots_rel: str | None = None) -> str:
-    """The markdown that goes between the README markers."""
+    """docs/results.md, whole: the headline, our ratio per op, every benchmark's table and plot."""
     if not docs:
         return "No results yet: run `hf-fastkern bench all --out-dir benchmarks/results/h100` on a GPU, then " \
                "`python benchmarks/report.py`."
     rows = [dict(r, bench=r.get("bench") or os.path.splitext(d["file"])[0]) for d in docs for r in d["rows"]]
     env = next((d["env"] for d in docs if d.get("env", {}).get("gpu")), docs[0].get("env", {}))
-    parts = [f"Generated by `python benchmarks/report.py` from `benchmarks/results/h100/*.json` "
+    parts = ["# Results\n\n<!-- Generated by benchmarks/report.py: edit the JSON or the script, not this file. -->",
+             f"Generated by `python benchmarks/report.py` from `benchmarks/results/h100/*.json` "
              f"({', '.join(d['file'] for d in docs)}). "
              f"GPU: {env.get('gpu')}; torch {env.get('torch')}, triton {env.get('triton')}, "
              f"transformers {env.get('transformers')}, liger-kernel {env.get('liger_kernel')}. "
@@ -158,9 +259,14 @@ def render(docs: list[dict], plots_rel: str | None = None) -> str:
     if any(d.get("quick") for d in docs) or not env.get("gpu"):
         parts.append("**Note: some files were produced by a quick or CPU run; they are not GPU performance numbers.**")
     stamps = [str(d.get("env", {}).get("time_utc", "")) for d in docs for _ in d["rows"]]  # one per row
+    parts.append("## Headline\n\n" + md_table(headline_rows(_latest_longctx(rows, stamps)),
+                                                ["what", "ours", "stock", "liger"],
+                                                ["result", "hf_fastkern", "vs stock PyTorch / HF", "vs Liger Kernel"]))
     head = headline(_latest_longctx(rows, stamps))
     if head:
-        parts.append(md_table(head, ["result", "value", "vs"], ["result", "hf_fastkern / peer", "ratio"]))
+        parts.append("## Every result\n\n"
+                     + md_table(head, ["result", "value", "vs"], ["result", "hf_fastkern / peer", "ratio"]))
+    parts.append("## Per benchmark")
     benches: list[str] = []
     for r in rows:
         if r["bench"] not in benches:
@@ -173,7 +279,7 @@ def render(docs: list[dict], plots_rel: str | None = None) -> str:
         parts.append(f"<details><summary>{b}</summary>\n\n" + md_table(brow, cols) + note + "\n\n</details>")
         if plots_rel:
             parts.append(f"![{b}]({plots_rel}/{_safe(b)}.png)")
-    return "\n\n".join(parts)
+    return "\n\n".join(parts) + "\n"
 
 
 def _latest_longctx(rows: list[dict], stamps: list[str]) -> list[dict]:
@@ -283,34 +389,37 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=DEFAULT_RESULTS, help="folder of benchmark JSON files")
     ap.add_argument("--readme", default=DEFAULT_README)
+    ap.add_argument("--results-md", default=DEFAULT_RESULTS_MD, help="the generated full results page")
     ap.add_argument("--plots", help="folder for PNGs (default <results>/plots); 'none' to skip")
-    ap.add_argument("--markdown", help="also write the rendered block to this file")
-    ap.add_argument("--check", action="store_true", help="exit 1 if the README block is out of date; write nothing")
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md or docs/results.md is out of date; "
+                    "write nothing")
     args = ap.parse_args(argv)
     docs = load(args.results)
     plots_dir = None if args.plots == "none" else (args.plots or os.path.join(args.results, "plots"))
     plots_rel = None
     if plots_dir and docs:
-        plots_rel = os.path.relpath(plots_dir, os.path.dirname(os.path.abspath(args.readme))).replace(os.sep, "/")
-    block = render(docs, plots_rel)
+        md_dir = os.path.dirname(os.path.abspath(args.results_md))
+        plots_rel = os.path.relpath(plots_dir, md_dir).replace(os.sep, "/")
+    page = render(docs, plots_rel)
     with open(args.readme) as f:
         text = f.read()
-    new = replace_block(text, block)
+    new = replace_block(text, render_headline(docs))
+    old_page = open(args.results_md).read() if os.path.exists(args.results_md) else None
     if args.check:
-        if new != text:
-            print(f"{args.readme} results block is out of date: run `python benchmarks/report.py`")
+        stale = [p for p, ok in ((args.readme, new == text), (args.results_md, page == old_page)) if not ok]
+        if stale:
+            print(f"out of date: {', '.join(stale)}: run `python benchmarks/report.py`")
             return 1
-        print(f"{args.readme} results block is up to date ({len(docs)} result files)")
+        print(f"{args.readme} and {args.results_md} are up to date ({len(docs)} result files)")
         return 0
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(block + "\n")
-    if new != text:
-        with open(args.readme, "w") as f:
-            f.write(new)
-        print(f"updated {args.readme} from {len(docs)} result files")
-    else:
-        print(f"{args.readme} already up to date")
+    for path, old, content in ((args.readme, text, new), (args.results_md, old_page, page)):
+        if content != old:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(content)
+            print(f"updated {path} from {len(docs)} result files")
+        else:
+            print(f"{path} already up to date")
     if plots_dir and docs:
         made = write_plots(docs, plots_dir)
         print(f"wrote {len(made)} plot(s) to {plots_dir}" if made else "no plots (matplotlib missing?)")

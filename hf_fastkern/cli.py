@@ -1,19 +1,18 @@
-"""``hf-fastkern``: benchmark, check and describe hf_fastkern on this machine.
+"""hf-fastkern: benchmark, check and describe hf_fastkern on this machine.
 
-    hf-fastkern bench [ops|attention|ce|e2e|longctx|lora|sft|all ...] [--quick] [--budget SECONDS] [--json FILE]
-                      [--out-dir DIR] [--plot FILE] [--longctx-variants V1,V2]
+    hf-fastkern bench [SECTION ...] [--quick] [--budget SECONDS] [--json FILE] [--out-dir DIR] [--plot FILE]
     hf-fastkern info  [--json FILE]
     hf-fastkern check
 
-``bench`` runs the benchmark scripts of ``hf_fastkern.benchmarks`` in this process (e2e and longctx start one
-subprocess per variant / trial), with every peer beside our kernels, and prints per-section tables with the
-fraction of the measured device ceiling and the ratio to the best peer. Without a GPU it runs each script's
-quick pass (small sizes, the PyTorch fallback path) plus a tiny Llama training step patched vs unpatched, and
-says that GPU numbers need a GPU. ``--budget SECONDS`` fits the whole run into that much wall time on a GPU (one
-device call): each script gets a share (see ``BudgetPlan``), the long-context search gets what is left, and the
-output and JSON say which sections were shortened and how. ``info`` says, per op and dtype, which path (Triton kernel or reference) a
-call takes here and why. ``check`` compares each kernel entry point with its reference at small sizes (on CPU
-through the Triton interpreter).
+bench runs the benchmarks of the registry (benchmarks/registry.py; sections ops, attention, ce, e2e, longctx,
+lora, or all) in this process, every peer beside our kernels, and prints one table per benchmark with the
+fraction of the measured device ceiling and the ratio to the best peer. Without a GPU every benchmark runs its
+reference path at small sizes (or says in one line why it cannot), and GPU numbers need a GPU. The exit code is
+1 when a benchmark fails. --budget SECONDS fits the whole run into that much wall time on a GPU, planned from
+the benchmarks' own measured costs; the output and JSON say what was shortened.
+info says, per op and dtype, which path a call takes here (Triton kernel, SDPA, PyTorch reference) and why.
+check compares every kernel entry point with its reference at small sizes (on the CPU through the Triton
+interpreter) and says when what it checked ran a fallback instead of the kernel.
 """
 from __future__ import annotations
 
@@ -30,31 +29,22 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
-from hf_fastkern.kernels import routing
+from hf_fastkern.benchmarks import harness, registry
+from hf_fastkern.kernels import dispatch, routing
 
-SECTIONS = {
-    "ops": ("rms_norm", "layer_norm", "activations"),
-    "attention": ("attention",),
-    "ce": ("cross_entropy",),
-    "e2e": ("e2e",),
-    "longctx": ("longctx",),
-    # issue 12: LoRA fine-tuning of the Llama-3.1-8B shape (one subprocess per variant, ~2 minutes on an H100)
-    "lora": ("lora",),
-    # issue 24: SFTTrainer padded / packed, HF / Liger / fastkern (one subprocess per variant)
-    "sft": ("sft",),
-}
-# what one would run on a GPU for "all": longctx is long (minutes per variant), so it is named explicitly
-# (lora too: it builds an 8B model per variant)
-ALL = ("ops", "attention", "ce", "e2e", "longctx")
+# section -> benchmark names, and the sections of "all": both from the registry (one line per benchmark)
+SECTIONS = registry.sections()
+ALL = registry.all_sections()
 NO_GPU_NOTE = ("No CUDA GPU here: this is a short correctness-and-timing pass through the PyTorch fallback at "
                "small sizes. It proves the commands run; GPU numbers need a GPU.")
 # columns never shown as "shape" columns in the tables
 _METRIC_ORDER = ("ms", "fwd_ms", "fwdbwd_ms", "bwd_ms", "step_ms", "tok_per_s", "GBps", "TFLOPs", "frac_ceiling",
                  "mfu", "peak_MiB", "peak_GiB", "max_seq", "exact", "vs_best_peer", "vs_sdpa", "mem_vs_sdpa",
                  "vs_liger", "loss", "gate", "loss_rel_err", "grad_rel_err", "max_err", "error")
-_HIDDEN = {"trials", "patch_report", "attn_note", "flops_formula", "mfu_peak_TFLOPs", "note", "first_fail",
+_HIDDEN = {"trials", "cannot_run_here", "patch_report", "attn_note", "flops_formula", "mfu_peak_TFLOPs", "note", "first_fail",
            "liger_ref", "variant", "best_peer", "mem_vs_best_peer", "model",
            "trainable_params", "command", "distributed_type", "wall_s", "loss0", "global_batch"}
 
@@ -64,23 +54,8 @@ _HIDDEN = {"trials", "patch_report", "attn_note", "flops_formula", "mfu_peak_TFL
 
 
 def load_bench(name: str):
-    """Import ``bench_<name>``: the installed ``hf_fastkern.benchmarks`` or a source checkout's ``benchmarks``.
-
-    Returns (module, None) or (None, why). A missing script is "not available"; an import error inside an
-    existing script is reported as such (it is a bug, not an absence).
-    """
-    errors = []
-    for pkg in ("hf_fastkern.benchmarks", "benchmarks"):
-        modname = f"{pkg}.bench_{name}"
-        try:
-            return importlib.import_module(modname), None
-        except ModuleNotFoundError as e:
-            if e.name not in (modname, pkg, pkg.split(".")[0]):
-                return None, f"import failed: {type(e).__name__}: {e}"
-            errors.append(str(e))
-        except Exception as e:
-            return None, f"import failed: {type(e).__name__}: {str(e)[:200]}"
-    return None, "not available (benchmarks/bench_%s.py is not there yet)" % name
+    """(module, None) or (None, why): the benchmark ``name`` of the registry."""
+    return registry.load(name)
 
 
 def _throughput(row: dict) -> tuple[str, float] | None:
@@ -145,21 +120,15 @@ class Level:
     note: str | None = None
 
 
-# Expected seconds per script on one H100 (a fresh machine: cold Triton cache, autotuning included), read off the
-# device logs benchmarks/results/h100/device_run_2026-11-25*.log (`=== HH:MM:SS [limit] cmd` ... `=== rc=` lines):
-# - op scripts with --budget-s 55: rms_norm timed 7 of its 9 shapes, layer_norm 4 of 9, activations 7 of 8, in
-#   ~63 s each with the process start; the full grids below extrapolate the time per shape. A budget stops a grid
-#   before a shape that would overrun it (bench_rms_norm.Budget), so a budgeted script takes its budget or less.
-# - cross_entropy: main shape with peers, torch.compile and a 3-size chunk sweep, 45 s (2026-11-25 18:09-18:10);
-#   the full run adds two shapes (no compile there).
-# - e2e: three variant subprocesses, 117 s cold (2026-11-25 18:10-18:12), 75 s warm (log g). No shorter form.
-# - attention: not timed alone in any log (run_device.sh allows 240 s): 9 cases x 4 implementations, flex
-#   recompiled per case; the quick pass is the first 2 cases.
-# - longctx: a trial is a fresh process (~15 s to build the model) plus one step (5 s at 54K tokens, 45 s at
-#   230K checkpointed, 115 s at 368K offloaded); its default is 500 s for the 6 variants.
-OP_NAMES = ("rms_norm", "layer_norm", "activations")
-OP_FULL_EST_S = {"rms_norm": 80.0, "layer_norm": 110.0, "activations": 70.0}
+# Costs: a benchmark's full form costs what it took in the newest `bench all` JSON of this GPU class
+# (registry.measured_costs: each section's wall seconds, recorded by this command), and the registry's est_s
+# where no run measured it. The shortened forms scale from the full one: an op grid under a budget takes that
+# budget or less (harness.Budget stops before a shape that would overrun it); a quick pass runs a share of the
+# full form's cases.
+OP_NAMES = SECTIONS["ops"]
 OP_BUDGETS_S = (None, 50.0, 35.0, 25.0)  # levels of the op scripts' budget_s (None: the whole grid)
+QUICK_SHARE = {"attention": 2 / 9, "cross_entropy": 1 / 3}  # quick pass: 2 of 9 cases / 1 of 3 shapes
+QUICK_FLOOR_S = 20.0  # compile and autotuning of the first case, whatever the share
 LONGCTX_FULL_S = 500.0  # bench_longctx.run's own default budget for all 6 variants
 LONGCTX_MIN_S = 150.0  # what the plan keeps for the shortened search (about 3 trials per variant)
 LONGCTX_SKIP_BELOW_S = 45.0  # less than this cannot finish one trial: the section is skipped, and says so
@@ -168,16 +137,37 @@ LONGCTX_SHORT_VARIANTS = ("fastkern", "fastkern_gc")
 LONGCTX_TRIAL_TIMEOUT_S = 420.0
 STARTUP_S = 15.0  # imports, environment record and the two ceiling measurements before the first script
 RESERVE_S = 15.0  # kept back for the last JSON and plots
-LEVELS: dict[str, tuple[Level, ...]] = {
-    **{n: tuple(Level(OP_FULL_EST_S[n] if b is None else b + 5.0, {"budget_s": b}) for b in OP_BUDGETS_S)
-       for n in OP_NAMES},
-    "attention": (Level(150.0), Level(50.0, {"quick": True}, "quick pass: the first 2 of 9 cases (causal, B=8 S=2K "
-                                            "and B=4 S=4K); GQA, d64, 8K/16K, window and varlen cases not run")),
-    "cross_entropy": (Level(90.0), Level(45.0, {"quick": True}, "quick pass: the main shape (T=8192, H=4096, "
-                                                "V=128256) only; T=4096/H=2048 and T=16384/H=4096 not run")),
-    "e2e": (Level(120.0),),
-    "longctx": (Level(LONGCTX_FULL_S), Level(LONGCTX_MIN_S)),
+QUICK_NOTES = {
+    "attention": "quick pass: the first 2 of 9 cases (causal, B=8 S=2K and B=4 S=4K); GQA, d64, 8K/16K, window "
+                 "and varlen cases not run",
+    "cross_entropy": "quick pass: the main shape (T=8192, H=4096, V=128256) only; T=4096/H=2048 and "
+                     "T=16384/H=4096 not run",
 }
+
+
+def _full_cost(name: str, costs: dict[str, dict]) -> float:
+    """Seconds of ``name``'s full form: measured when the last run ran it in full, else the registry's."""
+    m = costs.get(name)
+    if m and not m["settings"].get("quick") and m["settings"].get("budget_s") is None and name != "longctx":
+        return m["secs"]
+    return registry.BENCHMARKS[name].est_s
+
+
+def plan_levels(costs: dict[str, dict] | None = None) -> dict[str, tuple[Level, ...]]:
+    """name -> its forms, full first, each with its expected seconds (``costs``: registry.measured_costs)."""
+    costs = costs or {}
+    levels: dict[str, tuple[Level, ...]] = {
+        n: tuple(Level(_full_cost(n, costs) if b is None else b + 5.0, {"budget_s": b}) for b in OP_BUDGETS_S)
+        for n in OP_NAMES}
+    for n, share in QUICK_SHARE.items():
+        full = _full_cost(n, costs)
+        levels[n] = (Level(full), Level(max(QUICK_FLOOR_S, share * full), {"quick": True}, QUICK_NOTES[n]))
+    levels["e2e"] = (Level(_full_cost("e2e", costs)),)
+    levels["longctx"] = (Level(LONGCTX_FULL_S), Level(LONGCTX_MIN_S))
+    return levels
+
+
+LEVELS = plan_levels()
 # Cheapest first: what the plan gives up, in this order, until its estimate fits the budget.
 DOWNGRADES = (("longctx", 1), ("ops", 1), ("attention", 1), ("ops", 2), ("cross_entropy", 1), ("ops", 3))
 
@@ -195,27 +185,28 @@ class BudgetPlan:
     """
 
     def __init__(self, seconds: float, names: list[str], start: float | None = None, clock=None,
-                 longctx_variants: tuple[str, ...] | None = None) -> None:
+                 longctx_variants: tuple[str, ...] | None = None, costs: dict[str, dict] | None = None) -> None:
+        self.levels = plan_levels(costs)
         self.seconds = float(seconds)
         self.names = list(names)
         self.clock = clock or _clock
         self.t0 = self.clock() if start is None else start
         self.longctx_variants = tuple(longctx_variants) if longctx_variants else None
-        self.level = {n: 0 for n in self.names if n in LEVELS}
+        self.level = {n: 0 for n in self.names if n in self.levels}
         self.steps: list[str] = []
         for sec, lvl in DOWNGRADES:
             if self.planned_s() <= self.seconds:
                 break
-            hit = [n for n in (OP_NAMES if sec == "ops" else (sec,)) if n in self.level and lvl < len(LEVELS[n])]
+            hit = [n for n in (OP_NAMES if sec == "ops" else (sec,)) if n in self.level and lvl < len(self.levels[n])]
             for n in hit:
                 self.level[n] = max(self.level[n], lvl)
             if hit:
                 self.steps.append(f"{sec} -> level {lvl}")
 
     def est(self, name: str, level: int | None = None) -> float:
-        if name not in LEVELS:  # a script with no estimate (lora): a guess, never shortened
-            return 120.0
-        return LEVELS[name][self.level[name] if level is None else level].est_s
+        if name not in self.levels:  # a benchmark with one form (lora): its cost, never shortened
+            return registry.BENCHMARKS[name].est_s if name in registry.BENCHMARKS else 120.0
+        return self.levels[name][self.level[name] if level is None else level].est_s
 
     def planned_s(self) -> float:
         return STARTUP_S + RESERVE_S + sum(self.est(n) for n in self.names)
@@ -255,11 +246,11 @@ class BudgetPlan:
                              "max_seq as a lower bound")
             out["shortened"] = "; ".join(parts) or None
             return out
-        if name not in LEVELS:
+        if name not in self.levels:
             if self.est(name) > left - RESERVE_S:
                 out["skip"] = f"{left:.0f} s left, expected ~{self.est(name):.0f} s"
             return out
-        levels = LEVELS[name]
+        levels = self.levels[name]
         if name in OP_NAMES:
             b = levels[self.level[name]].kwargs["budget_s"]
             if b is None and avail >= levels[0].est_s:
@@ -319,6 +310,25 @@ def _skipped_shapes(mod) -> list | None:
     return lst if isinstance(lst, list) else None
 
 
+def _status(rows: list[dict]) -> str:
+    """One benchmark's outcome from its rows: ``ok`` (measured), ``not run here: why`` (it said in one line why
+    it cannot run on this machine: harness.cannot_run_here), or a failure: our implementation failed its
+    correctness gate or raised, or no row measured anything."""
+    if rows and all(r.get("cannot_run_here") for r in rows):
+        return f"not run here: {rows[0]['error']}"
+    ours = [r for r in rows if r.get("impl") == "fastkern" and r.get("error")]
+    if ours:
+        return f"failed: fastkern: {ours[0]['error']}"
+    if rows and not any(not r.get("error") for r in rows):
+        return f"failed: no result: {rows[0]['error']}"
+    return "ok"
+
+
+def _succeeded(status: str) -> bool:
+    """A section succeeded when it measured, was skipped by the budget, or said why it cannot run here."""
+    return status in ("ok",) or status.startswith(("skipped", "not run here"))
+
+
 def run_bench(targets: list[str], quick: bool = False, json_path: str | None = None, out_dir: str | None = None,
               plot_path: str | None = None, command: str | None = None, budget_s: float | None = None,
               longctx_variants: tuple[str, ...] | None = None, started: float | None = None) -> dict:
@@ -331,10 +341,6 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
     """
     import torch
 
-    try:
-        from hf_fastkern.benchmarks import common
-    except ImportError:
-        common = importlib.import_module("benchmarks.common")
     t_start = _clock() if started is None else started
     gpu = _gpu_available()
     if not gpu:
@@ -344,12 +350,13 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
     for t in targets:
         for n in (ALL if t == "all" else (t,)):
             names += [(n, b) for b in SECTIONS[n] if (n, b) not in names]
+    env = harness.environment()
     plan = None
     if budget_s is not None and gpu:
-        plan = BudgetPlan(budget_s, [b for _, b in names], start=t_start, longctx_variants=longctx_variants)
-    env = common.environment()
+        plan = BudgetPlan(budget_s, [b for _, b in names], start=t_start, longctx_variants=longctx_variants,
+                          costs=registry.measured_costs(env.get("gpu")))
     print(_env_line(env))
-    ceil = common.ceilings() if gpu else {}
+    ceil = harness.ceilings() if gpu else {}
     if ceil:
         print(f"device ceilings (measured): copy {ceil['copy_TBps']:.2f} TB/s, bf16 matmul "
               f"{ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s")
@@ -364,6 +371,7 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
                   + ("" if doc["budget"]["fits"] else "; the estimate still exceeds the budget: later scripts "
                      "may be skipped"))
     shortened: dict[str, str] = {}
+    failed: list[str] = []
     bar = _progress(len(names), "hf-fastkern bench")
     current = None
     try:
@@ -384,7 +392,7 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
                 status = f"skipped: {settings['skip']}"
                 shortened[name] = status
             elif mod is None:
-                status = why
+                status = f"failed: {why}"
             else:
                 kwargs = {"quick": quick, **settings["kwargs"]}
                 if name == "longctx" and longctx_variants and "variants" not in kwargs:
@@ -401,11 +409,15 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
                 # shown on failure); on a GPU they are the progress report of a long run, so they go through.
                 captured = io.StringIO()
                 try:
-                    with contextlib.redirect_stdout(captured) if not gpu else contextlib.nullcontext():
+                    # warnings are held and printed under the section's header: written to stderr mid-run,
+                    # they would overwrite the progress bar's line (and it theirs)
+                    with warnings.catch_warnings(record=True) as caught, \
+                            (contextlib.redirect_stdout(captured) if not gpu else contextlib.nullcontext()):
+                        warnings.simplefilter("default")
                         rows = list(mod.run(**kwargs))
-                    measured = [r for r in rows if not r.get("error")]
-                    status = "ok" if measured or not rows else f"no result: {rows[0]['error']}"
+                    status = _status(rows)
                 except Exception as e:  # one broken script must not hide the others
+                    caught = []
                     rows = []
                     status = f"failed: {type(e).__name__}: {str(e)[:300]}"
                     tail = captured.getvalue().strip().splitlines()[-5:]
@@ -423,13 +435,19 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
             info_s.update(status=status, secs=round(time.time() - t0, 1), shortened=shortened.get(name))
             doc["sections"][name] = info_s
             doc["rows"] += rows
+            if not _succeeded(status):
+                failed.append(name)
             if bar is not None:
-                bar.update(1)
                 bar.clear()
             print(f"\n== {name} ({section}): {status}, {time.time() - t0:.1f}s"
                   + (f"\n   SHORTENED: {shortened[name]}" if name in shortened and not settings["skip"] else ""))
+            for w in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in (caught if mod else [])):
+                print(f"   warning: {w}")
             if rows:
-                common.print_table(rows, table_columns(rows))
+                harness.print_table(rows, table_columns(rows))
+            sys.stdout.flush()
+            if bar is not None:
+                bar.update(1)
             if out_dir and rows:
                 one = {"env": env, "command": doc["command"], "ceilings": ceil, "quick": quick, "rows": rows}
                 for k in ("settings", "skipped_shapes", "shortened"):
@@ -453,8 +471,13 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
             doc["budget"].update(spent_s=doc["secs"], shortened=shortened)
         if json_path:
             _write(json_path, doc)
+    doc["failed"] = failed
+    if json_path:
+        _write(json_path, doc, quiet=True)
     if not gpu:
         print("\n" + NO_GPU_NOTE)
+    if failed:
+        print(f"\nFAILED: {', '.join(failed)} (see the sections above)")
     if "budget" in doc and plan:
         print(f"\nbudget {budget_s:.0f} s, spent {doc['secs']:.0f} s. "
               + ("Nothing was shortened." if not shortened else "Shortened (also in the JSON's budget.shortened):"))
@@ -507,17 +530,37 @@ OPS = {
     "rms_norm": ("rms_norm", "all"),
     "layer_norm": ("layer_norm", "all"),
     "swiglu/geglu/gelu": ("activations", "all"),
-    "attention": ("attention", "low"),
+    "flash_attention": ("attention", "low"),
     "rope": ("rope", "all"),
     "cross_entropy": ("cross_entropy", "all"),
 }
+# the path names info and check print
+KERNEL, INTERPRETED, REFERENCE, SDPA = "Triton kernel", "Triton kernel (interpreter)", "PyTorch reference", "SDPA"
+
+
+def _kernel_path(device: str) -> str:
+    return INTERPRETED if device == "cpu" else KERNEL
+
+
+def model_attention_path(device: str, dtype) -> tuple[str, str]:
+    """(path, why) of a model's attention under ``attn_implementation="fastkern"`` for ``dtype`` on ``device``:
+    the kernel where dispatch allows it (with the dense-case routing of HF_FASTKERN_ATTENTION), else SDPA."""
+    import torch
+
+    from hf_fastkern.patches.attention import dense_backend_summary
+
+    ok, why = dispatch.device_check([torch.empty(1, device=device, dtype=dtype)], dispatch.LOW_PRECISION_DTYPES)
+    if not ok:
+        return SDPA, f"falls back to SDPA (eager with softcap): {why}"
+    summary = dense_backend_summary(device)
+    if "SDPA" in summary.split(";")[0] and "Triton kernel for every" not in summary:
+        return f"{SDPA} (plain dense) / {_kernel_path(device)} (the rest)", summary
+    return _kernel_path(device), summary
 
 
 def op_paths(device: str | None = None) -> list[dict]:
-    """For each op and dtype: 'kernel' or 'reference', and why, for tensors on ``device`` (default: here)."""
+    """For each op and dtype: the path a call takes for tensors on ``device`` (default: here), and why."""
     import torch
-
-    from hf_fastkern.kernels import dispatch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
@@ -525,33 +568,29 @@ def op_paths(device: str | None = None) -> list[dict]:
         import_err = ""
         try:
             mod = importlib.import_module(f"hf_fastkern.kernels.{modname}")
-            placeholder = (mod.__doc__ or "").lstrip().upper().startswith("PLACEHOLDER")
         except Exception as e:
-            mod, placeholder = None, False
-            import_err = f"{type(e).__name__}: {e}"
+            mod, import_err = None, f"{type(e).__name__}: {e}"
         allowed = dispatch.LOW_PRECISION_DTYPES if which == "low" else dispatch.SUPPORTED_DTYPES
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             probe = torch.empty(8, device=device, dtype=dtype)
             ok, reason = dispatch.device_check([probe], allowed)
             if mod is None:
                 ok, reason = False, f"module failed to import ({import_err})"
-            elif placeholder and ok:
-                ok, reason = False, "the Triton kernel is not in this build yet (placeholder entry point)"
             rows.append({"op": op, "dtype": str(dtype).replace("torch.", ""), "device": device,
-                         "path": "triton kernel" if ok else "pytorch reference", "why": reason or "supported"})
+                         "path": _kernel_path(device) if ok else REFERENCE, "why": reason or "supported"})
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        path, why = model_attention_path(device, dtype)
+        rows.append({"op": "model attention (fastkern)", "dtype": str(dtype).replace("torch.", ""),
+                     "device": device, "path": path, "why": why})
     return rows
 
 
 def info(json_path: str | None = None) -> dict:
     import torch
 
-    try:
-        from hf_fastkern.benchmarks.common import environment
-    except ImportError:
-        environment = importlib.import_module("benchmarks.common").environment
     import hf_fastkern
 
-    env = environment()
+    env = harness.environment()
     env["hf_fastkern"] = hf_fastkern.__version__
     env["platform"] = platform.platform()
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
@@ -569,8 +608,9 @@ def info(json_path: str | None = None) -> dict:
     paths = op_paths()
     print(f"op paths for tensors on '{paths[0]['device']}'")
     w = max(len(r["op"]) for r in paths)
+    wp = max(len(r["path"]) for r in paths)
     for r in paths:
-        print(f"  {r['op']:<{w}}  {r['dtype']:<8}  {r['path']:<17}  {r['why']}")
+        print(f"  {r['op']:<{w}}  {r['dtype']:<8}  {r['path']:<{wp}}  {r['why']}")
     routing.print_routing()
     doc = {"env": env, "integration": reg, "ops": paths}
     if json_path:
@@ -592,10 +632,12 @@ def registration() -> dict:
     except Exception as e:
         out["mask 'fastkern'"] = f"unknown ({type(e).__name__})"
     try:
-        from hf_fastkern.patches.attention import dense_backend_summary
-        out["dense attention"] = dense_backend_summary()
+        import torch
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        path, why = model_attention_path(dev, torch.bfloat16)
+        out["model attention, bf16"] = f"{path}: {why}"
     except Exception as e:
-        out["dense attention"] = f"unknown ({type(e).__name__}: {e})"
+        out["model attention, bf16"] = f"unknown ({type(e).__name__}: {e})"
     for peer in ("liger_kernel", "cut_cross_entropy", "matplotlib", "tqdm"):
         try:
             importlib.import_module(peer)
@@ -678,35 +720,38 @@ def check() -> int:
         # Triton reads TRITON_INTERPRET when the kernels are defined (at import), so re-run in a fresh process
         env = dict(os.environ, TRITON_INTERPRET="1")
         return subprocess.call([sys.executable, "-m", "hf_fastkern.cli", "check"], env=env)
-    try:
-        from tests.tolerances import bound  # the one tolerance table, when run from a source checkout
-    except Exception:
-        bound = None
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if dev == "cuda" else (torch.float32, torch.bfloat16)
-    failures = 0
+    failures = fallbacks = 0
     print(f"checking kernels on {dev}" + (" (Triton interpreter)" if dev == "cpu" else ""))
     for name, fn, ref, make in _check_cases():
         for dt in dtypes:
             torch.manual_seed(0)
             xs = make(dt, dev)
             try:
-                out = fn(*xs).float()
+                # each fallback reason warns once per process: forget them, so this call's fallback is seen
+                dispatch.reset_warnings()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", dispatch.FastKernFallbackWarning)
+                    out = fn(*xs).float()
+                fell_back = [str(w.message) for w in caught if issubclass(w.category, dispatch.FastKernFallbackWarning)]
                 oracle = ref(*[x.double() if x.is_floating_point() else x for x in xs])
                 base = ref(*xs)
                 err = (out.double() - oracle).abs().max().item()
                 base_err = (base.double() - oracle).abs().max().item()
-                lim = bound(oracle, base_err, dt, "output") if bound is not None else None
-                ok = lim is None or err <= lim
-                status = "ok" if ok else "FAIL"
+                lim = harness.bound(oracle, base_err, dt, "output")
+                ok = err <= lim
                 failures += not ok
-                lim_s = f" bound {lim:.2e}" if lim is not None else ""
-                print(f"  {name:<27} {str(dt)[6:]:<9} {status:<4} max err {err:.2e} "
-                      f"(PyTorch same-dtype {base_err:.2e}){lim_s}")
+                path = f"{REFERENCE} fallback: {fell_back[0]}" if fell_back else _kernel_path(dev)
+                fallbacks += bool(fell_back)
+                print(f"  {name:<27} {str(dt)[6:]:<9} {'ok' if ok else 'FAIL':<4} max err {err:.2e} "
+                      f"(PyTorch same-dtype {base_err:.2e}) bound {lim:.2e}  [{path}]")
             except Exception as e:
                 failures += 1
                 print(f"  {name:<27} {str(dt)[6:]:<9} ERROR {type(e).__name__}: {str(e)[:150]}")
     print("all checks passed" if not failures else f"{failures} check(s) failed")
+    if fallbacks:
+        print(f"{fallbacks} of these checked a fallback, not the Triton kernel (the reason is in brackets)")
     return 1 if failures else 0
 
 
@@ -714,11 +759,12 @@ def check() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hf-fastkern", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="hf-fastkern", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="benchmarks beside the peers (tables, JSON, plot)")
     b.add_argument("targets", nargs="*", default=["all"], metavar="TARGET",
-                   help="ops | attention | ce | e2e | longctx | lora | sft | all (default: all)")
+                   help=" | ".join([*SECTIONS, "all"]) + " (default: all = " + ", ".join(ALL) + ")")
     b.add_argument("--quick", action="store_true", help="small sizes, fewer repetitions")
     b.add_argument("--json", help="write every row + environment + command to this file")
     b.add_argument("--out-dir", help="also write one <bench>.json per script here (e.g. benchmarks/results/h100)")
@@ -751,13 +797,13 @@ def main(argv: list[str] | None = None) -> int:
         # running trial subprocess is killed with us (subprocess.run kills its child on any exception)
         prev = _sigterm_to_exit()
         try:
-            run_bench(args.targets, quick=args.quick, json_path=args.json, out_dir=args.out_dir,
+            doc = run_bench(args.targets, quick=args.quick, json_path=args.json, out_dir=args.out_dir,
                       plot_path=args.plot, command=" ".join(["hf-fastkern"] + argv), budget_s=args.budget,
                       longctx_variants=variants, started=started)
         finally:
             if prev is not None:
                 signal.signal(signal.SIGTERM, prev)
-        return 0
+        return 1 if doc["failed"] else 0
     if args.cmd == "info":
         info(args.json)
         return 0

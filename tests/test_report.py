@@ -1,4 +1,4 @@
-"""benchmarks/report.py: README results block rendered from JSON, --check, plots."""
+"""benchmarks/report.py: README headline block and docs/results.md rendered from JSON, --check, plots."""
 import json
 
 import pytest
@@ -54,14 +54,27 @@ def results(tmp_path):
     return d, readme
 
 
+def _args(d, readme, *more):
+    """report.py's arguments for the temporary results, README and results page (docs/results.md beside it)."""
+    return ["--results", str(d), "--readme", str(readme), "--results-md", str(readme.parent / "docs" / "results.md"),
+            *more]
+
+
 def test_report_renders_readme_block(results, tmp_path):
     d, readme = results
-    assert report.main(["--results", str(d), "--readme", str(readme), "--plots", "none"]) == 0
+    assert report.main(_args(d, readme, "--plots", "none")) == 0
     text = readme.read_text()
     # only the block between the markers changed
     assert text.startswith("# proj\n\nintro\n\n## Results\n<!-- results:start -->\n")
     assert text.endswith("<!-- results:end -->\n\n## After\nkept\n")
     assert "old text" not in text
+    # the README holds the one headline table: ours, and ratios to the peers of the same run, the GPU named
+    assert text.count("\n| result |") == 1 and "<details>" not in text
+    assert "NVIDIA H100 80GB HBM3; torch 2.11.0+cu130, triton 3.6.0" in text
+    assert ("| train step, Llama 1.5B, B4 x 2048 | 51,200 tok/s, 28.5 GiB | 1.29x tok/s, 0.579x memory (SDPA) | "
+            "1.23x tok/s, 0.874x memory |") in text
+    # the full tables go to docs/results.md
+    text = (readme.parent / "docs" / "results.md").read_text()
     assert EXPECTED_HEADLINE in text
     assert "GPU: NVIDIA H100 80GB HBM3; torch 2.11.0+cu130, triton 3.6.0" in text
     # per-bench tables carry every row, without the bulky keys
@@ -71,18 +84,27 @@ def test_report_renders_readme_block(results, tmp_path):
     assert "trials" not in text
     assert "bytes_formula: `(2+3)*T*H*e`" in text  # the formula travels with its table
     # idempotent: the README is now up to date
-    assert report.main(["--results", str(d), "--readme", str(readme), "--plots", "none", "--check"]) == 0
+    assert report.main(_args(d, readme, "--plots", "none", "--check")) == 0
 
 
 def test_report_check_detects_stale_readme(results):
     d, readme = results
-    assert report.main(["--results", str(d), "--readme", str(readme), "--plots", "none", "--check"]) == 1
+    assert report.main(_args(d, readme, "--plots", "none", "--check")) == 1
     assert "old text" in readme.read_text()  # --check writes nothing
-    report.main(["--results", str(d), "--readme", str(readme), "--plots", "none"])
+    assert not (readme.parent / "docs" / "results.md").exists()
+    report.main(_args(d, readme, "--plots", "none"))
     rows = json.loads((d / "e2e.json").read_text())
     rows["rows"][2]["tok_per_s"] = 52000.0
     (d / "e2e.json").write_text(json.dumps(rows))
-    assert report.main(["--results", str(d), "--readme", str(readme), "--plots", "none", "--check"]) == 1
+    assert report.main(_args(d, readme, "--plots", "none", "--check")) == 1
+
+
+def test_report_check_detects_stale_results_page(results):
+    d, readme = results
+    report.main(_args(d, readme, "--plots", "none"))
+    page = readme.parent / "docs" / "results.md"
+    page.write_text(page.read_text().replace("51,200", "51,300"))
+    assert report.main(_args(d, readme, "--plots", "none", "--check")) == 1
 
 
 def test_report_without_markers_fails(results, tmp_path):
@@ -90,18 +112,19 @@ def test_report_without_markers_fails(results, tmp_path):
     bad = tmp_path / "BAD.md"
     bad.write_text("# no markers\n")
     with pytest.raises(SystemExit):
-        report.main(["--results", str(d), "--readme", str(bad), "--plots", "none"])
+        report.main(_args(d, bad, "--plots", "none"))
 
 
 def test_report_plots(results, tmp_path):
     pytest.importorskip("matplotlib")
     d, readme = results
     plots = tmp_path / "plots"
-    assert report.main(["--results", str(d), "--readme", str(readme), "--plots", str(plots)]) == 0
+    assert report.main(_args(d, readme, "--plots", str(plots))) == 0
     for name in ("e2e", "longctx", "rms_norm"):
         png = plots / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"![{name}](plots/{name}.png)" in readme.read_text()
+        # the page lives in docs/: its image links go back up to the plots
+        assert f"![{name}](../plots/{name}.png)" in (readme.parent / "docs" / "results.md").read_text()
 
 
 def test_report_headline_takes_the_newest_longctx_search_per_variant(results):
