@@ -11,8 +11,8 @@ its rounds. ``ratio = unpatched_ms / patched_ms`` (> 1: patched is faster; the t
 Real hidden sizes stay affordable with ``--layers`` (default 4: the per-layer work is the model's, the
 embedding and head are the full vocabulary's). Issue 21's four rows are cases ``issue21-*``.
 
-    python benchmarks/bench_guard.py --out guard.json [--quick] [--layers 4] [--cases NAME,...]
-    python benchmarks/bench_guard.py --cpu-smoke --out guard_smoke.json   (toy sizes, CPU, checks the script)
+    python -m benchmarks.bench_guard --out guard.json [--quick] [--layers 4] [--cases NAME,...]
+    python -m benchmarks.bench_guard --cpu-smoke --out guard_smoke.json   (toy sizes, CPU, checks the script)
 
 To register with ``hf-fastkern bench``: the module exposes ``main(argv)`` and ``run_cases(...)``; the registry
 entry is ``guard`` -> ``benchmarks/bench_guard.py`` (``--quick`` maps to the registry's quick mode).
@@ -30,13 +30,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-try:
-    from hf_fastkern.benchmarks.common import environment
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import environment
-
 from hf_fastkern import apply_fast_kernels, revert_fast_kernels
+
+from .harness import environment
 
 VOCAB = 32000
 
@@ -323,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
         # the kernel modules read TRITON_INTERPRET when imported: rerun this script with it set
         import subprocess
-        return subprocess.call([sys.executable, os.path.abspath(__file__)] + (argv if argv is not None else
+        return subprocess.call([sys.executable, "-m", __spec__.name] + (argv if argv is not None else
                                                                               sys.argv[1:]),
                                env=dict(os.environ, TRITON_INTERPRET="1"))
     if args.cpu_smoke:
@@ -352,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows = run_cases(cases, layers, device, rounds, steps)
     env = environment()
-    command = "python benchmarks/bench_guard.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.bench_guard " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = {"env": env, "command": command, "gpu": env.get("gpu") or "cpu", "secs": round(time.time() - t0, 1),
            "summary": summary(rows), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

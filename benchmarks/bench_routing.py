@@ -10,8 +10,8 @@ Rules: per family (fixed keys, one swept length), the interval between two neigh
 kernel only when the kernel won at both ends (by ``--margin``), and a family's variants (batch sizes, q_len 1
 and 16 for decoding) must all win; everything else, and everything outside the grid, is stock.
 
-    python benchmarks/bench_routing.py --out hf_fastkern/kernels/routing/h100.json [--quick] [--json rows.json]
-    python benchmarks/bench_routing.py --seed-from benchmarks/results/h100 --out hf_fastkern/kernels/routing/h100.json
+    python -m benchmarks.bench_routing --out hf_fastkern/kernels/routing/h100.json [--quick] [--json rows.json]
+    python -m benchmarks.bench_routing --seed-from benchmarks/results/h100 --out hf_fastkern/kernels/routing/h100.json
 
 ``--seed-from DIR`` builds a table from committed benchmark JSON instead (attention.json vs SDPA-cuDNN,
 rms_norm/layer_norm/activations.json vs torch eager), stating those files and their commands as provenance;
@@ -29,14 +29,10 @@ from typing import Any
 
 import torch
 
-try:
-    from hf_fastkern.benchmarks.common import bench_ms, environment
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import bench_ms, environment
-
 from hf_fastkern.kernels import activations, layer_norm, rms_norm, routing
 from hf_fastkern.patches import attention as fk
+
+from .harness import bench_ms, environment
 
 MARGIN = 1.02  # the kernel must be this much faster (stock_ms / kernel_ms) to be chosen: noise is not a win
 
@@ -317,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny grid on the CPU interpreter (checks the script)")
     ap.add_argument("--gpu-class", help="class name to write (default: this GPU's, or the seed's GPU)")
     args = ap.parse_args(argv)
-    command = "python benchmarks/bench_routing.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.bench_routing " + " ".join(argv if argv is not None else sys.argv[1:])
     env = environment()
     versions = {k: env.get(k) for k in ("torch", "triton", "transformers")}
     if args.seed_from:

@@ -26,15 +26,14 @@ ends). real_tok_per_s = non-padding tokens of the timed steps / their time (TRL'
 same rows). Without CUDA: a tiny model, short rows (median 24, cap 64), fp32, the same five variants: a
 harness smoke run, not a measurement.
 
-    PYTHONPATH=. python benchmarks/bench_sft.py --model 1.5b --json $OUT/sft_1p5b.json
-    PYTHONPATH=. python benchmarks/bench_sft.py --model 8b-lora --layers 8 --json $OUT/sft_8b_lora.json
+    python -m benchmarks.bench_sft --model 1.5b --json $OUT/sft_1p5b.json
+    python -m benchmarks.bench_sft --model 8b-lora --layers 8 --json $OUT/sft_8b_lora.json
     hf-fastkern bench sft
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -43,11 +42,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-try:
-    from hf_fastkern.benchmarks.common import emit_result, environment, print_table, save, worker_result
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import emit_result, environment, print_table, save, worker_result
+from .harness import emit_result, environment, print_table, save, worker_result
 
 VARIANTS = ("sdpa_padded", "sdpa_liger_padded", "sdpa_packed", "fastkern_padded", "fastkern_padding_free")
 MODELS = {
@@ -219,7 +214,7 @@ def add_sft_ratios(rows: list[dict]) -> None:
 
 def _spawn(variant: str, args: argparse.Namespace) -> dict:
     args.batch = args.batch or DEFAULT_BATCH[args.model]
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--model", args.model, "--batch",
+    cmd = [sys.executable, "-m", __spec__.name, "--worker", variant, "--model", args.model, "--batch",
            str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.layers:
         cmd += ["--layers", str(args.layers)]

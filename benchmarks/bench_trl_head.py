@@ -19,26 +19,19 @@ reference's max) at the main shape. Correctness gate: ``ok`` = loss within 1e-3 
 Without CUDA: a small shape (T=512, H=64, V=2048), wall-clock timings of the CPU paths (TRL's torch fallback,
 our PyTorch reference): a smoke run, not a measurement.
 
-    PYTHONPATH=. python benchmarks/bench_trl_head.py --json $OUT/trl_head.json
+    python -m benchmarks.bench_trl_head --json $OUT/trl_head.json
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-try:
-    from hf_fastkern.benchmarks.bench_cross_entropy import EXTRA, MAIN
-    from hf_fastkern.benchmarks.common import add_ratios, bench_ms, environment, peak_mib, print_table, save
-except ImportError:  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.bench_cross_entropy import EXTRA, MAIN
-    from benchmarks.common import add_ratios, bench_ms, environment, peak_mib, print_table, save
-
 from hf_fastkern.kernels.cross_entropy import fused_linear_cross_entropy
+
+from .bench_cross_entropy import EXTRA, MAIN
+from .harness import add_ratios, bench_ms, environment, peak_mib, print_table, save
 
 CPU_SHAPE = (512, 64, 2048)
 # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16 (vocab columns per tile)
