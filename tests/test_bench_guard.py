@@ -31,7 +31,7 @@ def test_cpu_smoke_writes_ratios(tmp_path):
     names = "gpt_neox-toy-train,llama-toy-lora,llama-toy-generate"
     assert bench_guard.main(["--cpu-smoke", "--out", str(out), "--cases", names]) == 0
     doc = json.loads(out.read_text())
-    assert doc["command"].startswith("python benchmarks/bench_guard.py --cpu-smoke")
+    assert doc["command"].startswith("python -m benchmarks.bench_guard --cpu-smoke")
     assert doc["env"]["torch"] and doc["gpu"] == "cpu"
     rows = doc["rows"]
     assert [r["name"] for r in rows] == names.split(",")
