@@ -32,7 +32,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_fastkern.kernels.dispatch import force_reference, interpret_mode
-from hf_fastkern.layers.common import Unsupported, down_parts, is_lora_linear
+from hf_fastkern.layers.common import PATCH_FLAG, Unsupported, down_parts, is_lora_linear
 from hf_fastkern.memory.offload import (
     activation_offloader,
     disable_activation_offload,
@@ -98,6 +98,11 @@ def _bind(ledger: Ledger, module: nn.Module, name: str, kind: str, factory: Forw
     if module in ledger.bound:
         return False
     label = f"{kind} {type(module).__name__} ({name})"
+    own = module.__dict__.get("forward")
+    if own is not None and not getattr(getattr(own, "__func__", own), PATCH_FLAG, False):
+        # accelerate's device-map / offload hooks live there: replacing it would skip moving inputs and weights
+        left.append((label, "has an instance-level forward (a hook library such as accelerate): left as it is"))
+        return False
     try:
         fn = factory(module, config)
     except Unsupported as e:
@@ -186,9 +191,12 @@ _PEFT_SEEN = "_hf_fastkern_peft_seen"
 
 def _peft_key(base: nn.Module) -> Any:
     """What changes when PEFT adds or removes an adapter: its registry on the model (``peft_config``, a dict set
-    by ``get_peft_model`` / ``inject_adapter_in_model`` / transformers' ``add_adapter``) and its size."""
+    by ``get_peft_model`` / ``inject_adapter_in_model`` / transformers' ``add_adapter``): the adapters' names and
+    config objects (an add and a delete between two forwards keep the count but change the names)."""
     cfg = base.__dict__.get("peft_config")
-    return None if cfg is None else (id(cfg), len(cfg) if hasattr(cfg, "__len__") else 0)
+    if not isinstance(cfg, dict):
+        return None if cfg is None else id(cfg)
+    return tuple((name, id(c)) for name, c in cfg.items())
 
 
 def _lora_pre_hook(module: nn.Module, args: tuple) -> None:

@@ -76,6 +76,7 @@ class _State:
         self.labels_pos = params.index("labels") if "labels" in params else None
         self.wrapper = None
         self.head_wrapper = None
+        self.reverted = False
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -175,6 +176,8 @@ def _make_head_forward():
 def _make_forward():
     def forward(self, *args, **kwargs):
         state = self.__dict__[_STATE]
+        if state.reverted:  # reverted while another wrapper (TRL, accelerate) sat over this one: pass through
+            return state.orig_forward(*args, **kwargs)
         return_logits = kwargs.pop("return_logits", False)
         if state.labels_pos is not None and len(args) > state.labels_pos:
             labels = args[state.labels_pos]
@@ -256,6 +259,7 @@ def enable_fused_loss(model: nn.Module) -> tuple[bool, str]:
     """
     model = unwrap(model)
     if _STATE in model.__dict__:
+        model.__dict__[_STATE].reverted = False  # a pass-through left by a revert under another wrapper: live again
         return True, ""
     why = _support_problem(model)
     if why:
@@ -281,19 +285,26 @@ def enable_fused_loss(model: nn.Module) -> tuple[bool, str]:
 def disable_fused_loss(model: nn.Module) -> None:
     """Undo enable_fused_loss on this instance (no-op if it was not enabled)."""
     model = unwrap(model)
-    state = model.__dict__.pop(_STATE, None)
-    if state is None:
+    state = model.__dict__.get(_STATE)
+    if state is None or state.reverted:
         return
     if model.__dict__.get("forward") is state.wrapper:
+        del model.__dict__[_STATE]
         if state.prev_forward is not None:
             model.forward = state.prev_forward
         else:
             del model.forward
+    else:
+        # another wrapper (TRL's fused LM head, an accelerate hook) was installed over ours and calls it: ours
+        # stays in the chain as a pass-through to the original forward instead of breaking that wrapper
+        state.reverted = True
+    state.capturing = False
     if state.head.__dict__.get("forward") is state.head_wrapper:
         del state.head.forward
-    state.head.__dict__.pop(_HEAD_STATE, None)
+        state.head.__dict__.pop(_HEAD_STATE, None)
 
 
 def fused_loss_enabled(model: nn.Module) -> bool:
     """True when enable_fused_loss is active on this instance."""
-    return _STATE in unwrap(model).__dict__
+    state = unwrap(model).__dict__.get(_STATE)
+    return state is not None and not state.reverted

@@ -41,14 +41,25 @@ def _decoder_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The decoder's forward with ``use_cache=False`` in a training forward that asked for no cache (see the
     module docstring of ``hf_fastkern.patches.training_cache``)."""
     # found through self, so a deepcopy of the model calls its own decoder
-    pos, own = self.__dict__[_GUARD_ATTR]
-    if _no_training_cache(self, pos, args, kwargs):
+    pos, own, active = self.__dict__[_GUARD_ATTR]
+    if active and _no_training_cache(self, pos, args, kwargs):
         kwargs["use_cache"] = False
     return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
 
 
 def _forget(decoder: nn.Module) -> None:
-    decoder.__dict__.pop(_GUARD_ATTR, None)
+    """Drop the guard's state, unless another wrapper (an accelerate hook) sat over the guard and still calls it:
+    then the guard stays in that chain as a pass-through."""
+    # runs after the guard binding's own undo (entries are undone last first)
+    fwd = decoder.__dict__.get("forward")
+    state = decoder.__dict__.get(_GUARD_ATTR)
+    if state is None:
+        return
+    still_called = fwd is not None and state[1] is not fwd
+    if still_called:
+        decoder.__dict__[_GUARD_ATTR] = (state[0], state[1], False)
+    else:
+        decoder.__dict__.pop(_GUARD_ATTR, None)
 
 
 def guard_training_cache(base: nn.Module, ledger: Ledger) -> bool:
@@ -64,7 +75,8 @@ def guard_training_cache(base: nn.Module, ledger: Ledger) -> bool:
         return False
     if "use_cache" not in sig.parameters:
         return False
-    decoder.__dict__[_GUARD_ATTR] = (list(sig.parameters).index("use_cache") - 1, decoder.__dict__.get("forward"))
+    decoder.__dict__[_GUARD_ATTR] = (list(sig.parameters).index("use_cache") - 1, decoder.__dict__.get("forward"),
+                                     True)
     ledger.record(Change("training_cache_state", _forget, decoder, shown=False))
     # a fresh function object per model, to carry that model's signature: callers that inspect the decoder's
     # forward (Trainer, PEFT) see the original one
