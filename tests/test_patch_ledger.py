@@ -230,3 +230,34 @@ def test_sft_trainer_peft_config_takes_fused_path(tmp_path):
     assert rep.count("lora_linear") == 7 * LLAMA.kwargs["num_hidden_layers"], str(rep)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(x)) for x in losses)
+
+
+def test_revert_restores_each_sub_config_attention():
+    """A composite model whose parts use different attention implementations gets each one back."""
+    text = transformers.LlamaConfig(**{**LLAMA.kwargs, "num_hidden_layers": 1})
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8)
+    model = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=255))
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+    apply_fast_kernels(model)
+    assert model.config.text_config._attn_implementation == "fastkern"
+    revert_fast_kernels(model)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "eager"
+
+
+def test_revert_under_another_wrapper_leaves_a_working_model():
+    """A hook library (accelerate) or TRL wrapped the model's forward after patching: revert must not break the
+    chain that still calls ours; the model then computes the unpatched result."""
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    ids, labels = batch()
+    model = build(LLAMA).train()
+    want = model(input_ids=ids, labels=labels)
+    apply_fast_kernels(model)
+    accelerate_hooks.add_hook_to_module(model, accelerate_hooks.ModelHook())
+    accelerate_hooks.add_hook_to_module(model.model, accelerate_hooks.ModelHook())
+    revert_fast_kernels(model)
+    got = model(input_ids=ids, labels=labels)
+    assert got.logits is not None  # the standard loss path, not the fused one
+    torch.testing.assert_close(got.loss, want.loss)

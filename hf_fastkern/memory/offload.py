@@ -81,6 +81,7 @@ class ActivationOffloader:
         self.hidden_size = hidden_size
         self.min_bytes = min_bytes
         self.stats = OffloadStats()
+        self.warned_no_ckpt = False  # the "checkpointing is off" warning, once per model
         self._last: _Handle | None = None
         self._by_key: dict[tuple, tuple[weakref.ref, _Handle]] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
@@ -224,9 +225,6 @@ def _hidden_size(model: nn.Module) -> int | None:
     return None
 
 
-_warned_no_ckpt = False
-
-
 def enable_activation_offload(model: nn.Module, min_bytes: int = DEFAULT_MIN_BYTES) -> ActivationOffloader | None:
     """Offload the checkpointed layer inputs of ``model``'s decoder stack(s) to pinned host memory.
 
@@ -255,11 +253,11 @@ def _hook_stack(owner: nn.Module, layers: nn.ModuleList, offloader: ActivationOf
     active: list[bool] = []
 
     def pre(module: nn.Module, args: tuple) -> None:
-        global _warned_no_ckpt
         on = module.training and torch.is_grad_enabled() and \
             any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
-        if module.training and torch.is_grad_enabled() and not on and not _warned_no_ckpt:
-            _warned_no_ckpt = True
+        # once per model (not per process: another model in the process still gets its warning)
+        if module.training and torch.is_grad_enabled() and not on and not offloader.warned_no_ckpt:
+            offloader.warned_no_ckpt = True
             warnings.warn("hf_fastkern: activation offload acts on checkpointed layer inputs only; gradient "
                           "checkpointing is off, so nothing is offloaded (enable it, e.g. Trainer's "
                           "gradient_checkpointing=True)", stacklevel=2)

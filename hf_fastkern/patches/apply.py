@@ -239,7 +239,18 @@ def _own_config(outer: nn.Module, base: nn.Module) -> None:
             m.__dict__["config"] = mine
 
 
-def _reset_attention(base: nn.Module, previous: str) -> None:
+def _attention_of(config: PretrainedConfig) -> str | dict:
+    """The attention implementation per (sub-)config, in ``set_attn_implementation``'s dict form when a composite
+    config's parts differ (a vision tower on eager beside a text model on sdpa), so revert restores each."""
+    own = config._attn_implementation
+    subs = {k: getattr(config, k) for k in getattr(config, "sub_configs", {}) or {}}
+    parts = {k: _attention_of(c) for k, c in subs.items() if isinstance(c, PretrainedConfig)}
+    if all(v == own for v in parts.values()):
+        return own
+    return {"": own, **parts}
+
+
+def _reset_attention(base: nn.Module, previous: str | dict) -> None:
     base.set_attn_implementation(previous)
 
 
@@ -254,7 +265,7 @@ def _attention_problem(model: nn.Module) -> str:
 def _switch_attention(outer: nn.Module, base: nn.Module, ledger: Ledger, left: list[tuple[str, str]]) -> None:
     why = _attention_problem(base)
     if not why:
-        previous = base.config._attn_implementation
+        previous = _attention_of(base.config)
         if previous != "fastkern":
             _own_config(outer, base)
         try:
