@@ -75,8 +75,12 @@ def _peers(h, w, y, with_compile: bool):
     return impls
 
 
-def _measure(name, fn, h, w, T, H, V, ref, chunk=None, grad_ref=None) -> dict:
-    row = {"bench": "flce", "T": T, "H": H, "V": V, "impl": name, "chunk": chunk, "dtype": "bf16",
+def measure_loss(name, fn, h, w, T, H, V, ref, chunk=None, grad_ref=None, *, bench: str = "flce",
+                 dtype: str = "bf16", warmup: int = 100, rep: int = 400) -> dict:
+    """One row: ``fn()`` -> a scalar loss of ``h`` [T, H] and ``w`` [V, H], correctness-gated against ``ref`` (and
+    the gradients ``grad_ref``), then its forward and fwd+bwd medians and peak memory. Shared with
+    bench_trl_head."""
+    row = {"bench": bench, "T": T, "H": H, "V": V, "impl": name, "chunk": chunk, "dtype": dtype,
            "flops_formula": "6*T*H*V (fwd+bwd)"}
     try:
         h.grad = w.grad = None
@@ -90,8 +94,8 @@ def _measure(name, fn, h, w, T, H, V, ref, chunk=None, grad_ref=None) -> dict:
             row["grad_err_dw"] = ((w.grad.float() - dw_ref).abs().max() / dw_ref.abs().max()).item()
         del loss
         h.grad = w.grad = None
-        row["fwd_ms"] = bench_ms(fn, warmup=100, rep=400)
-        row["fwdbwd_ms"] = bench_ms(lambda: fn().backward(), grad_to_none=[h, w], warmup=100, rep=400)
+        row["fwd_ms"] = bench_ms(fn, warmup=warmup, rep=rep)
+        row["fwdbwd_ms"] = bench_ms(lambda: fn().backward(), grad_to_none=[h, w], warmup=warmup, rep=rep)
         row["TFLOPs"] = 6 * T * H * V / row["fwdbwd_ms"] / 1e9
         h.grad = w.grad = None
         row["peak_MiB"] = peak_mib(lambda: fn().backward())
@@ -100,7 +104,8 @@ def _measure(name, fn, h, w, T, H, V, ref, chunk=None, grad_ref=None) -> dict:
         row["error"] = f"{type(e).__name__}: {e}"[:300]
         row["ok"] = False
         h.grad = w.grad = None
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return row
 
 
@@ -128,14 +133,14 @@ def _run_shape(T: int, H: int, V: int, sweep_chunks: list[int] | None, peers: bo
     ref = _fp32_reference(h, w, y)
     grad_ref = _grad_reference(h, w, y) if main else None
     chunk = default_chunk(T, V, 2)
-    rows.append(_measure("fastkern", lambda: fused_linear_cross_entropy(h, w, y), h, w, T, H, V, ref,
+    rows.append(measure_loss("fastkern", lambda: fused_linear_cross_entropy(h, w, y), h, w, T, H, V, ref,
                          chunk=chunk, grad_ref=grad_ref))
     print_table(rows[-1:], COLS)
     grad_ref = None
     torch.cuda.empty_cache()
     for c in (sweep_chunks or []) if main else []:
         if c != chunk:
-            rows.append(_measure("fastkern", lambda c=c: fused_linear_cross_entropy(h, w, y, chunk_size=c),
+            rows.append(measure_loss("fastkern", lambda c=c: fused_linear_cross_entropy(h, w, y, chunk_size=c),
                                  h, w, T, H, V, ref, chunk=c))
             print_table(rows[-1:], COLS)
     if peers:
@@ -143,7 +148,7 @@ def _run_shape(T: int, H: int, V: int, sweep_chunks: list[int] | None, peers: bo
             if fn is None:
                 rows.append({"bench": "flce", "T": T, "H": H, "V": V, "impl": name, "error": err, "ok": False})
             else:
-                rows.append(_measure(name, fn, h, w, T, H, V, ref))
+                rows.append(measure_loss(name, fn, h, w, T, H, V, ref))
             print_table(rows[-1:], COLS)
             torch.cuda.empty_cache()
     return rows

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from hf_fastkern.kernels.cross_entropy import fused_linear_cross_entropy
 
-from .bench_cross_entropy import EXTRA, MAIN
-from .harness import add_ratios, bench_ms, environment, peak_mib, print_table, save
+from .bench_cross_entropy import EXTRA, MAIN, measure_loss
+from .harness import add_ratios, environment, print_table, save
 
 CPU_SHAPE = (512, 64, 2048)
 # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16 (vocab columns per tile)
@@ -97,36 +97,6 @@ def _impls(h, w, y) -> dict:
     return impls
 
 
-def _measure(name, fn, h, w, T, H, V, ref, grads) -> dict:
-    row = {"bench": "trl_head", "T": T, "H": H, "V": V, "impl": name, "dtype": str(h.dtype).replace("torch.", ""),
-           "flops_formula": "6*T*H*V (fwd+bwd)"}
-    try:
-        h.grad = w.grad = None
-        loss = fn()
-        row["loss_rel_err"] = abs(loss.item() - ref) / abs(ref)
-        row["ok"] = row["loss_rel_err"] <= 1e-3
-        if grads is not None:
-            loss.backward()
-            dh_ref, dw_ref = grads
-            row["grad_err_dh"] = ((h.grad.float() - dh_ref).abs().max() / dh_ref.abs().max()).item()
-            row["grad_err_dw"] = ((w.grad.float() - dw_ref).abs().max() / dw_ref.abs().max()).item()
-        del loss
-        h.grad = w.grad = None
-        row["fwd_ms"] = bench_ms(fn, warmup=50, rep=200)
-        row["fwdbwd_ms"] = bench_ms(lambda: fn().backward(), grad_to_none=[h, w], warmup=50, rep=200)
-        row["TFLOPs"] = 6 * T * H * V / row["fwdbwd_ms"] / 1e9
-        h.grad = w.grad = None
-        row["peak_MiB"] = peak_mib(lambda: fn().backward())
-        h.grad = w.grad = None
-    except Exception as e:  # an implementation that fails is a row with its error, never a crash of the run
-        row["error"] = f"{type(e).__name__}: {e}"[:300]
-        row["ok"] = False
-        h.grad = w.grad = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return row
-
-
 def run(quick: bool = False) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [CPU_SHAPE] if device == "cpu" else [MAIN] if quick else [MAIN, *EXTRA]
@@ -140,7 +110,8 @@ def run(quick: bool = False) -> list[dict]:
                 rows.append({"bench": "trl_head", "T": T, "H": H, "V": V, "impl": name, "error": fn[1],
                              "ok": False})
             else:
-                rows.append(_measure(name, fn, h, w, T, H, V, ref, grads))
+                rows.append(measure_loss(name, fn, h, w, T, H, V, ref, grad_ref=grads, bench="trl_head",
+                                         dtype=str(h.dtype).replace("torch.", ""), warmup=50, rep=200))
             print_table(rows[-1:], COLS)
         del h, w, y, dh, dw
         if device == "cuda":
