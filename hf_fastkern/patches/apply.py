@@ -56,7 +56,7 @@ from hf_fastkern.patches.ledger import (
     new_ledger,
     unwrap,
 )
-from hf_fastkern.patches.loss import disable_fused_loss, enable_fused_loss
+from hf_fastkern.patches.loss import disable_fused_loss, enable_fused_loss, fused_loss_status
 from hf_fastkern.patches.recipe import RECIPES, ForwardFactory, Recipe
 from hf_fastkern.patches.training_cache import guard_training_cache
 
@@ -289,7 +289,7 @@ def _fuse_loss(base: nn.Module, ledger: Ledger, left: list[tuple[str, str]]) -> 
     except Exception as e:  # the loss patch must never break a model that works
         ok, why = False, f"enable_fused_loss raised {type(e).__name__}: {e}"
     if ok:
-        ledger.record(Change("cross_entropy", disable_fused_loss, base))
+        ledger.record(Change("cross_entropy", disable_fused_loss, base, status=fused_loss_status))
     else:
         left.append(("cross_entropy", why))
 

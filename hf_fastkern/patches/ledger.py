@@ -83,13 +83,18 @@ class ForwardBinding(Entry):
 
 
 class Change(Entry):
-    """Any other change: ``undo`` is ``undo_fn(*args)``, a module-level function and the objects it needs."""
+    """Any other change: ``undo`` is ``undo_fn(*args)``, a module-level function and the objects it needs;
+    ``status(*args)`` (optional, module-level too) says why the change does not act now ("" when it does)."""
 
-    def __init__(self, kind: str, undo_fn: Callable[..., Any], *args: Any, shown: bool = True) -> None:
-        self.kind, self.undo_fn, self.args, self.shown = kind, undo_fn, args, shown
+    def __init__(self, kind: str, undo_fn: Callable[..., Any], *args: Any, shown: bool = True,
+                 status: Callable[..., str] | None = None) -> None:
+        self.kind, self.undo_fn, self.args, self.shown, self.status = kind, undo_fn, args, shown, status
 
     def undo(self) -> None:
         self.undo_fn(*self.args)
+
+    def fallback(self) -> str:
+        return self.status(*self.args) if self.status is not None else ""
 
 
 @dataclass

@@ -304,6 +304,27 @@ def disable_fused_loss(model: nn.Module) -> None:
         state.head.__dict__.pop(_HEAD_STATE, None)
 
 
+def _is_trl_fused_forward(fwd) -> bool:
+    # by its code object: functools.wraps gives TRL's wrapper the model forward's name and module
+    code = getattr(getattr(fwd, "__func__", fwd), "__code__", None)
+    return code is not None and code.co_name == "_fused_forward" and "trl" in code.co_filename
+
+
+def fused_loss_status(model: nn.Module) -> str:
+    """Why the fused loss does not compute this model's training loss now ("" when it does): TRL's fused LM head
+    (``trl.trainer.utils.add_fused_lm_head``, installed by its trainers) answers every training call it makes with
+    ``fused_lm_head=True``, and this wrapper steps aside for those, unless hf_fastkern's own head was put in its
+    place (``FastKernels(lm_head="fastkern")``, which marks the model)."""
+    state = model.__dict__.get(_STATE)
+    if state is None or state.reverted:
+        return "not enabled"
+    if "_hf_fastkern_trl_head" in model.__dict__:
+        return ""
+    if _is_trl_fused_forward(model.__dict__.get("forward")) or _is_trl_fused_forward(state.prev_forward):
+        return "TRL's fused LM head computes the training loss (its trainers call with fused_lm_head=True)"
+    return ""
+
+
 def fused_loss_enabled(model: nn.Module) -> bool:
     """True when enable_fused_loss is active on this instance."""
     state = unwrap(model).__dict__.get(_STATE)
