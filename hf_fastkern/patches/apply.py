@@ -206,7 +206,7 @@ def _lora_pre_hook(module: nn.Module, args: tuple) -> None:
         return
     module.__dict__[_PEFT_SEEN] = key
     ledger = ledger_of(module)
-    if ledger is not None:
+    if ledger is not None and ledger.options.get("lora", True):  # a later apply(lora=False) turns it off
         _scan_lora(module, ledger)
 
 

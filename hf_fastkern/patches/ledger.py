@@ -125,10 +125,6 @@ class PatchReport:
     def changed(self) -> bool:
         return any(self.patched.values())
 
-    @property
-    def left(self) -> list[tuple[str, str]]:
-        return self.skipped
-
     def __str__(self) -> str:
         head = f"hf_fastkern: {self.model_type} (recipe: {self.recipe or 'generic'})"
         lines = [head + (f" via {self.wrapper}" if self.wrapper else "")]
