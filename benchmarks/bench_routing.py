@@ -131,6 +131,50 @@ def seed_rules(src: str) -> tuple[dict[str, list[dict]], list[str], dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# rules from measured rows (several runs, each within the device's time limit)
+
+
+def _family_of(row: dict) -> tuple[dict, str, int]:
+    """(fixed match, sweep key, sweep value) of a measured row. Rows written before rows carried their family
+    (attention only) are mapped the way ``attention_grid`` builds them."""
+    if "family" in row:
+        fam = row["family"]
+        return fam["fixed"], fam["sweep"], fam["x"]
+    if row["op"] != "attention":
+        raise ValueError(f"row without its family: {row}")
+    fixed = {"kind": row["kind"], "head_dim": row["d"], "causal": True, "window": bool(row.get("window")),
+             "softcap": bool(row.get("softcap")), "grad": bool(row["grad"])}
+    if row["kind"] == "decode":
+        fixed = {"kind": "decode", "head_dim": row["d"], "q_len": [1, 16], "causal": True, "window": False,
+                 "softcap": False, "grad": False}
+    return fixed, "kv_len", row["kv_len"]
+
+
+def rules_from_rows(rows: list[dict], source: str) -> dict[str, list[dict]]:
+    """Rules per family from measured rows: a point's ratio is its worst variant's (out of memory counts as a
+    loss); a later row of the same case replaces an earlier one."""
+    fams: dict[tuple[str, str, str], dict[int, dict[str, float]]] = {}
+    fixed_of: dict[tuple[str, str, str], dict] = {}
+    for r in rows:
+        fixed, sweep, x = _family_of(r)
+        key = (r["op"], json.dumps(fixed, sort_keys=True), sweep)
+        fixed_of[key] = fixed
+        case = json.dumps({k: v for k, v in r.items() if k in ("b", "h", "hk", "d", "sq", "sk", "window",
+                                                                "softcap", "t", "n")}, sort_keys=True)
+        fams.setdefault(key, {}).setdefault(x, {})[case] = 0.0 if "error" in r else float(r["ratio"])
+    rules: dict[str, list[dict]] = {}
+    for (op, _, sweep), pts in fams.items():
+        worst = [(x, min(cases.values())) for x, cases in pts.items()]
+        rules.setdefault(op, []).extend(family_rules(op, fixed_of[(op, _, sweep)], sweep, worst, source))
+    return rules
+
+
+def merge_rules(first: dict[str, list[dict]], then: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """``first``'s rules ahead of ``then``'s, per op (the first matching rule decides)."""
+    return {op: first.get(op, []) + then.get(op, []) for op in dict.fromkeys([*first, *then])}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # measuring on this device
 
 
@@ -261,13 +305,28 @@ def _norm_fn(op: str, t: int, n: int, grad: bool, dev: str):
     return (lambda: layer_norm.layer_norm(x, w, b, 1e-5)), [x, w, b] if grad else []
 
 
-def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print) -> tuple[dict[str, list[dict]], list[dict]]:
+PARTS = ("attention-train", "attention-forward", "decode", "norms")
+
+
+def _part_of(op: str, fixed: dict) -> str:
+    if op != "attention":
+        return "norms"
+    if fixed["kind"] == "decode":
+        return "decode"
+    return "attention-train" if fixed["grad"] else "attention-forward"
+
+
+def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print, parts: tuple[str, ...] = PARTS,
+            flush: Callable[[list[dict]], None] | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Measure the grid's families in ``parts``; ``flush(rows)`` after each family (a time limit keeps them)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     rows: list[dict] = []
     rules: dict[str, list[dict]] = {"attention": [], "rms_norm": [], "layer_norm": [], "glu": []}
     src = "bench_routing.py, stock vs kernel in one process"
 
     def one(op: str, fixed: dict, sweep: str, pts: list, make: Callable[[dict], tuple]) -> None:
+        if _part_of(op, fixed) not in parts:
+            return
         found = []
         for x, variants in pts:
             worst = None
@@ -277,19 +336,22 @@ def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print) -> tup
                     t = _timed(fn, fixed.get("grad", False), leaves)
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
-                    rows.append({"op": op, **fixed, sweep: x, **kw, "error": "out of memory"})
+                    rows.append({"op": op, **fixed, sweep: x, **kw, "error": "out of memory",
+                                 "family": {"fixed": fixed, "sweep": sweep, "x": x}})
                     worst = 0.0
                     continue
                 ratio = t[routing.STOCK] / t[routing.KERNEL]
                 rows.append({"op": op, **{k: v for k, v in fixed.items() if not isinstance(v, list)}, sweep: x,
                              **kw, "stock_ms": t[routing.STOCK], "kernel_ms": t[routing.KERNEL],
-                             "ratio": ratio})
+                             "ratio": ratio, "family": {"fixed": fixed, "sweep": sweep, "x": x}})
                 log(f"{op} {fixed} {sweep}={x} {kw}: stock {t['stock']:.3f} ms, kernel {t['kernel']:.3f} ms, "
                     f"ratio {ratio:.2f}")
                 worst = ratio if worst is None else min(worst, ratio)
             if worst is not None:
                 found.append((x, worst))
         rules[op] += family_rules(op, fixed, sweep, found, src)
+        if flush is not None:
+            flush(rows)
 
     for fixed, sweep, pts in attention_grid(quick, smoke):
         grad = fixed["grad"]
@@ -307,37 +369,62 @@ def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print) -> tup
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="routing table JSON to write")
-    ap.add_argument("--json", help="also write every measured row here")
+    ap.add_argument("--json", help="also write every measured row here (rewritten after each family)")
     ap.add_argument("--quick", action="store_true", help="a smaller grid (~2 minutes on an H100)")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma-separated parts of the grid to measure: any of {', '.join(PARTS)}")
     ap.add_argument("--seed-from", help="build the table from committed results in this folder instead")
+    ap.add_argument("--from-rows", help="comma-separated rows files (--json of earlier runs): their families' "
+                                        "rules come first, ahead of --seed-from's")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny grid on the CPU interpreter (checks the script)")
     ap.add_argument("--gpu-class", help="class name to write (default: this GPU's, or the seed's GPU)")
     args = ap.parse_args(argv)
     command = "python -m benchmarks.bench_routing " + " ".join(argv if argv is not None else sys.argv[1:])
+    parts = tuple(p for p in args.parts.split(",") if p)
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        ap.error(f"unknown --parts {bad}; choose from {', '.join(PARTS)}")
     env = environment()
     versions = {k: env.get(k) for k in ("torch", "triton", "transformers")}
-    if args.seed_from:
-        rules, used, src_env = seed_rules(args.seed_from)
-        gpu = src_env.get("gpu", "unknown")
+    if args.seed_from or args.from_rows:
+        rules: dict[str, list[dict]] = {}
+        notes, gpu, src_env = [], "unknown", {}
+        if args.from_rows:
+            for path in args.from_rows.split(","):
+                doc = json.load(open(path))
+                src_env = doc.get("env", src_env)
+                gpu = src_env.get("gpu", gpu)
+                rules = merge_rules(rules, rules_from_rows(doc["rows"], f"{os.path.basename(path)}: "
+                                                                        "bench_routing.py, stock vs kernel"))
+                notes.append(f"measured by bench_routing.py on {src_env.get('gpu')} at {src_env.get('time_utc')} "
+                             f"(torch {src_env.get('torch')}, triton {src_env.get('triton')}): {path} "
+                             f"({doc.get('command')}), {len(doc['rows'])} rows")
+        if args.seed_from:
+            seeded, used, seed_env = seed_rules(args.seed_from)
+            rules = merge_rules(rules, seeded)
+            src_env = src_env or seed_env
+            gpu = src_env.get("gpu", gpu)
+            notes.append("after those, seeded from committed results not measured by bench_routing.py: "
+                         + "; ".join(used) + ". Cases nothing here covers route to stock.")
         cls = args.gpu_class or routing.gpu_class_of_name(gpu)
         prov = provenance(command, gpu, {k: src_env.get(k) for k in ("torch", "triton", "transformers")},
-                          src_env.get("time_utc", ""),
-                          "seeded from committed results, not measured by bench_routing.py: " + "; ".join(used)
-                          + ". Cases they do not cover (head_dim 256, decoding, padding, packing, windows, "
-                          "softcap, other sizes) route to stock until bench_routing.py measures them.")
+                          src_env.get("time_utc", ""), " ".join(notes))
     else:
         if not torch.cuda.is_available() and not args.cpu_smoke:
             ap.error("measuring needs a CUDA GPU (or --cpu-smoke for a check of the script)")
         if args.cpu_smoke:
             os.environ.setdefault("TRITON_INTERPRET", "1")
         t0 = time.time()
-        rules, rows = measure(args.quick, args.cpu_smoke)
+
+        def flush(rows: list[dict]) -> None:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"env": env, "command": command, "rows": rows}, f, indent=1)
+        rules, rows = measure(args.quick, args.cpu_smoke, parts=parts, flush=flush)
+        flush(rows)
         gpu = env.get("gpu", "cpu") if torch.cuda.is_available() else "cpu (smoke test, not a routing table)"
         cls = args.gpu_class or (routing.gpu_class(None) if torch.cuda.is_available() else "cpu-smoke")
         prov = provenance(command, gpu, versions, env["time_utc"], f"measured in {time.time() - t0:.0f} s")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"env": env, "command": command, "rows": rows}, f, indent=1)
     doc = table_doc(cls, prov, rules)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -288,3 +288,28 @@ def test_gpu_attention_follows_this_gpus_table(monkeypatch):
         baseline = reference.attention(q.detach(), k.detach(), v.detach(), causal=True).transpose(1, 2)
         assert_close(out.detach(), oracle, baseline, torch.bfloat16, name=f"{kind} d{d} {sq}x{sk} ({want})")
     routing.reset()
+
+
+def test_rules_from_rows_merge_runs_and_keep_the_worst_variant(tmp_path):
+    """Rows of several bench_routing runs (each within the device's time limit) make one table: a point's ratio
+    is its worst variant's, out of memory is a loss, and measured rules come ahead of seeded ones."""
+    fixed = {"kind": "decode", "head_dim": 128, "q_len": [1, 16], "causal": True, "window": False,
+             "softcap": False, "grad": False}
+
+    def row(x, b, ratio=None, error=None):
+        r = {"op": "attention", "kind": "decode", "b": b, "d": 128, "sq": 1, "sk": x, "kv_len": x,
+             "family": {"fixed": fixed, "sweep": "kv_len", "x": x}}
+        r.update({"error": error} if error else {"ratio": ratio})
+        return r
+    rows = [row(512, 1, 1.5), row(512, 16, 1.2), row(2048, 1, 1.6), row(2048, 16, 1.1),
+            row(8192, 1, 1.4), row(8192, 16, error="out of memory")]
+    # a row written before rows carried their family (the 2026-12-07 forward rows): mapped like attention_grid
+    old = {"op": "attention", "kind": "packed", "b": 8, "h": 16, "hk": 4, "d": 128, "sq": 2048, "sk": 2048,
+           "grad": False, "kv_len": 2048, "ratio": 3.0}
+    rules = bench_routing.rules_from_rows(rows + [old], "rows.json")
+    seeded = {"attention": [{"match": {"kind": "decode"}, "choice": "kernel", "ratio": 9.0, "source": "seed"}]}
+    t = routing.parse_table(_doc(bench_routing.merge_rules(rules, seeded)), "x")
+    dec = lambda kv: t.decide("attention", _attn(kind="decode", q_len=1, kv_len=kv, grad=False))[0]  # noqa: E731
+    assert [dec(kv) for kv in (512, 1024, 2048, 4096, 8192)] == ["kernel", "kernel", "kernel", "stock", "stock"]
+    assert dec(100_000) == "kernel"  # outside the measured grid: the seeded rule after them decides
+    assert t.decide("attention", _attn(kind="packed", q_len=2048, kv_len=2048, grad=False))[0] == "kernel"
