@@ -28,7 +28,7 @@ from hf_fastkern.kernels.dispatch import (
     entry_key,
     use_kernel,
 )
-from hf_fastkern.kernels.rms_norm import leading_rows, records_grad
+from hf_fastkern.kernels.routing import leading_rows, records_grad
 
 # Activation codes (constexpr in the kernels).
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2

@@ -37,14 +37,13 @@ from hf_fastkern.kernels.rms_norm import (
     BWD_CONFIGS,
     FWD_CONFIGS,
     MAX_FUSED_HIDDEN,
-    leading_rows,
     prune_by_elems_per_thread,
-    records_grad,
     row_class,
     row_tile,
     rows_view,
     sum_partials,
 )
+from hf_fastkern.kernels.routing import leading_rows, records_grad
 
 # ----------------------------------------------------------------------------------------------------------
 # kernels

@@ -27,7 +27,6 @@ any stride. Offsets are int64, so tokens * hidden may exceed 2**31.
 """
 import functools
 import math
-import operator
 from typing import Optional
 
 import torch
@@ -52,6 +51,7 @@ from hf_fastkern.kernels.dispatch import (
     entry_key,
     use_kernel,
 )
+from hf_fastkern.kernels.routing import leading_rows, records_grad
 
 # Widest row kept entirely in registers (fp32: 64 KiB per row across up to 32 warps).
 MAX_FUSED_HIDDEN = 65536
@@ -252,11 +252,6 @@ def rows_view(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def leading_rows(x: torch.Tensor) -> int:
-    """Product of the leading dimensions (works on fake tensors' symbolic shapes, and for hidden == 0)."""
-    return functools.reduce(operator.mul, x.shape[:-1], 1)
-
-
 def _round_w(weight: Optional[torch.Tensor], offset: float, cast_before_weight: bool) -> bool:
     return weight is not None and cast_before_weight and offset != 0.0 and weight.dtype != torch.float32
 
@@ -370,11 +365,6 @@ class RMSNormFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------------------------------------
 # public entry
-
-
-def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    """Will autograd record this call (the routing table keeps forward-only and training cases apart)?"""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _kernel_check(x: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple[bool, str]:

@@ -29,12 +29,14 @@ Decisions are cached per (GPU class, op, case), so a call pays one dictionary lo
 """
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -175,6 +177,20 @@ def gpu_class_of_name(name: str) -> str:
         if w != "nvidia" and re.fullmatch(r"[a-z]+\d+[a-z]*", w) and not re.fullmatch(r"\d+gb|hbm\d*|sxm\d*", w):
             return w
     return "-".join(w for w in words if w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# case keys the call sites compute
+
+
+def leading_rows(x: torch.Tensor) -> int:
+    """Product of the leading dimensions (works on fake tensors' symbolic shapes, and for hidden == 0)."""
+    return functools.reduce(operator.mul, x.shape[:-1], 1)
+
+
+def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Will autograd record this call (the routing table keeps forward-only and training cases apart)?"""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # (device index) -> class; (class, env path) -> table or None. Filled lazily, never at import.
