@@ -273,7 +273,9 @@ def smoke_cases() -> list[Case]:
     return out
 
 
-def run_cases(cases: list[Case], layers: int, device: str, rounds: int, steps: int, log=print) -> list[dict]:
+def run_cases(cases: list[Case], layers: int, device: str, rounds: int, steps: int, log=print,
+              flush=None) -> list[dict]:
+    """One row per case; ``flush(rows)`` after each (a time limit keeps the rows measured so far)."""
     rows = []
     for c in cases:
         t0 = time.time()
@@ -293,6 +295,8 @@ def run_cases(cases: list[Case], layers: int, device: str, rounds: int, steps: i
         else:
             log(f"{c.name}: sdpa {row['sdpa_ms']:.1f} ms, fastkern {row['fastkern_ms']:.1f} ms, "
                 f"ratio {row['ratio']:.3f} ({row['secs']} s)")
+        if flush is not None:
+            flush(rows)
     return rows
 
 
@@ -346,14 +350,17 @@ def main(argv: list[str] | None = None) -> int:
         # tiny CPU runs: no autocast (CPU bf16 matmuls are slow and not what the guard measures)
         cases = [replace(c, autocast=False) for c in cases]
     t0 = time.time()
-    rows = run_cases(cases, layers, device, rounds, steps)
     env = environment()
     command = "python -m benchmarks.bench_guard " + " ".join(argv if argv is not None else sys.argv[1:])
-    doc = {"env": env, "command": command, "gpu": env.get("gpu") or "cpu", "secs": round(time.time() - t0, 1),
-           "summary": summary(rows), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
+
+    def write(rows: list[dict]) -> dict:
+        doc = {"env": env, "command": command, "gpu": env.get("gpu") or "cpu",
+               "secs": round(time.time() - t0, 1), "summary": summary(rows), "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        return doc
+    doc = write(run_cases(cases, layers, device, rounds, steps, flush=write))
     s = doc["summary"]
     print(f"wrote {args.out}: {s['measured']}/{s['cases']} cases, min ratio {s['min_ratio']}, "
           f"below 0.98: {s['below_0.98']}")
