@@ -39,6 +39,7 @@ from hf_fastkern.memory.offload import (
     enable_activation_offload,
 )
 from hf_fastkern.patches import recipes  # noqa: F401  (fills RECIPES)
+from hf_fastkern.patches.attention import attention_status
 from hf_fastkern.patches.factories import (
     chunked_mlp_factory,
     generic_rms_factory,
@@ -275,7 +276,7 @@ def _switch_attention(outer: nn.Module, base: nn.Module, ledger: Ledger, left: l
     if why:
         left.append(("attention", why))
         return
-    ledger.record(Change("attention", _reset_attention, base, previous))
+    ledger.record(Change("attention", _reset_attention, base, previous, status=attention_status))
     guard_training_cache(base, ledger)
 
 

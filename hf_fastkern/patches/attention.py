@@ -635,6 +635,17 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
 # registration
 
 
+def attention_status(model: torch.nn.Module, previous=None) -> str:
+    """Why the switched attention runs SDPA for this model's calls now ("" when the kernel can take them), for
+    the report: float32 weights hand the kernel float32 q/k/v, which fall back to SDPA unless the forward runs
+    under bf16/fp16 autocast (then q/k/v are cast first). Per-case routing (``hf-fastkern info``) is not
+    repeated here: it is a per-call choice of the faster path, not a fallback."""
+    p = next(model.parameters(), None)
+    if p is not None and p.dtype == torch.float32 and p.is_floating_point():
+        return "float32 weights: attention runs SDPA unless the forward runs under bf16/fp16 autocast"
+    return ""
+
+
 def register_fastkern_attention() -> None:
     """Idempotent: registers "fastkern" in AttentionInterface and AttentionMaskInterface, together."""
     try:
