@@ -267,19 +267,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device: a tiny CPU smoke run of the harness; numbers need a GPU")
+    extra = {"method": __doc__.split("Variants")[0].strip(), "lengths": LENGTHS, "prompt_fraction": PROMPT_FRACTION}
+    if not torch.cuda.is_available():
+        extra["note"] = "no GPU: tiny CPU smoke run"
     rows = []
     for v in filter(None, args.variants.split(",")):
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
         rows.append(_spawn(v, args))
         print_table(rows[-1:], COLS)
-    add_sft_ratios(rows)
+        add_sft_ratios(rows)
+        save(args.json, rows, extra)  # after each variant: a time limit keeps the rows measured so far
     print()
     print_table(rows, COLS)
-    extra = {"method": __doc__.split("Variants")[0].strip(), "lengths": LENGTHS, "prompt_fraction": PROMPT_FRACTION}
-    if not torch.cuda.is_available():
-        extra["note"] = "no GPU: tiny CPU smoke run"
-    save(args.json, rows, extra)
     print("environment:", environment())
     return 0
 

@@ -46,3 +46,14 @@ def _seed():
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_FAIL_LOG = os.environ.get("HF_FASTKERN_FAIL_LOG")
+
+
+def pytest_runtest_logreport(report):
+    """With ``HF_FASTKERN_FAIL_LOG=path``, each failure's traceback is appended to that file as it happens (also
+    under pytest-xdist), so a GPU run stopped by the device's time limit still says what failed and why."""
+    if _FAIL_LOG and report.failed:
+        with open(_FAIL_LOG, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
