@@ -21,7 +21,7 @@ from transformers import (
 )
 
 import hf_fastkern  # noqa: F401  (registers "fastkern")
-from hf_fastkern.kernels import dispatch, reference
+from hf_fastkern.kernels import dispatch, reference, routing
 from hf_fastkern.patches import attention as fk
 from tests.harness import LOW, dtype_ids
 from tests.tolerances import assert_close
@@ -587,6 +587,7 @@ def test_gpu_auto_backend_routes_dense_on_hopper(monkeypatch):
     """The default backend ("auto") on an H100: dense causal attention of a 2K-token Llama runs SDPA (cuDNN),
     matches the sdpa model by the tolerance rule; deterministic mode keeps the kernel."""
     monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "auto")
+    monkeypatch.setenv(routing.MODE_ENV, "table")  # conftest pins "kernel" for the kernel tests; this tests "auto"
     hopper = torch.cuda.get_device_capability()[0] == 9
     torch.manual_seed(0)
     cfg = make_config("llama", head_dim=128, heads=4, kv_heads=2)
