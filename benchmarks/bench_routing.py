@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                 gpu = src_env.get("gpu", gpu)
                 rules = merge_rules(rules, rules_from_rows(doc["rows"], f"{os.path.basename(path)}: "
                                                                         "bench_routing.py, stock vs kernel"))
-                notes.append(f"measured by bench_routing.py on {src_env.get('gpu')} at {src_env.get('time_utc')} "
+                when = f" at {src_env['time_utc']}" if src_env.get("time_utc") else ""
+                notes.append(f"measured by bench_routing.py on {src_env.get('gpu')}{when} "
                              f"(torch {src_env.get('torch')}, triton {src_env.get('triton')}): {path} "
                              f"({doc.get('command')}), {len(doc['rows'])} rows")
         if args.seed_from:

@@ -151,13 +151,17 @@ def test_shipped_tables_parse_and_carry_provenance():
     for p in paths:
         t = routing.read_table(p)
         assert t.gpu_class == p.stem
-        assert t.provenance["command"].startswith("python benchmarks/bench_routing.py")
+        assert t.provenance["command"].startswith("python -m benchmarks.bench_routing")
     h100 = routing.read_table(routing.ROUTING_DIR / "h100.json")
-    # issue 21's rows: head_dim 256 and decoding are not vouched for by the committed measurements -> SDPA
+    # measured (docs/routing.md): head_dim 256 dense training 0.28x SDPA, dense head_dim 128 0.68x -> SDPA;
+    # packed training 3.0x at 2K, padded 1.9x at 4K, window 3.0x at 8K -> the kernel
     assert h100.decide("attention", _attn(head_dim=256, q_len=4096, kv_len=4096))[0] == "stock"
-    assert h100.decide("attention", _attn(kind="decode", q_len=1, kv_len=32768, grad=False))[0] == "stock"
-    # cuDNN beats the kernel on the measured dense shapes
     assert h100.decide("attention", _attn(q_len=4096, kv_len=4096))[0] == "stock"
+    assert h100.decide("attention", _attn(kind="packed"))[0] == "kernel"
+    assert h100.decide("attention", _attn(kind="padded", q_len=4096, kv_len=4096))[0] == "kernel"
+    assert h100.decide("attention", _attn(window=True, q_len=8192, kv_len=8192))[0] == "kernel"
+    # decoding was never measured against SDPA: stock
+    assert h100.decide("attention", _attn(kind="decode", q_len=1, kv_len=32768, grad=False))[0] == "stock"
 
 
 def test_describe_prints_the_table(table, monkeypatch, capsys):
