@@ -559,11 +559,13 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     def bshd():
         return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
-    def stock(kind: str, mask: torch.Tensor | None = attention_mask):
-        """None when the routing table keeps this call on our kernel, else the stock path's result."""
+    def stock(kind: str, mask=lambda: attention_mask):
+        """None when the routing table keeps this call on our kernel, else the stock path's result. ``mask``
+        builds the mask the stock path needs, only when it runs (packed calls build segment ids from cu_seqlens:
+        allocations the kernel path does not need, in every layer)."""
         if not _route_to_stock(query, kind, causal, sq, sk, window, softcap):
             return None
-        return _stock(module, query, key, value, mask, dropout, scaling, causal, window, softcap, kwargs)
+        return _stock(module, query, key, value, mask(), dropout, scaling, causal, window, softcap, kwargs)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if attention_mask is None and cu_q is not None and cu_k is not None:
@@ -571,7 +573,7 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         if cu_q.numel() < 2 or int(cu_q.shape[0]) != int(cu_k.shape[0]) or sq != sk:
             raise ValueError(f"cu_seq_lens_q / cu_seq_lens_k must have shape (n_seq + 1,) each, with q_len == "
                              f"kv_len, got {tuple(cu_q.shape)}, {tuple(cu_k.shape)} for q_len {sq}, kv_len {sk}")
-        if (res := stock("packed", _segments_from_cu(cu_q, b * sq).view(b, sq))) is not None:
+        if (res := stock("packed", lambda: _segments_from_cu(cu_q, b * sq).view(b, sq))) is not None:
             return res
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
         max_q = int(max_q) if max_q is not None else int(cu_q.diff().max())
@@ -591,7 +593,7 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         # Not while compiling (it would break the graph in every layer); SDPA does not detect this case either.
         meta = _cached(pos, ("pos",), lambda: _segment_meta(_segments_from_positions(pos.reshape(1, -1))))
         if meta.cu_q.numel() > 2:
-            if (res := stock("packed", _segments_from_cu(meta.cu_q, sq))) is not None:
+            if (res := stock("packed", lambda: _segments_from_cu(meta.cu_q, sq))) is not None:
                 return res
             q, k, v = bshd()
             out = _kernels.flash_attention_varlen(q.reshape(sq, h, d), k.reshape(sk, -1, d), v.reshape(sk, -1, d),
