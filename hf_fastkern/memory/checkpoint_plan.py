@@ -107,7 +107,7 @@ class CheckpointPlan:
     def describe(self) -> str:
         counts = ", ".join(f"{m} x{n}" for m, n in self.counts().items())
         layers = "".join(_LETTER[m] for m in self.modes)
-        fit = "" if self.fits else " (does NOT fit: every layer offloaded is the least this can do)"
+        fit = "" if self.fits else " (does NOT fit: the least memory the planner found)"
         return (f"{counts} for {self.tokens} tokens/step [{layers}]; estimated peak "
                 f"{_size(self.peak_bytes)} of {_size(self.budget_bytes)} budget ({self.source} per-token costs){fit}")
 
@@ -140,9 +140,9 @@ def plan_checkpointing(memory: MemoryModel, budget_bytes: float, tokens: int) ->
     """Per-layer modes for a step of ``tokens`` tokens under ``budget_bytes`` (see the module docstring).
 
     Order of preference: no recompute; the cheap parts of as few layers as possible; whole layers (from the first
-    up); their inputs offloaded. A move that saves nothing (a ``cheap`` that keeps as much as ``keep``, when the
-    model has no lean MLP) is skipped. When even every layer offloaded does not fit, that plan comes back with
-    ``fits=False``.
+    up); their inputs offloaded (from the first up). A move that does not lower the estimated peak is skipped (a
+    ``cheap`` that keeps as much as ``keep``, when the model has no lean MLP; checkpointing the top layer). When the
+    last plan reached still does not fit, it comes back with ``fits=False``.
     """
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or \
             not math.isfinite(budget_bytes) or budget_bytes <= 0:
@@ -154,12 +154,17 @@ def plan_checkpointing(memory: MemoryModel, budget_bytes: float, tokens: int) ->
     modes = ["keep"] * len(memory.layers)
     peak = estimate_peak(memory, modes, tokens)
     for target in ("cheap", "full", "offload"):
-        for i, cost in enumerate(memory.layers):
+        for i in range(len(modes)):
             if peak <= budget_bytes:
                 break
-            if cost.of(target) < cost.of(modes[i]) or (target == "full" and modes[i] in ("keep", "cheap")):
-                modes[i] = target
-                peak = estimate_peak(memory, modes, tokens)
+            if MODES.index(target) <= MODES.index(modes[i]):
+                continue
+            trial = [*modes[:i], target, *modes[i + 1:]]
+            trial_peak = estimate_peak(memory, trial, tokens)
+            # only moves that lower the peak: checkpointing the top layer does not (its recompute's transient sits
+            # on all the layers below), nor does a cheap mode that keeps what keep keeps
+            if trial_peak < peak:
+                modes, peak = trial, trial_peak
     return CheckpointPlan(tuple(modes), tokens, float(budget_bytes), peak, peak <= budget_bytes, memory.source)
 
 
