@@ -361,3 +361,70 @@ def test_second_apply_changes_the_mode(reference):
     ids, labels = batch()
     model(input_ids=ids, labels=labels).loss.backward()
     assert [c[0] for c in calls] == [1] * 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: the measured calibration and the budget against max_memory_allocated
+
+GPU_LLAMA = Arch("llama", "LlamaForCausalLM", "LlamaConfig",
+                 _llama_like(hidden=2048, heads=32, kv=8, inter=8192, layers=8) | {"vocab_size": 32000,
+                                                                                     "max_position_embeddings": 4096},
+                 2)
+
+
+def _gpu_model():
+    model = build(GPU_LLAMA, dtype=torch.bfloat16, init_std=0.02).cuda()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return _lora(model).train()
+
+
+def _gpu_step(model, bsz, seq):
+    ids = torch.randint(3, 32000, (bsz, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(seq))
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.gpu
+def test_gpu_auto_calibrates_and_keeps_everything_with_the_default_budget():
+    model = _gpu_model()
+    apply_fast_kernels(model, checkpoint="auto")
+    _gpu_step(model, 2, 2048)
+    planner = checkpoint_planner(model.get_base_model())
+    print("\n" + planner.describe())
+    assert planner.measured is not None and not planner.calibration_error
+    assert planner.plan.source == "measured" and planner.plan.modes == ("keep",) * 8
+    analytic = planner.analytic()
+    for a, m in zip(analytic.layers, planner.measured.layers):
+        print(f"per token per layer: analytic keep {a.keep:.0f} cheap {a.cheap:.0f}, "
+              f"measured keep {m.keep:.0f} cheap {m.cheap:.0f} full {m.full:.0f}")
+        assert m.keep > m.cheap > m.full > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", [0.6, 0.3], ids=["mixed_cheap", "mixed_full"])
+def test_gpu_budget_holds_against_the_measured_peak(share):
+    """A budget between all-full and all-keep: the plan mixes modes, and the step's real peak stays under it."""
+    model = _gpu_model()
+    apply_fast_kernels(model, checkpoint="full")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    _gpu_step(model, 2, 2048)
+    low = torch.cuda.max_memory_allocated()
+    apply_fast_kernels(model, checkpoint="keep")
+    torch.cuda.reset_peak_memory_stats()
+    _gpu_step(model, 2, 2048)
+    high = torch.cuda.max_memory_allocated()
+    budget = low + share * (high - low)
+    apply_fast_kernels(model, checkpoint="auto", memory_budget_gib=budget / GIB)
+    _gpu_step(model, 2, 2048)  # calibrates and plans
+    torch.cuda.reset_peak_memory_stats()
+    _gpu_step(model, 2, 2048)
+    peak = torch.cuda.max_memory_allocated()
+    planner = checkpoint_planner(model.get_base_model())
+    print(f"\nall full {low / GIB:.2f} GiB, all keep {high / GIB:.2f} GiB, budget {budget / GIB:.2f} GiB, "
+          f"auto peak {peak / GIB:.2f} GiB: {planner.describe()}")
+    assert len(set(planner.plan.modes)) > 1, planner.describe()
+    assert peak <= budget, f"peak {peak / GIB:.2f} GiB over the budget {budget / GIB:.2f} GiB"
