@@ -363,6 +363,26 @@ def test_second_apply_changes_the_mode(reference):
     assert [c[0] for c in calls] == [1] * 4
 
 
+def test_deepcopy_carries_a_planner_of_its_own(reference):
+    """TRL deep-copies the patched model for its reference model: the copy plans and reverts on its own."""
+    import copy
+
+    model = _model(False)
+    fake = MemoryModel((COST,) * 4, 0.0, source="fake")
+    apply_fast_kernels(model, checkpoint="auto", memory_budget_gib=5000 / GIB, memory_model=fake)
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    twin = copy.deepcopy(model)
+    planner, twin_planner = checkpoint_planner(model), checkpoint_planner(twin)
+    assert twin_planner is not planner and twin_planner is checkpoint_planner(twin.model)
+    assert all(a is b for a, b in zip(twin_planner.layers, twin.model.layers))
+    calls = _mlp_calls(twin)
+    twin(input_ids=ids, labels=labels).loss.backward()
+    assert [c[0] for c in calls] == [2, 2, 1, 1]
+    revert_fast_kernels(twin)
+    assert checkpoint_planner(twin) is None and checkpoint_planner(model) is planner
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: the measured calibration and the budget against max_memory_allocated
 
