@@ -105,6 +105,16 @@ def test_smaller_budgets_never_recompute_less():
         last = plan.modes
 
 
+def test_backward_workspace_sits_on_top_of_the_layers_below():
+    w = LayerCost(keep=100.0, cheap=60.0, full=10.0, workspace=30.0)
+    mm = MemoryModel((w,) * 4, 0.0, source="fake")
+    # the top layer's backward: every layer still holds its activations, plus the top layer's temporaries
+    assert estimate_peak(mm, ["keep"] * 4, 1) == 400 + 30
+    # checkpointed first layer: nothing below it, its input + recompute + temporaries (10 + 60 + 30) < the top's
+    assert estimate_peak(mm, ["full", "keep", "keep", "keep"], 1) == 10 + 300 + 30
+    assert plan_checkpointing(mm, 420, 1).modes == ("cheap", "keep", "keep", "keep")
+
+
 def test_per_token_and_fixed_bytes_count():
     mm = MemoryModel((COST,) * 2, fixed_bytes=50.0, per_token_bytes=7.0, source="fake")
     assert estimate_peak(mm, ["keep", "keep"], 3) == 50 + 3 * (7 + 200)
@@ -131,6 +141,7 @@ def test_analytic_cost_of_a_lean_mlp():
     cfg = build(LLAMA4).config  # hidden 64, 4 heads / 2 KV heads of 16, intermediate 128
     c = analytic_layer_cost(cfg, 2, lean_mlp=True)
     assert c.keep - c.cheap == 2 * 128 and c.full == 2 * 64 and c.offload == 0
+    assert c.workspace == 2 * 3 * 128  # the MLP backward's dh, dg, du outweigh attention's dO, dq, dk, dv
     assert analytic_layer_cost(cfg, 2, lean_mlp=False).cheap == c.keep
 
 

@@ -71,6 +71,8 @@ class LayerCost:
     cheap: float
     full: float
     offload: float = 0.0
+    workspace: float = 0.0
+    """what the layer's backward holds for a moment beyond what it keeps (its gradient temporaries)."""
 
     def of(self, mode: str) -> float:
         return getattr(self, mode)
@@ -119,18 +121,18 @@ def _size(n: float) -> str:
 def estimate_peak(memory: MemoryModel, modes: Sequence[str], tokens: int) -> float:
     """The step's estimated peak in bytes under ``modes``.
 
-    The larger of (a) the end of the forward, every layer holding what its mode keeps, and (b) for each
-    checkpointed layer ``i``, its backward: the layers below still hold theirs (the ones above are freed), its
-    input is on the device again and the recompute holds the layer's activations at the ``cheap`` level (the
-    lean paths run inside the recompute).
+    The larger of (a) the end of the forward, every layer holding what its mode keeps, and (b) for each layer
+    ``i``, its backward: the layers below still hold theirs (the ones above are freed), the layer holds what it
+    kept plus its gradient temporaries (``workspace``); a checkpointed layer has its input on the device again and
+    its recompute holds the layer's activations at the ``cheap`` level (the lean paths run inside the recompute).
     """
     if len(modes) != len(memory.layers):
         raise ValueError(f"modes has {len(modes)} entries for {len(memory.layers)} layers")
     peak = below = 0.0
     held = [c.of(m) for c, m in zip(memory.layers, modes)]
     for c, m, h in zip(memory.layers, modes, held):
-        if m in ("full", "offload"):
-            peak = max(peak, below + c.full + c.cheap)
+        during = c.full + c.cheap if m in ("full", "offload") else h
+        peak = max(peak, below + during + c.workspace)
         below += h
     peak = max(peak, below)
     return memory.fixed_bytes + tokens * (memory.per_token_bytes + peak)
@@ -204,6 +206,8 @@ def analytic_layer_cost(config: Any, act_bytes: int, lean_mlp: bool) -> LayerCos
     input (3H + H), q and k after RoPE and v (Q + 2 KV), the attention output and its copy into ``o_proj`` (2 Q), the
     MLP's ``g``, ``u`` and ``h`` (3 I), in the activation dtype; two fp32 norm statistics and the attention's fp32
     log-sum-exp per head. cheap: without ``h`` when the MLP is lean. full: the layer input. offload: nothing.
+    workspace: the larger of the MLP backward's ``dh, dg, du`` (3 I) and the attention backward's ``dO, dq, dk,
+    dv`` (2 Q + 2 KV).
     """
     h = _first_int(config, ("hidden_size", "n_embd", "d_model"))
     if h is None:
@@ -215,7 +219,9 @@ def analytic_layer_cost(config: Any, act_bytes: int, lean_mlp: bool) -> LayerCos
     q, kvd = heads * head_dim, kv * head_dim
     keep = act_bytes * (4 * h + 3 * q + 2 * kvd + 3 * inter) + 4 * (2 + heads)
     cheap = keep - act_bytes * inter if lean_mlp else keep
-    return LayerCost(keep=float(keep), cheap=float(cheap), full=float(act_bytes * h), offload=0.0)
+    workspace = act_bytes * max(3 * inter, 2 * q + 2 * kvd)
+    return LayerCost(keep=float(keep), cheap=float(cheap), full=float(act_bytes * h), offload=0.0,
+                     workspace=float(workspace))
 
 
 def analytic_memory_model(model: nn.Module, config: Any, lean: Sequence[bool], act_bytes: int,
@@ -253,12 +259,13 @@ class _SaveCounter:
 
 
 def measure_memory_model(planner: CheckpointPlanner, model: nn.Module, run: Callable[[int], Any],
-                         tokens: tuple[int, int]) -> MemoryModel:
+                         tokens: tuple[int, int], workspace: Sequence[float] | None = None) -> MemoryModel:
     """Per-token costs measured on ``model``: ``run(n)`` (one training forward over ``n`` tokens) at the two
     token counts, with every layer ``keep`` and then ``cheap``; autograd's saved tensors counted per layer
     (each storage once, parameters and buffers excluded). The slope between the two counts is the cost per token,
     the intercepts (autocast's weight copies, LoRA weight gradients a fused loss computes early) join the fixed
-    bytes. ``full`` is the layer input's bytes per token as seen at the call, ``offload`` zero.
+    bytes. ``full`` is the layer input's bytes per token as seen at the call, ``offload`` zero; ``workspace``
+    (backward's temporaries, which a forward cannot see) is taken as given, per layer (default zero).
 
     This counts what the step holds between forward and backward on any device (CPU included); transient
     workspaces are what the budget's margin is for.
@@ -308,7 +315,8 @@ def measure_memory_model(planner: CheckpointPlanner, model: nn.Module, run: Call
     costs = []
     for i in range(n):
         keep = slope("keep", i)
-        costs.append(LayerCost(keep=keep, cheap=min(keep, slope("cheap", i)), full=inputs[i], offload=0.0))
+        costs.append(LayerCost(keep=keep, cheap=min(keep, slope("cheap", i)), full=inputs[i], offload=0.0,
+                               workspace=workspace[i] if workspace is not None else 0.0))
     a, b = measured["keep"]
     intercept = sum(max(0.0, a[i] - slope("keep", i) * t1) for i in range(n + 1))
     return MemoryModel(tuple(costs), static_bytes(model) + intercept, slope("keep", n), "measured")
@@ -458,7 +466,8 @@ class CheckpointPlanner:
         try:
             # the measurement's forwards must not move the RNG the training step draws dropout masks from
             with torch.random.fork_rng(devices=devices):
-                self.measured = measure_memory_model(self, model, self.calibrate, self.calibrate_tokens)
+                workspace = [c.workspace for c in self.analytic().layers]
+                self.measured = measure_memory_model(self, model, self.calibrate, self.calibrate_tokens, workspace)
         except Exception as e:  # a model the measurement cannot drive still gets the analytic plan
             self.calibration_error = f"{type(e).__name__}: {e}"
             warnings.warn(f"hf_fastkern: checkpoint calibration failed, planning from analytic costs: "
