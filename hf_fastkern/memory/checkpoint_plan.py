@@ -387,11 +387,14 @@ class CheckpointPlanner:
             return (self.forced,) * len(self.layers)
         if self.mode != "auto":
             return (self.mode,) * len(self.layers)
-        if self.plan is None or (tokens is not None and tokens > self.plan.tokens):
+        if tokens is None:
+            # a call that names no input_ids / inputs_embeds / positional input: the plan if there is one, else
+            # what transformers' checkpointing does (no plan can be made without the tokens per step)
+            return self.plan.modes if self.plan is not None else ("full",) * len(self.layers)
+        if self.plan is None or tokens > self.plan.tokens:
             if self.budget_bytes is None:
                 self.budget_bytes = default_budget_bytes(device)
-            n = tokens if tokens is not None else (self.plan.tokens if self.plan else 1)
-            self.plan = plan_checkpointing(self.memory_model(), self.budget_bytes, n)
+            self.plan = plan_checkpointing(self.memory_model(), self.budget_bytes, tokens)
             self.plans_made += 1
             if not self.plan.fits and not self.warned_fit:
                 self.warned_fit = True
