@@ -339,14 +339,16 @@ def _shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]  # type: ignore[misc]
 
 
-def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS, progress=None) -> list[dict]:
-    """Rows for every variant and shape (GPU: one subprocess per variant). ``quick``: 1 warm-up + 3 timed steps."""
+def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS, progress=None,
+        budget_gib: float | None = None) -> list[dict]:
+    """Rows for every variant and shape (GPU: one subprocess per variant). ``quick``: 1 warm-up + 3 timed steps.
+    ``budget_gib``: fastkern_auto's budget (None: :func:`auto_budget`'s default)."""
     if not torch.cuda.is_available():
         return cpu_smoke()
     args = _parser().parse_args(["--steps", "3" if quick else "5", "--warmup", "1" if quick else "2"])
     rows = []
     for v in variants:
-        rows += _spawn(v, args, auto_budget(rows, None) if v.endswith("_auto") else None)
+        rows += _spawn(v, args, auto_budget(rows, budget_gib) if v.endswith("_auto") else None)
         if progress is not None:
             progress(v)
     add_lora_ratios(rows)
