@@ -308,6 +308,42 @@ def test_plan_is_remade_when_steps_grow(reference):
     assert planner.plans_made == 2
 
 
+def test_a_step_over_the_budget_corrects_the_estimate_and_replans(reference):
+    """The real peak of a step (CUDA: max_memory_allocated; injected here) above the estimate and the budget:
+    the difference joins the fixed bytes and the next step runs a new plan."""
+    model = _model(False)
+    fake = MemoryModel((COST,) * 4, 0.0, source="fake")
+    apply_fast_kernels(model, checkpoint="auto", memory_budget_gib=5000 / GIB, memory_model=fake)
+    planner = checkpoint_planner(model)
+    running_max = [100]
+    planner.peak_reader = lambda: running_max[0]
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert planner.plan.modes == ("full", "full", "cheap", "cheap") and planner.plan.peak_bytes == 4480
+    running_max[0] = 6000  # the step really peaked at 6000 bytes
+    with pytest.warns(UserWarning, match="over the .* budget"):
+        model(input_ids=ids, labels=labels).loss.backward()
+    assert planner.correction == 6000 - 4480
+    assert planner.plan.modes == ("full", "full", "full", "cheap") and planner.plan.peak_bytes == 1520 + 2880
+    assert "from a measured step" in planner.describe()
+    # the running maximum did not rise: nothing learned, the plan stays
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert planner.correction == 1520 and planner.plans_made == 2 and planner.checks_left == 0
+
+
+def test_a_step_under_the_estimate_changes_nothing(reference):
+    model = _model(False)
+    fake = MemoryModel((COST,) * 4, 0.0, source="fake")
+    apply_fast_kernels(model, checkpoint="auto", memory_budget_gib=5000 / GIB, memory_model=fake)
+    planner = checkpoint_planner(model)
+    reads = iter([100, 4000, 4000, 4000, 4100])  # per step: checked at its start, watched from its stack call
+    planner.peak_reader = lambda: next(reads)
+    ids, labels = batch()
+    for _ in range(3):
+        model(input_ids=ids, labels=labels).loss.backward()
+    assert planner.correction == 0 and planner.plans_made == 1
+
+
 def test_model_flags_only_change_during_a_training_forward(reference):
     model = _model(False)
     model.gradient_checkpointing_enable()

@@ -31,10 +31,13 @@ Three parts:
    Trainer's ``gradient_checkpointing_enable`` (called at train start, possibly after the patch) sets the
    model's own flags, and the plan still wins at every forward; after revert the model's own flags show again.
    The plan is made at the first training forward and made again whenever a step brings more tokens than the
-   plan was made for. Only training forwards with grad enabled are touched.
+   plan was made for. Only training forwards with grad enabled are touched. On CUDA the first steps' real
+   peaks (``max_memory_allocated``, read, never reset) are compared with the estimate: an estimate found low is
+   corrected, and a plan whose step went over the budget is made again.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -325,6 +328,9 @@ def measure_memory_model(planner: CheckpointPlanner, model: nn.Module, run: Call
 # ----------------------------------------------------------------------------------------------------------
 # the applier
 
+# training steps after the first plan whose real peak (CUDA: max_memory_allocated) is compared with the estimate
+PEAK_CHECKS = 3
+
 
 def _offloaded(offloader: ActivationOffloader, inner: Callable, fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """An offload layer's checkpoint: what the checkpoint saves (the layer's inputs) goes to host memory. Inside
@@ -377,10 +383,48 @@ class CheckpointPlanner:
         self.plans_made = 0
         # measure off CUDA too (the CPU tests); by default a model off CUDA plans from the analytic costs
         self.calibrate_off_cuda = False
+        # the step's real peak: a reader of the running maximum of allocated bytes (CUDA's max_memory_allocated;
+        # tests inject one), what it read when the step under a plan began, the upward correction learned so far
+        self.peak_reader: Callable[[], int] | None = None
+        self.watch: tuple[CheckpointPlan, int] | None = None
+        self.checks_left = PEAK_CHECKS
+        self.correction = 0.0
 
     # -- deciding -----------------------------------------------------------------------------------------------
     def memory_model(self) -> MemoryModel:
-        return self.given or self.measured or self.analytic()
+        memory = self.given or self.measured or self.analytic()
+        if self.correction:
+            memory = dataclasses.replace(memory, fixed_bytes=memory.fixed_bytes + self.correction,
+                                         source=f"{memory.source}, +{_size(self.correction)} from a measured step")
+        return memory
+
+    def check_peak(self) -> None:
+        """Compare the last step's real peak with the plan's estimate (never resetting the process's peak
+        statistics): when the running maximum rose during the step, it is that step's peak. An estimate found low
+        by more than it should be is corrected upward (fixed bytes), and the plan made again when the real peak
+        went over the budget. Checks :data:`PEAK_CHECKS` steps (the optimizer's state appears after the first)."""
+        if self.watch is None or self.peak_reader is None:
+            return
+        plan, before = self.watch
+        self.watch = None
+        now = self.peak_reader()
+        if now <= before or now <= plan.peak_bytes:
+            return
+        self.correction += now - plan.peak_bytes
+        if now > plan.budget_bytes and self.plan is plan:
+            self.plan = None
+            warnings.warn(f"hf_fastkern: a step under the checkpoint plan peaked at {_size(now)}, over the "
+                          f"{_size(plan.budget_bytes)} budget (estimated {_size(plan.peak_bytes)}): planning again "
+                          f"with the difference added", stacklevel=3)
+
+    def start_watch(self, device: torch.device) -> None:
+        if self.mode != "auto" or self.plan is None or self.checks_left <= 0 or self.forced is not None:
+            return
+        if self.peak_reader is None and device.type == "cuda":
+            self.peak_reader = functools.partial(torch.cuda.max_memory_allocated, device)
+        if self.peak_reader is not None:
+            self.checks_left -= 1
+            self.watch = (self.plan, self.peak_reader())
 
     def modes_for(self, tokens: int | None, device: torch.device) -> tuple[str, ...]:
         if self.forced is not None:
@@ -485,6 +529,7 @@ def _training(module: nn.Module) -> bool:
 def _model_pre_hook(module: nn.Module, args: tuple) -> None:
     planner: CheckpointPlanner = module.__dict__[_ATTR]
     if planner.mode == "auto" and planner.forced is None and _training(module):
+        planner.check_peak()
         planner.run_calibration(module)
 
 
@@ -497,6 +542,7 @@ def _stack_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     device = p.device if p is not None else torch.device("cpu")
     modes = planner.modes_for(_tokens_of(args, kwargs), device)
     planner.active.append(planner.enforce(module, modes))
+    planner.start_watch(device)
 
 
 def _stack_post_hook(module: nn.Module, args: tuple, output: Any) -> None:
