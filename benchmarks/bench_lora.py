@@ -13,6 +13,10 @@ sdpa's.
   sdpa+liger        liger_kernel.transformers.apply_liger_kernel_to_llama() before the model is built
   fastkern          attn_implementation="fastkern" + apply_fast_kernels(peft_model)
   fastkern_offload  the same + offload_activations=True (the checkpointed layer inputs in pinned host memory)
+  fastkern_auto     fastkern + checkpoint="auto" (hf_fastkern.memory.checkpoint_plan: per layer keep / cheap /
+                    full / offload) under a budget: ``--budget-gib``, else the smallest peak of the sdpa rows of
+                    this run (sdpa listed before it), else the card's free memory minus a margin. The rows carry
+                    the plan chosen (``checkpoint_plan``) and the budget (``budget_GiB``).
 In the long-context search both fastkern variants also run the MLP in token chunks (mlp_chunk_tokens=16384: no
 [seq, 14336] tensor at once; at 147K tokens that is ~20 GiB of g, u and their gradients per layer otherwise).
 ``--longctx`` adds the longest trainable batch-1 sequence per variant (bench_longctx.py's search: one subprocess
@@ -41,7 +45,7 @@ from .bench_longctx import run_trial, search
 from .harness import emit_result, prepare_variant, print_table, save, worker_result
 
 VARIANTS = ("sdpa", "sdpa+liger", "fastkern")
-ALL_VARIANTS = VARIANTS + ("fastkern_offload", "fastkern_prepeft")
+ALL_VARIANTS = VARIANTS + ("fastkern_offload", "fastkern_prepeft", "fastkern_auto")
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                 tie_word_embeddings=False)
@@ -64,18 +68,20 @@ METHOD = ("random-init Llama-3.1-8B shape, bf16 weights, PEFT LoRA r=16 alpha=32
 
 
 def parse_variant(v: str) -> tuple[str, bool]:
-    """'fastkern_offload' -> ('fastkern', True); 'fastkern_prepeft' (patched before get_peft_model) -> ('fastkern',
-    False), read by :func:`build_model`."""
-    v = v.removesuffix("_prepeft")
+    """'fastkern_offload' -> ('fastkern', True); 'fastkern_prepeft' (patched before get_peft_model) and
+    'fastkern_auto' (checkpoint="auto") -> ('fastkern', False), read by :func:`build_model`."""
+    v = v.removesuffix("_prepeft").removesuffix("_auto")
     if v.endswith("_offload"):
         return v[: -len("_offload")], True
     return v, False
 
 
-def build_model(variant: str, cfg_kwargs: dict, device: str, longctx: bool = False):
+def build_model(variant: str, cfg_kwargs: dict, device: str, longctx: bool = False,
+                budget_gib: float | None = None):
     """Random-init bf16 LlamaForCausalLM with LoRA adapters and checkpointing; returns (peft_model, notes).
     longctx: fastkern also chunks the MLP (at 8K tokens a 16K chunk is one whole-input replay, an extra MLP
-    forward per layer for nothing, so the speed rows leave it off)."""
+    forward per layer for nothing, so the speed rows leave it off). budget_gib: ``fastkern_auto``'s memory
+    budget (None: the card's free memory minus a margin)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -103,7 +109,11 @@ def build_model(variant: str, cfg_kwargs: dict, device: str, longctx: bool = Fal
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     if base == "fastkern":
         from hf_fastkern import apply_fast_kernels
-        report = apply_fast_kernels(model, offload_activations=offload, mlp_chunk_tokens=chunk) \
+        # checkpoint="auto": the planner overrides the gradient_checkpointing_enable above, per layer
+        auto = dict(checkpoint="auto", memory_budget_gib=budget_gib) if variant.endswith("_auto") else {}
+        if auto:
+            notes["budget_GiB"] = budget_gib
+        report = apply_fast_kernels(model, offload_activations=offload, mlp_chunk_tokens=chunk, **auto) \
             if not variant.endswith("_prepeft") else None
         if chunk:
             notes["mlp_chunk_tokens"] = chunk
@@ -138,13 +148,20 @@ def _tokens(batch: int, seq: int, vocab: int, dev: str) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), device=dev, generator=gen)
 
 
+def _plan(model) -> str:
+    """The checkpoint plan the auto variant runs now (after a training step)."""
+    from hf_fastkern import report as patch_report
+
+    return dict(patch_report(model).chosen).get("checkpoint", "")
+
+
 def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev: str = "cuda",
-           profile: bool = False) -> list[dict]:
+           profile: bool = False, budget_gib: float | None = None) -> list[dict]:
     """One variant in this process (CUDA; ``dev="cpu"`` only exercises the code): every shape, one row each;
     ``profile``: add a torch.profiler kernel-class breakdown of 2 steps per shape, after every shape's timed steps:
     steps timed after a profiler session ran slower (the offload variant's 1 x 8192 step took 950.9 ms after the
     4 x 2048 profile against 838.9 ms without it, H100 2026-11-26), so no timing follows one."""
-    model, notes = build_model(variant, cfg_kwargs, dev)
+    model, notes = build_model(variant, cfg_kwargs, dev, budget_gib=budget_gib)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = _optimizer(model, dev)
     rows = []
@@ -159,6 +176,8 @@ def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev:
                 # what runs after the first step (the _prepeft variant binds its LoRA layers in that forward)
                 from hf_fastkern import report as patch_report
                 row["patch_report"] = str(patch_report(model))[:600]
+                if variant.endswith("_auto"):
+                    row["checkpoint_plan"] = _plan(model)
             for _ in range(warmup - 1):
                 _step(model, opt, ids, dev)
             _sync(dev)
@@ -265,13 +284,18 @@ def add_lora_ratios(rows: list[dict]) -> None:
                                          and r["mem_vs_sdpa"] <= TARGETS_VS_SDPA["mem"])
 
 
+# the CPU smoke pass's budget for fastkern_auto (there is no card to read): enough to keep every layer
+CPU_SMOKE_BUDGET_GIB = 1.0
+
+
 def cpu_smoke(batch: int = 2, seq: int = 32) -> list[dict]:
-    """Tiny LoRA model on the CPU: one step unpatched vs fastkern (+offload); loss agreement, not performance."""
+    """Tiny LoRA model on the CPU: one step unpatched vs fastkern (+offload, +auto checkpointing); loss agreement,
+    not performance."""
     rows = []
     losses = {}
-    for v in ("sdpa", "fastkern", "fastkern_offload"):
+    for v in ("sdpa", "fastkern", "fastkern_offload", "fastkern_auto"):
         try:
-            model, notes = build_model(v, TINY, "cpu")
+            model, notes = build_model(v, TINY, "cpu", budget_gib=CPU_SMOKE_BUDGET_GIB if v.endswith("_auto") else None)
             ids = torch.randint(0, TINY["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
             t0 = time.perf_counter()
             losses[v] = float(_step(model, _optimizer(model, "cpu"), ids, "cpu"))
@@ -279,16 +303,27 @@ def cpu_smoke(batch: int = 2, seq: int = 32) -> list[dict]:
                        step_ms=(time.perf_counter() - t0) * 1e3, loss=losses[v])
             if v != "sdpa" and "sdpa" in losses:
                 row["loss_rel_err"] = abs(losses[v] - losses["sdpa"]) / abs(losses["sdpa"])
+            if v.endswith("_auto"):
+                row["checkpoint_plan"] = _plan(model)
             rows.append(row)
         except Exception as e:  # report, do not hide the other variants
             rows.append(dict(bench="lora", impl=v, B=batch, S=seq, error=f"{type(e).__name__}: {str(e)[:200]}"))
     return rows
 
 
-def _spawn(variant: str, args: argparse.Namespace) -> list[dict]:
+def auto_budget(rows: list[dict], given: float | None) -> float | None:
+    """fastkern_auto's budget: ``--budget-gib`` when given, else the smallest peak among this run's sdpa rows
+    (HF + PEFT's own peak: the issue's "at most HF+PEFT's memory"), else None (the card's free memory)."""
+    if given is not None:
+        return given
+    peaks = [r["peak_GiB"] for r in rows if r.get("impl") == "sdpa" and r.get("peak_GiB")]
+    return min(peaks) if peaks else None
+
+
+def _spawn(variant: str, args: argparse.Namespace, budget_gib: float | None = None) -> list[dict]:
     cmd = [sys.executable, "-m", __spec__.name, "--worker", "--variant", variant, "--shapes", args.shapes,
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else []) \
-        + (["--profile"] if args.profile else [])
+        + (["--profile"] if args.profile else []) + (["--budget-gib", str(budget_gib)] if budget_gib else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -304,14 +339,16 @@ def _shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]  # type: ignore[misc]
 
 
-def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS, progress=None) -> list[dict]:
-    """Rows for every variant and shape (GPU: one subprocess per variant). ``quick``: 1 warm-up + 3 timed steps."""
+def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS, progress=None,
+        budget_gib: float | None = None) -> list[dict]:
+    """Rows for every variant and shape (GPU: one subprocess per variant). ``quick``: 1 warm-up + 3 timed steps.
+    ``budget_gib``: fastkern_auto's budget (None: :func:`auto_budget`'s default)."""
     if not torch.cuda.is_available():
         return cpu_smoke()
     args = _parser().parse_args(["--steps", "3" if quick else "5", "--warmup", "1" if quick else "2"])
     rows = []
     for v in variants:
-        rows += _spawn(v, args)
+        rows += _spawn(v, args, auto_budget(rows, budget_gib) if v.endswith("_auto") else None)
         if progress is not None:
             progress(v)
     add_lora_ratios(rows)
@@ -328,6 +365,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tiny", action="store_true", help="2-layer model (smoke test of the harness)")
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of 2 steps per shape")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per variant subprocess")
+    ap.add_argument("--budget-gib", type=float, default=None,
+                    help="fastkern_auto's memory budget (default: the smallest sdpa peak of this run, listed first; "
+                         "without sdpa rows the card's free memory minus a margin)")
     ap.add_argument("--longctx", action="store_true", help="also search the longest batch-1 sequence per variant")
     ap.add_argument("--longctx-variants", default="sdpa,sdpa+liger,fastkern,fastkern_offload")
     ap.add_argument("--longctx-budget", type=float, default=1800, help="seconds for the whole search")
@@ -347,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         emit_result(trial_worker(args.trial[0], int(args.trial[1]), args.tiny))
         return 0
     if args.worker:
-        rows = worker(args.variant, _shapes(args.shapes), args.steps, args.warmup, cfg, args.device, args.profile)
+        rows = worker(args.variant, _shapes(args.shapes), args.steps, args.warmup, cfg, args.device, args.profile,
+                      args.budget_gib)
         emit_result(rows)
         return 0
     if not torch.cuda.is_available():
@@ -357,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for v in filter(None, args.variants.split(",")):  # --variants "": the long-context search alone
             parse_variant(v)
-            rows += _spawn(v, args)
+            rows += _spawn(v, args, auto_budget(rows, args.budget_gib) if v.endswith("_auto") else None)
             print_table(rows[-len(_shapes(args.shapes)):], COLS)
         add_lora_ratios(rows)
         if args.longctx:
@@ -371,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                                  on_rows=saved)
     print_table(rows, COLS)
     for r in rows:
+        if r.get("checkpoint_plan"):
+            print(r["impl"], f"{r.get('B')}x{r.get('S')}", "checkpoint plan:", r["checkpoint_plan"])
         if r.get("profile"):
             print(r["impl"], f"{r['B']}x{r['S']}", "GPU ms/step by class:", r["profile"]["by_class_ms"])
     save(args.json, rows, extra)

@@ -11,9 +11,11 @@ def test_bench_lora_cpu_smoke(monkeypatch):
     from benchmarks import bench_lora
 
     rows = {r["impl"]: r for r in bench_lora.cpu_smoke()}
-    assert set(rows) == {"sdpa", "fastkern", "fastkern_offload"}
+    assert set(rows) == {"sdpa", "fastkern", "fastkern_offload", "fastkern_auto"}
     assert not any("error" in r for r in rows.values()), rows
-    for v in ("fastkern", "fastkern_offload"):
+    # 1 GiB holds a 2-layer toy step: nothing recomputed, although the model has checkpointing enabled
+    assert rows["fastkern_auto"]["checkpoint_plan"].startswith("auto: keep x2"), rows["fastkern_auto"]
+    for v in ("fastkern", "fastkern_offload", "fastkern_auto"):
         assert_close(torch.tensor(rows[v]["loss"]), torch.tensor(rows["sdpa"]["loss"], dtype=torch.float64), None,
                      torch.float32, "output", f"bench_lora smoke {v}")
 
@@ -29,6 +31,16 @@ def test_bench_lora_ratios_and_gate():
     assert by["fastkern"]["vs_sdpa"] == 1.6 and by["fastkern"]["mem_vs_sdpa"] == 0.5
     assert by["fastkern"]["vs_best_peer"] == 9600 / 7000 and by["fastkern"]["meets_target"]
     assert by["fastkern"]["gate"] == "ok" and by["fastkern_offload"]["gate"].startswith("FAIL")
+
+
+def test_bench_lora_auto_budget():
+    from benchmarks import bench_lora
+
+    rows = [dict(impl="sdpa", peak_GiB=29.4), dict(impl="sdpa", peak_GiB=29.1), dict(impl="fastkern", peak_GiB=19.0)]
+    assert bench_lora.auto_budget(rows, None) == 29.1
+    assert bench_lora.auto_budget(rows, 40.0) == 40.0
+    assert bench_lora.auto_budget([dict(impl="sdpa", error="oom")], None) is None
+    assert bench_lora.parse_variant("fastkern_auto") == ("fastkern", False)
 
 
 def test_bench_lora_longctx_uses_the_longctx_search():

@@ -170,6 +170,17 @@ class GLUDownFunction(torch.autograd.Function):
         return dgate, dup, dw, db, dla, dlb, None, None, None, None
 
 
+# Instance attribute on a patched MLP module: True while the checkpoint planner (hf_fastkern.memory.checkpoint_plan)
+# keeps this layer's activations ("keep" mode), so the MLP stores h instead of recomputing it in backward.
+STORE_ACTIVATION = "_hf_fastkern_store_activation"
+
+
+def recompute_for(module: nn.Module, recompute: bool) -> bool:
+    """The ``recompute`` a patched MLP forward passes to :func:`glu_down` now: its bound option, unless the
+    checkpoint planner set :data:`STORE_ACTIVATION` on the module for this forward."""
+    return recompute and not module.__dict__.get(STORE_ACTIVATION, False)
+
+
 def _code(kind: str, approximate: str | None) -> int:
     code = _CODES.get((kind, approximate if kind == "geglu" else None))
     if code is None:

@@ -19,7 +19,8 @@ Activation offload (:func:`enable_activation_offload`, ``apply_fast_kernels(offl
     On the CPU the "host copy" is a plain ``clone()`` (no streams): the bookkeeping runs and is tested (the
     restored tensors are bit-identical, losses/gradients equal the run without offload).
 
-Chunked recompute lives in :mod:`hf_fastkern.memory.recompute`.
+Chunked recompute lives in :mod:`hf_fastkern.memory.recompute`; per-layer offload chosen against a memory budget
+in :mod:`hf_fastkern.memory.checkpoint_plan`.
 """
 from __future__ import annotations
 
@@ -181,8 +182,22 @@ class ActivationOffloader:
 
     # ---------------------------------------------------------------------------------------------- sessions
 
-    def __enter__(self) -> ActivationOffloader:
+    def begin(self) -> None:
+        """Start a session (a new prefetch chain) without installing the hooks: the caller enters
+        ``saved_tensors_hooks(self.pack, self.unpack)`` around the parts it wants moved (the checkpoint planner
+        does so around its offloaded layers only)."""
         self._last, self._by_key = None, {}
+
+    def finish(self, ok: bool = True) -> None:
+        """End the session; when the forward went through, start bringing back the last tensor saved (the first
+        one backward needs)."""
+        last = self._last
+        self._last, self._by_key = None, {}
+        if last is not None and ok:
+            self._fetch(last)
+
+    def __enter__(self) -> ActivationOffloader:
+        self.begin()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self._hooks.__enter__()
         return self
@@ -191,11 +206,7 @@ class ActivationOffloader:
         hooks, self._hooks = self._hooks, None
         if hooks is not None:
             hooks.__exit__(*exc)
-        last = self._last
-        self._last, self._by_key = None, {}
-        if last is not None and exc[0] is None:
-            # the last tensor saved is the first one backward needs: start bringing it back now
-            self._fetch(last)
+        self.finish(exc[0] is None)
 
     def reset_stats(self) -> None:
         self.stats = OffloadStats()
@@ -205,7 +216,7 @@ class ActivationOffloader:
 # model-level switch
 
 
-def _checkpointed_stacks(model: nn.Module) -> list[tuple[nn.Module, nn.ModuleList]]:
+def checkpointable_stacks(model: nn.Module) -> list[tuple[nn.Module, nn.ModuleList]]:
     """(owner, layers) for every ModuleList whose children are checkpointable layers (``gradient_checkpointing``)."""
     out = []
     for owner in model.modules():
@@ -238,7 +249,7 @@ def enable_activation_offload(model: nn.Module, min_bytes: int = DEFAULT_MIN_BYT
     existing = model.__dict__.get(_OFFLOAD_ATTR)
     if existing is not None:
         return existing[0]
-    stacks = _checkpointed_stacks(model)
+    stacks = checkpointable_stacks(model)
     if not stacks:
         return None
     offloader = ActivationOffloader(hidden_size=_hidden_size(model), min_bytes=min_bytes)

@@ -13,7 +13,9 @@ never touched), each change one ledger entry (:mod:`hf_fastkern.patches.ledger`)
    what was set on it meanwhile (Trainer's ``use_cache=False``) never reaches another model.
 3. the causal-LM loss: the fused linear cross-entropy wrapper (:mod:`hf_fastkern.patches.loss`).
 4. activation offload hooks, when asked.
-5. LoRA added later: a forward pre-hook on the model compares PEFT's adapter registry (``peft_config`` on the
+5. the checkpoint planner, when asked (``checkpoint="auto"`` or one mode for every layer): per-layer keep /
+   recompute / offload enforced at every training forward (:mod:`hf_fastkern.memory.checkpoint_plan`).
+6. LoRA added later: a forward pre-hook on the model compares PEFT's adapter registry (``peft_config`` on the
    model, set by ``get_peft_model``, ``add_adapter`` and TRL's ``peft_config``) with what it last saw, and only
    when it changed scans the modules for new ``lora.Linear`` layers and binds them. Order with PEFT does not
    matter; the check is one dictionary lookup per forward.
@@ -33,8 +35,18 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_fastkern.kernels.dispatch import force_reference, interpret_mode
 from hf_fastkern.layers.common import PATCH_FLAG, Unsupported, down_parts, is_lora_linear
+from hf_fastkern.memory.checkpoint_plan import (
+    GIB,
+    MODES,
+    MemoryModel,
+    analytic_memory_model,
+    checkpoint_planner,
+    disable_checkpoint_planner,
+    enable_checkpoint_planner,
+)
 from hf_fastkern.memory.offload import (
     activation_offloader,
+    checkpointable_stacks,
     disable_activation_offload,
     enable_activation_offload,
 )
@@ -62,7 +74,7 @@ from hf_fastkern.patches.recipe import RECIPES, ForwardFactory, Recipe
 from hf_fastkern.patches.training_cache import guard_training_cache
 
 _OPTIONS = ("attention", "norm", "mlp", "cross_entropy", "offload_activations", "mlp_chunk_tokens", "mlp_recompute",
-            "lora", "rope")
+            "lora", "rope", "checkpoint", "memory_budget_gib", "memory_model")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,6 +316,102 @@ def _offload(base: nn.Module, ledger: Ledger, left: list[tuple[str, str]]) -> No
         left.append(("offload", f"{type(base).__name__} has no list of checkpointable layers"))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the checkpoint planner
+
+
+def _lean_mlp(ledger: Ledger, module: nn.Module) -> bool:
+    """A patched gated MLP whose down projection may take the lean (recompute) path: the planner's "keep" mode
+    switches it to storing its activation."""
+    entry = ledger.bound.get(module)
+    return entry is not None and entry.kind == "mlp" and entry.status is not None
+
+
+def _activation_bytes(base: nn.Module) -> int:
+    p = next((q for q in base.parameters() if q.is_floating_point()), None)
+    if p is None:
+        return 4
+    dev = p.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev).itemsize
+    return p.element_size()
+
+
+def _analytic_model(base: nn.Module, lean: tuple[bool, ...]) -> MemoryModel:
+    """The config-derived memory model, with the activation dtype and the loss path as they are at plan time."""
+    ledger = ledger_of(base)
+    fused = ledger is not None and ledger.has("cross_entropy")
+    return analytic_memory_model(base, base.config, lean, _activation_bytes(base), fused)
+
+
+def _calibration_forward(base: nn.Module, tokens: int) -> Any:
+    """One training forward of ``tokens`` random ids (batch 1), with labels where the model takes them."""
+    p = next(base.parameters())
+    ids = torch.randint(0, base.config.vocab_size, (1, tokens), device=p.device)
+    kw = {"labels": ids} if "labels" in inspect.signature(type(base).forward).parameters else {}
+    return base(input_ids=ids, **kw)
+
+
+def _calibration_tokens(config: Any) -> tuple[int, int]:
+    most = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 256
+    t2 = max(16, min(256, int(most)))
+    return t2 // 2, t2
+
+
+def _checkpoint_detail(base: nn.Module) -> str:
+    planner = checkpoint_planner(base)
+    return planner.describe() if planner is not None else ""
+
+
+def _plan_checkpoints(base: nn.Module, ledger: Ledger, opts: dict, left: list[tuple[str, str]]) -> None:
+    stacks = checkpointable_stacks(base)
+    if not stacks or getattr(base, "config", None) is None:
+        left.append(("checkpoint", f"{type(base).__name__} has no list of checkpointable layers"))
+        return
+    layers = [layer for _, stack in stacks for layer in stack]
+    memory = opts["memory_model"]
+    if memory is not None and len(memory.layers) != len(layers):
+        raise ValueError(f"memory_model has {len(memory.layers)} layers, the model {len(layers)}")
+    lean = [[m for m in layer.modules() if _lean_mlp(ledger, m)] for layer in layers]
+    budget = None if opts["memory_budget_gib"] is None else float(opts["memory_budget_gib"]) * GIB
+    hidden = getattr(base.config, "hidden_size", None)
+    enable_checkpoint_planner(
+        base, stacks, lean, opts["checkpoint"], budget, memory,
+        analytic=functools.partial(_analytic_model, base, tuple(bool(x) for x in lean)),
+        calibrate=functools.partial(_calibration_forward, base),
+        calibrate_tokens=_calibration_tokens(base.config), hidden_size=hidden if isinstance(hidden, int) else None)
+    if not ledger.has("checkpoint"):
+        ledger.record(Change("checkpoint", disable_checkpoint_planner, base, detail=_checkpoint_detail))
+
+
+def _check_checkpoint_options(checkpoint: str | None, memory_budget_gib: float | None,
+                              memory_model: MemoryModel | None, offload_activations: bool, base: nn.Module) -> None:
+    if checkpoint is not None and checkpoint not in ("auto", *MODES):
+        raise ValueError(f"checkpoint must be None, 'auto' or one of {MODES}, got {checkpoint!r}")
+    if memory_budget_gib is not None:
+        if isinstance(memory_budget_gib, bool) or not isinstance(memory_budget_gib, (int, float)) \
+                or not memory_budget_gib > 0 or memory_budget_gib == float("inf"):
+            raise ValueError(f"memory_budget_gib must be a positive finite number of GiB, got {memory_budget_gib!r}")
+        if checkpoint != "auto":
+            raise ValueError(f"memory_budget_gib is the budget of checkpoint='auto'; got checkpoint={checkpoint!r}")
+    if memory_model is not None and (checkpoint != "auto" or not isinstance(memory_model, MemoryModel)):
+        raise ValueError("memory_model must be a hf_fastkern.memory.checkpoint_plan.MemoryModel, given with "
+                         "checkpoint='auto'")
+    if checkpoint is not None and offload_activations:
+        raise ValueError("offload_activations offloads every checkpointed layer input; with checkpoint=... the plan "
+                         "decides which layers offload (mode 'offload'): pass one of them")
+    if checkpoint == "auto" and memory_budget_gib is None and not torch.cuda.is_available():
+        raise ValueError("checkpoint='auto' without memory_budget_gib takes the CUDA card's free memory as the "
+                         "budget, and CUDA is not available here: pass memory_budget_gib=<GiB>")
+    ledger = ledger_of(base)
+    if checkpoint is not None and ledger is not None and ledger.has("offload"):
+        raise ValueError("activation offload (offload_activations=True) is on from an earlier apply_fast_kernels; "
+                         "revert it before choosing checkpoint=...")
+    if offload_activations and ledger is not None and ledger.has("checkpoint"):
+        raise ValueError("the checkpoint planner is on from an earlier apply_fast_kernels (checkpoint=...); its "
+                         "'offload' mode offloads per layer: revert before offload_activations=True")
+
+
 def _runs_on(base: nn.Module) -> str:
     p = next(base.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
@@ -323,7 +431,9 @@ def _runs_on(base: nn.Module) -> str:
 def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = True, mlp: bool = True,
                        cross_entropy: bool = True, offload_activations: bool = False,
                        mlp_chunk_tokens: int | None = None, mlp_recompute: bool = True,
-                       lora: bool = True, rope: bool = True) -> PatchReport:
+                       lora: bool = True, rope: bool = True, checkpoint: str | None = None,
+                       memory_budget_gib: float | None = None,
+                       memory_model: MemoryModel | None = None) -> PatchReport:
     """Swap this model instance's norms, MLPs, attention, RoPE, LoRA linears and causal-LM loss for the fused kernels.
 
     model: a transformers ``*Model`` / ``*ForCausalLM``, or a PEFT model wrapping one, patched before or after
@@ -345,14 +455,28 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
     lora: PEFT ``lora.Linear`` layers run one fused autograd node (:mod:`hf_fastkern.layers.fused_lora`); layers
     whose structure cannot (Conv1D ``fan_in_fan_out``, dropout > 0, DoRA, several active adapters) are reported
     under "left" and run PEFT's forward.
+    checkpoint: None (default) leaves checkpointing to the model (``gradient_checkpointing_enable``, Trainer's
+    ``gradient_checkpointing=True``). ``"auto"`` decides per decoder layer, at the first training forward and
+    again when a step brings more tokens, what to keep and what to recompute so the step fits
+    ``memory_budget_gib``: no recompute when everything fits, the cheap parts (the MLP activation) next, whole
+    layers next, their inputs offloaded last (:mod:`hf_fastkern.memory.checkpoint_plan`, docs/checkpointing.md).
+    ``"keep"``, ``"cheap"``, ``"full"`` or ``"offload"`` puts every layer in that mode. The plan is enforced at
+    every training forward, whatever the model's own checkpointing flags say (Trainer's
+    ``gradient_checkpointing=True`` included); the report lists it under "chose".
+    memory_budget_gib: the step's peak-memory budget for ``"auto"``. None: on CUDA the card's free memory (plus
+    what this process holds) minus a margin; without CUDA a ValueError (there is no card to read).
+    memory_model: per-layer bytes per token per mode to plan with instead of the measured (CUDA: one calibration
+    forward at the first training step) or config-derived ones.
     """
     if mlp_chunk_tokens is not None and (isinstance(mlp_chunk_tokens, bool) or not isinstance(mlp_chunk_tokens, int)
                                          or mlp_chunk_tokens <= 0):
         raise ValueError(f"mlp_chunk_tokens must be a positive int or None, got {mlp_chunk_tokens!r}")
+    base = unwrap(model)
+    _check_checkpoint_options(checkpoint, memory_budget_gib, memory_model, offload_activations, base)
     opts = dict(attention=attention, norm=norm, mlp=mlp, cross_entropy=cross_entropy,
                 offload_activations=offload_activations, mlp_chunk_tokens=mlp_chunk_tokens,
-                mlp_recompute=mlp_recompute, lora=lora, rope=rope)
-    base = unwrap(model)
+                mlp_recompute=mlp_recompute, lora=lora, rope=rope, checkpoint=checkpoint,
+                memory_budget_gib=memory_budget_gib, memory_model=memory_model)
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None) or type(base).__name__
     recipe = RECIPES.get(model_type)
@@ -378,6 +502,8 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
         _offload(base, ledger, left)
     if lora:
         _watch_lora(base, ledger)
+    if checkpoint is not None:
+        _plan_checkpoints(base, ledger, opts, left)
     ledger.left = group_reasons(left)
     return ledger.report(base, since=start, runs_on=_runs_on(base))
 

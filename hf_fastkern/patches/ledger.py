@@ -45,6 +45,10 @@ class Entry:
         """Why this binding runs its fallback now ("" while its fast path applies)."""
         return ""
 
+    def describe(self) -> str:
+        """What this change decided, for changes that decide something (the checkpoint plan); "" otherwise."""
+        return ""
+
 
 class ForwardBinding(Entry):
     """A replacement forward bound to one module instance (``types.MethodType``), the previous one kept.
@@ -84,17 +88,22 @@ class ForwardBinding(Entry):
 
 class Change(Entry):
     """Any other change: ``undo`` is ``undo_fn(*args)``, a module-level function and the objects it needs;
-    ``status(*args)`` (optional, module-level too) says why the change does not act now ("" when it does)."""
+    ``status(*args)`` (optional, module-level too) says why the change does not act now ("" when it does);
+    ``detail(*args)`` (optional) what it chose (listed under "chose" in the report)."""
 
     def __init__(self, kind: str, undo_fn: Callable[..., Any], *args: Any, shown: bool = True,
-                 status: Callable[..., str] | None = None) -> None:
+                 status: Callable[..., str] | None = None, detail: Callable[..., str] | None = None) -> None:
         self.kind, self.undo_fn, self.args, self.shown, self.status = kind, undo_fn, args, shown, status
+        self.detail = detail
 
     def undo(self) -> None:
         self.undo_fn(*self.args)
 
     def fallback(self) -> str:
         return self.status(*self.args) if self.status is not None else ""
+
+    def describe(self) -> str:
+        return self.detail(*self.args) if self.detail is not None else ""
 
 
 @dataclass
@@ -117,6 +126,8 @@ class PatchReport:
     """How the model was reached ("PeftModelForCausalLM -> LlamaForCausalLM"), "" when it was passed itself."""
     runs_on: str = ""
     """Where the kernels run for this model's parameters (one line)."""
+    chosen: list[tuple[str, str]] = field(default_factory=list)
+    """(what, decision) for changes that decide at run time (the checkpoint plan: each layer's mode)."""
 
     def count(self, kind: str) -> int:
         return self.patched.get(kind, 0) + self.already.get(kind, 0)
@@ -135,6 +146,8 @@ class PatchReport:
             lines.append(f"  patched {k:<14} {p:>4}" + (f"  (+{a} already patched)" if a else ""))
         for what, why in self.fallbacks:
             lines.append(f"  fallback {what}: {why}")
+        for what, how in self.chosen:
+            lines.append(f"  chose   {what}: {how}")
         for what, why in self.skipped:
             lines.append(f"  left    {what}: {why}")
         return "\n".join(lines)
@@ -202,6 +215,9 @@ class Ledger:
                 continue
             table = rep.patched if i >= since else rep.already
             table[entry.kind] = table.get(entry.kind, 0) + 1
+            how = entry.describe()
+            if how:
+                rep.chosen.append((entry.kind, how))
             why = entry.fallback()
             if why:
                 fallbacks.append((entry.label if isinstance(entry, ForwardBinding) else entry.kind, why))
