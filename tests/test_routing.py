@@ -317,3 +317,35 @@ def test_rules_from_rows_merge_runs_and_keep_the_worst_variant(tmp_path):
     assert [dec(kv) for kv in (512, 1024, 2048, 4096, 8192)] == ["kernel", "kernel", "kernel", "stock", "stock"]
     assert dec(100_000) == "kernel"  # outside the measured grid: the seeded rule after them decides
     assert t.decide("attention", _attn(kind="packed", q_len=2048, kv_len=2048, grad=False))[0] == "kernel"
+
+
+def test_narrowed_scan_decides_like_the_full_scan():
+    """decide() scans only the rules whose exact-match keys agree with the case (a decoding step misses the
+    decision cache every token): the first matching rule, hence the choice and its source, is the full scan's."""
+    import random
+
+    table = routing.read_table(routing.ROUTING_DIR / "h100.json")
+
+    def full_scan(op, case):
+        for rule in table.rules.get(op, ()):
+            if rule.matches(case):
+                return rule
+        return None
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        case = _attn(kind=rng.choice(routing.ATTENTION_KINDS), head_dim=rng.choice([64, 96, 128, 256]),
+                     q_len=rng.choice([1, 16, 100, 2048]), kv_len=rng.randint(1, 200_000),
+                     causal=rng.choice([True, False]), window=rng.choice([True, False]),
+                     softcap=rng.choice([True, False]), grad=rng.choice([True, False]))
+        rule = full_scan("attention", case)
+        choice, why = table.decide("attention", case)
+        assert choice == (rule.choice if rule else routing.STOCK), case
+        if rule is not None:
+            assert rule.source in why, (case, why)
+    # a key that is a range in one rule and exact in none: every rule naming it stays a candidate
+    t = routing.parse_table(_doc({"glu": [{"match": {"tokens": [1, 8]}, "choice": "stock", "ratio": 0.5},
+                                          {"match": {"intermediate": 8}, "choice": "kernel", "ratio": 2.0}]}), "x")
+    assert t.decide("glu", {"tokens": 4, "intermediate": 8, "grad": True})[0] == "stock"
+    assert t.decide("glu", {"tokens": 16, "intermediate": 8, "grad": True})[0] == "kernel"
+    assert t.decide("glu", {"tokens": 16, "intermediate": 9, "grad": True})[0] == "stock"

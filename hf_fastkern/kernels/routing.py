@@ -88,10 +88,30 @@ class RoutingTable:
     path: str
     provenance: dict[str, Any]
     rules: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
+    # op -> its exact-match keys; (op, their values in a case) -> the rules that can match, in table order
+    _narrowed: dict[tuple, tuple[Rule, ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    def _candidates(self, op: str, case: dict[str, Any]) -> tuple[Rule, ...]:
+        """The op's rules, narrowed to those whose exact-match keys (never a range in any of the op's rules:
+        kind, head_dim, grad ...) agree with ``case``, order kept, so the first match is the same rule. A
+        decoding step has a new ``kv_len`` each token, a cache miss in ``use_kernel``: this keeps the scan to
+        the case's family (a few rules) rather than the whole table."""
+        exact_keys = self._narrowed.get(op)
+        if exact_keys is None:
+            ranged = {k for r in self.rules.get(op, ()) for k, v in r.match.items() if isinstance(v, list)}
+            exact_keys = self._narrowed[op] = tuple(k for k in CASE_KEYS.get(op, ()) if k not in ranged)
+        sig = (op, *[case.get(k) for k in exact_keys])
+        hit = self._narrowed.get(sig)
+        if hit is None:
+            exact = dict(zip(exact_keys, sig[1:]))
+            hit = tuple(r for r in self.rules.get(op, ())
+                        if all(k not in exact or exact[k] == v for k, v in r.match.items()))
+            self._narrowed[sig] = hit
+        return hit
 
     def decide(self, op: str, case: dict[str, Any]) -> tuple[str, str]:
         """(choice, why) for ``op`` at ``case``: the first matching rule, else stock."""
-        for rule in self.rules.get(op, ()):
+        for rule in self._candidates(op, case):
             if rule.matches(case):
                 ratio = f", stock/kernel time {rule.ratio:.2f}" if rule.ratio is not None else ""
                 return rule.choice, f"{os.path.basename(self.path)}: {rule.source or 'rule'}{ratio}"
