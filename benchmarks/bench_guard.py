@@ -152,8 +152,24 @@ def _timer(c: Case, model, device: str):
     return step
 
 
-def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int) -> dict:
-    """Alternate unpatched / patched rounds on one model; the median per-step time of each side."""
+def _profile(run, device: str) -> dict[str, str]:
+    """One unit of work under torch.profiler: the top ops by host time and by device time (the guard's misses
+    are host-bound steps; this says whose calls the time goes to)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        run()
+    ka = prof.key_averages()
+    out = {"host": ka.table(sort_by="self_cpu_time_total", row_limit=25)}
+    if device == "cuda":
+        out["device"] = ka.table(sort_by="self_cuda_time_total", row_limit=25)
+    return out
+
+
+def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, profile: bool = False) -> dict:
+    """Alternate unpatched / patched rounds on one model; the median per-step time of each side (``profile``:
+    then one profiled unit of work per side)."""
     model = build_model(c, layers, device)
     run = _timer(c, model, device)
     times: dict[str, list[float]] = {"sdpa": [], "fastkern": []}
@@ -176,6 +192,12 @@ def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int) -> 
             times[side].append(statistics.median(ts))
             if device == "cuda":
                 peaks[side] = max(peaks.get(side, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    profiles = {}
+    if profile:
+        revert_fast_kernels(model)
+        profiles["sdpa"] = _profile(run, device)
+        apply_fast_kernels(model)
+        profiles["fastkern"] = _profile(run, device)
     revert_fast_kernels(model)
     del model, run
     gc.collect()
@@ -187,6 +209,8 @@ def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int) -> 
            "ratio": ms["sdpa"] / ms["fastkern"], "sdpa_tok_s": tokens / ms["sdpa"] * 1e3,
            "fastkern_tok_s": tokens / ms["fastkern"] * 1e3, "rounds": rounds,
            "patch_report": report[:600]}
+    if profiles:
+        row["profile"] = profiles
     if peaks:
         row.update(sdpa_peak_GiB=peaks["sdpa"], fastkern_peak_GiB=peaks["fastkern"],
                    mem_ratio=peaks["fastkern"] / peaks["sdpa"] if peaks["sdpa"] else None)
@@ -274,13 +298,13 @@ def smoke_cases() -> list[Case]:
 
 
 def run_cases(cases: list[Case], layers: int, device: str, rounds: int, steps: int, log=print,
-              flush=None) -> list[dict]:
+              flush=None, profile: bool = False) -> list[dict]:
     """One row per case; ``flush(rows)`` after each (a time limit keeps the rows measured so far)."""
     rows = []
     for c in cases:
         t0 = time.time()
         try:
-            row = measure_case(c, layers, device, rounds, steps)
+            row = measure_case(c, layers, device, rounds, steps, profile)
         except torch.OutOfMemoryError as e:
             row = {**asdict(c), "layers": layers, "error": f"out of memory: {str(e)[:200]}"}
         except Exception as e:  # one broken case never hides the others; the row says what broke
@@ -319,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps per round (default 5; quick 3)")
     ap.add_argument("--cases", help="comma-separated case names (see --list)")
     ap.add_argument("--list", action="store_true", help="print the case names and exit")
+    ap.add_argument("--profile", action="store_true",
+                    help="also one torch.profiler step per side and case: top ops by host and device time")
     args = ap.parse_args(argv)
     if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
         # the kernel modules read TRITON_INTERPRET when imported: rerun this script with it set
@@ -360,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1, default=str)
         return doc
-    doc = write(run_cases(cases, layers, device, rounds, steps, flush=write))
+    doc = write(run_cases(cases, layers, device, rounds, steps, flush=write, profile=args.profile))
     s = doc["summary"]
     print(f"wrote {args.out}: {s['measured']}/{s['cases']} cases, min ratio {s['min_ratio']}, "
           f"below 0.98: {s['below_0.98']}")
