@@ -1,6 +1,7 @@
 """dispatch for the norm/activation entries: kernel path under the interpreter/CUDA, fallback warns once with
 its reason, HF_FASTKERN_FORCE_REFERENCE forces the reference."""
 import inspect
+import os
 import pathlib
 import re
 import warnings
@@ -211,3 +212,23 @@ def test_attention_validates_once_per_shape(monkeypatch):
     assert len(validated) == 2
     with pytest.raises(ValueError, match="value must have shape"):
         fk.fastkern_attention_forward(mod, q, k, k[:, :, :4], None)
+
+
+def test_env_get_follows_os_environ(monkeypatch):
+    """The hot-path env reader (os.environ's backing mapping) sees what os.environ / monkeypatch set and unset,
+    and call_key changes with every switch it covers."""
+    from hf_fastkern.kernels import dispatch
+
+    name = "HF_FASTKERN_TEST_ENV_GET"
+    monkeypatch.delenv(name, raising=False)
+    assert dispatch.env_get(name) is None and dispatch.env_get(name, "d") == "d"
+    monkeypatch.setenv(name, "ü1")
+    assert dispatch.env_get(name) == os.environ.get(name) == "ü1"
+    monkeypatch.delenv(name)
+    assert dispatch.env_get(name, "d") == "d"
+    x = torch.zeros(2)
+    for key in dispatch._ENV_KEYS:
+        before = dispatch.call_key(x)
+        monkeypatch.setenv(key, "switched")
+        assert dispatch.call_key(x) != before, key
+        monkeypatch.undo()

@@ -54,6 +54,7 @@ from hf_fastkern.kernels.dispatch import (
     check_floating,
     check_same_device,
     device_check,
+    env_get,
     use_kernel,
 )
 
@@ -555,7 +556,7 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
     One fused device reduction and one host sync; skipped under ``HF_FASTKERN_SKIP_LABEL_CHECK=1`` and while
     ``torch.compile`` traces (unchecked bad labels give a NaN loss, never an out-of-bounds read).
     """
-    if os.environ.get("HF_FASTKERN_SKIP_LABEL_CHECK", "0") == "1" or torch.compiler.is_compiling():
+    if env_get("HF_FASTKERN_SKIP_LABEL_CHECK", "0") == "1" or torch.compiler.is_compiling():
         return
     if labels.numel() == 0:
         return

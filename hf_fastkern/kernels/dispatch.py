@@ -12,6 +12,7 @@ passed to ``use_kernel``) and the ``check_*`` helpers below for argument validat
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -22,13 +23,37 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 
+# ``os.environ.get`` costs ~1.8 us for a variable that is not set (its lookup raises and catches KeyError), and
+# the entry points read several switches on every call (issue 21: the host path of a decoding step). os.environ's
+# backing mapping (``os._Environ._data``, kept current by ``os.environ[...] = ...``, ``del`` and pytest's
+# monkeypatch) answers the same question in ~0.3 us; where it does not exist, os.environ.get is used.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_ENCODE = getattr(os.environ, "encodekey", None)
+_ENV_DECODE = getattr(os.environ, "decodevalue", None)
+if _ENV_DATA is None or _ENV_ENCODE is None or _ENV_DECODE is None:
+    _ENV_DATA = None
+
+
+@functools.lru_cache(maxsize=None)
+def _env_key(name: str):
+    return _ENV_ENCODE(name)
+
+
+def env_get(name: str, default: str | None = None) -> str | None:
+    """``os.environ.get(name, default)``, cheap on hot paths."""
+    if _ENV_DATA is None:
+        return os.environ.get(name, default)
+    value = _ENV_DATA.get(_env_key(name))
+    return default if value is None else _ENV_DECODE(value)
+
+
 def interpret_mode() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env_get("TRITON_INTERPRET", "0") == "1"
 
 
 def force_reference() -> bool:
-    return os.environ.get("HF_FASTKERN_FORCE_REFERENCE", "0") == "1"
+    return env_get("HF_FASTKERN_FORCE_REFERENCE", "0") == "1"
 
 
 def _probe_triton() -> tuple[bool, str]:
@@ -191,14 +216,16 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
 
 _ENV_KEYS = ("HF_FASTKERN_FORCE_REFERENCE", "HF_FASTKERN_ROUTING", "HF_FASTKERN_ROUTING_TABLE",
              "HF_FASTKERN_ATTENTION", "TRITON_INTERPRET")
+_ENV_BKEYS = tuple(_env_key(k) for k in _ENV_KEYS) if _ENV_DATA is not None else ()
 
 
 def call_key(*tensors: torch.Tensor | None) -> tuple:
     """What an entry point's validation and kernel/reference decision read from its tensors and the process:
     each tensor's shape, strides, dtype, device and requires_grad, grad mode, the deterministic flag, and the
     environment switches (tests and users flip them at run time)."""
-    env = os.environ
-    return (tuple(env.get(k) for k in _ENV_KEYS), torch.is_grad_enabled(),
+    env = tuple(map(_ENV_DATA.get, _ENV_BKEYS)) if _ENV_DATA is not None else \
+        tuple(os.environ.get(k) for k in _ENV_KEYS)
+    return (env, torch.is_grad_enabled(),
             torch.are_deterministic_algorithms_enabled(),
             *(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors))
 

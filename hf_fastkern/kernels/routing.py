@@ -40,6 +40,8 @@ from typing import Any, Optional
 
 import torch
 
+from hf_fastkern.kernels.dispatch import env_get
+
 ROUTING_DIR = Path(__file__).with_name("routing")
 SCHEMA = 1
 MODE_ENV = "HF_FASTKERN_ROUTING"
@@ -237,7 +239,7 @@ def gpu_class(device: torch.device | str | int | None = None) -> str | None:
 
 def table_path(cls: str) -> tuple[str, bool]:
     """(path, from_env) of the table for GPU class ``cls``."""
-    env = os.environ.get(TABLE_ENV)
+    env = env_get(TABLE_ENV)
     if env:
         return env, True
     return str(ROUTING_DIR / f"{cls}.json"), False
@@ -245,7 +247,7 @@ def table_path(cls: str) -> tuple[str, bool]:
 
 def load_table(cls: str) -> RoutingTable | None:
     """The table for GPU class ``cls`` (None when the package ships none); ``HF_FASTKERN_ROUTING_TABLE`` wins."""
-    env = os.environ.get(TABLE_ENV)
+    env = env_get(TABLE_ENV)
     key = (cls, env)
     if key not in _TABLES:
         path, from_env = table_path(cls)
@@ -263,7 +265,7 @@ def reset() -> None:
 
 
 def mode() -> str:
-    m = os.environ.get(MODE_ENV, "table")
+    m = env_get(MODE_ENV, "table")
     if m not in MODES:
         raise ValueError(f"{MODE_ENV} must be one of {', '.join(MODES)}, got {m!r}")
     return m
@@ -292,12 +294,12 @@ def use_kernel(op: str, device: torch.device, **case: Any) -> bool:
     if device.type != "cuda":
         m = mode()
         return m != STOCK
-    m = os.environ.get(MODE_ENV)
+    m = env_get(MODE_ENV)
     if m == KERNEL:
         return True
     if m == STOCK:
         return False
-    key = (op, device.index, os.environ.get(TABLE_ENV), *case.values())
+    key = (op, device.index, env_get(TABLE_ENV), *case.values())
     hit = _DECISIONS.get(key)
     if hit is not None:
         return hit

@@ -34,7 +34,6 @@ where anything not recognised means "dense mask + SDPA", never a guess.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -255,7 +254,7 @@ ATTENTION_BACKEND_ENV = "HF_FASTKERN_ATTENTION"
 
 
 def _dense_backend() -> str:
-    mode = os.environ.get(ATTENTION_BACKEND_ENV, "auto")
+    mode = dispatch.env_get(ATTENTION_BACKEND_ENV, "auto")
     if mode not in ("auto", "triton", "sdpa"):
         raise ValueError(f"{ATTENTION_BACKEND_ENV} must be 'auto', 'triton' or 'sdpa', got {mode!r}")
     return mode
