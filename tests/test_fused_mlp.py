@@ -315,7 +315,8 @@ def test_glu_down_lora_disabled_adapters_lean(monkeypatch):
     _patched(_inner(ref), "silu", False)
     _patched(_inner(wrapped), "silu", True)
     x = _x()
-    with wrapped.disable_adapter(), ref.disable_adapter(), torch.no_grad():
+    # with autograd on: without it the lean node has nothing to save, and glu_down runs the plain path
+    with wrapped.disable_adapter(), ref.disable_adapter():
         got = _inner(wrapped)(x)
         want = _inner(ref)(x)
     assert count.n == 1 and torch.equal(got, want)
@@ -450,7 +451,9 @@ def test_patched_llama_lora_matches_peft(ckpt, monkeypatch):
     count = _Count(monkeypatch)
     check_step(patched, peft_ref, f"llama lora ckpt={ckpt}")
     # check_step runs the patched model once: 2 layers, each MLP forward, and its recompute under checkpointing
-    assert count.n == 2 * (1 if ckpt == "none" else 2)
+    # per layer: the forward, and non-reentrant checkpointing's recompute; reentrant checkpointing runs its
+    # forward without autograd, where the lean node has nothing to save and the plain path runs instead
+    assert count.n == 2 * (2 if ckpt == "non_reentrant" else 1)
 
 
 def test_lean_mlp_with_chunks_and_offload(monkeypatch):
@@ -464,9 +467,10 @@ def test_lean_mlp_with_chunks_and_offload(monkeypatch):
     assert report.patched.get("mlp_recompute") == 2 and report.patched.get("offload") == 1, str(report)
     count = _Count(monkeypatch)
     check_step(patched, peft_ref, "lean + chunks + offload")
-    # per layer: forward chunks (no grad), checkpoint recompute chunks, backward replay chunks
+    # per layer: forward chunks (no grad), checkpoint recompute chunks, backward replay chunks; the two passes
+    # without autograd run the plain path (the lean node has nothing to save there), the replay the lean node
     n_tokens = batch()[0].numel()
-    assert count.n == 2 * 3 * -(-n_tokens // CHUNK)
+    assert count.n == 2 * 1 * -(-n_tokens // CHUNK)
 
 
 def test_report_and_recompute_off(monkeypatch):

@@ -289,10 +289,11 @@ def _check_approximate(approximate: str) -> int:
     return _GELU_CODES[approximate]
 
 
-def glu_routed(gate: torch.Tensor, up: torch.Tensor | None) -> bool:
+def glu_routed(gate: torch.Tensor, up: torch.Tensor | None, intermediate: int | None = None) -> bool:
     """Does the routing table send this SwiGLU/GeGLU (gate [..., I], or gate_up [..., 2I] with up None) to the
-    kernel? (hf_fastkern.kernels.routing: CPU tensors always run it.)"""
-    n = gate.shape[-1] if up is not None else gate.shape[-1] // 2
+    kernel? (hf_fastkern.kernels.routing: CPU tensors always run it.) ``intermediate`` given: ``gate`` is the
+    MLP's input [..., hidden] and I is ``intermediate`` (the decision before the projections run)."""
+    n = intermediate if intermediate is not None else gate.shape[-1] if up is not None else gate.shape[-1] // 2
     return routing.use_kernel("glu", gate.device, tokens=leading_rows(gate), intermediate=n,
                               grad=records_grad(gate, up))
 

@@ -282,6 +282,12 @@ def _validate(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[to
 _ENTRY = PerShape()
 
 
+def layer_norm_routed(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
+    """Does the routing table send this call to the kernel? False: the module's own (stock) forward should run."""
+    return routing.use_kernel("layer_norm", x.device, tokens=leading_rows(x), hidden=x.shape[-1],
+                              grad=records_grad(x, weight, bias))
+
+
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension, exactly ``reference.layer_norm``.

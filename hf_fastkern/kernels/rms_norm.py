@@ -388,6 +388,13 @@ def _validate(x: torch.Tensor, weight: Optional[torch.Tensor]) -> None:
 _ENTRY = PerShape()
 
 
+def rms_norm_routed(x: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+    """Does the routing table send this call to the kernel? False: the module's own (stock) forward should run.
+    (CPU tensors: True, the interpreter runs the kernels.)"""
+    return routing.use_kernel("rms_norm", x.device, tokens=leading_rows(x), hidden=x.shape[-1],
+                              grad=records_grad(x, weight))
+
+
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, offset: float = 0.0,
              cast_before_weight: bool = True, save_rstd_only: bool = True) -> torch.Tensor:
     """RMSNorm over the last dimension, exactly ``reference.rms_norm``.

@@ -207,7 +207,9 @@ def glu_down(gate: torch.Tensor, up: torch.Tensor | None, down: nn.Module, kind:
     """
     code = _code(kind, approximate)
     g, u = gate.chunk(2, dim=-1) if up is None else (gate, up)
-    if not recompute:
+    if not recompute or not torch.is_grad_enabled():
+        # without autograd nothing is stored, so there is nothing to save: the plain path, without this node's
+        # per-call checks and autograd.Function overhead (generate(): every decoded token, every layer)
         return _unfused(g, u, down, kind, approximate)
     parts, why = down_parts_cached(down)
     if parts is not None:
@@ -220,8 +222,8 @@ def glu_down(gate: torch.Tensor, up: torch.Tensor | None, down: nn.Module, kind:
     # Not routed by the glu table: the table compares the activation op with its stock PyTorch op, while the
     # alternative here is the reference *recompute* inside this node (fp32 elementwise passes in backward), which
     # unpatched transformers never runs. With it routed (the seeded table sends 4096-16384 x 14336 to "stock"),
-    # the 8B LoRA step measured 1.23x sdpa at 0.736x memory (H100, 2026-12-07) against 1.55x at 0.647x before
-    # routing existed (2026-11-26); this reference recompute is the likely cause, not yet re-measured.
+    # the 8B LoRA step measured 1.23x sdpa at 0.736x memory (H100, 2026-12-07); unrouted again, 1.563x / 1.476x
+    # at 0.647x the same day (benchmarks/results/h100/micro/lora_2026-12-07.json).
     kernel = use_kernel(kind, device_check((g, u)))
     return GLUDownFunction.apply(gate, up, parts.weight, parts.bias, parts.lora_a, parts.lora_b, code,
                                  parts.scaling, parts.cast_input, kernel)

@@ -68,8 +68,11 @@ def rms_norm_factory(offset: float = 0.0, cast_before_weight: bool = True) -> Fo
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
             raise Unsupported(f"{type(module).__name__} has no 1-D weight")
         _probe_rms_norm(module, eps, offset, cast_before_weight)
+        stock = type(module).forward
 
         def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+            if not _rms.rms_norm_routed(hidden_states, self.weight):
+                return stock(self, hidden_states)  # the routing table's "stock": exactly what unpatched runs
             # eps is read at bind time: it is a constructor constant in every HF norm.
             return _rms.rms_norm(hidden_states, self.weight, eps, offset=offset,
                                  cast_before_weight=cast_before_weight)
@@ -87,8 +90,11 @@ def layer_norm_factory() -> ForwardFactory:
         if shape is None or len(shape) != 1:
             raise Unsupported(f"normalized_shape {shape} is not a single last dimension")
         eps = float(module.eps)
+        stock = type(module).forward
 
         def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+            if not _ln.layer_norm_routed(hidden_states, self.weight, self.bias):
+                return stock(self, hidden_states)  # the routing table's "stock": exactly what unpatched runs
             return _ln.layer_norm(hidden_states, self.weight, self.bias, eps)
 
         return forward
@@ -117,8 +123,13 @@ def gated_mlp_factory(gate: str = "gate_proj", up: str = "up_proj", down: str = 
         if act not in _GATED:
             raise Unsupported(f"activation {act!r} has no fused gated kernel (supported: {sorted(_GATED)})")
         kind, approximate = _GATED[act]
+        stock = type(module).forward
 
         def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled() and not _act.glu_routed(x, None, getattr(self, gate).out_features):
+                # inference (generate()): the lean node saves nothing without autograd; where the routing table
+                # sends the activation to stock, the module's own forward is exactly what unpatched runs
+                return stock(self, x)
             gm, um = getattr(self, gate), getattr(self, up)
             xg, xu = share_cast(x, (gm, um))  # one autocast cast of x, saved once (hf_fastkern.layers.shared_cast)
             g, u = gm(xg), um(xu)
