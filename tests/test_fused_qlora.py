@@ -36,7 +36,6 @@ peft = pytest.importorskip("peft")
 
 IN, OUT, R = 64, 96, 4
 TOKENS = (3, 5)
-SCALING_ALPHA = 2 * R + 1
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -45,17 +44,18 @@ def _bnb():
 
 
 class _Proj(nn.Module):
-    def __init__(self, bias: bool, compute: torch.dtype) -> None:
+    def __init__(self, bias: bool, compute: torch.dtype, d_in: int = IN, d_out: int = OUT, std: float = 0.3,
+                 device: str = "cpu") -> None:
         super().__init__()
         bnb = _bnb()
-        self.p0 = bnb.nn.Linear4bit(IN, OUT, bias=bias, compute_dtype=compute, quant_type="nf4",
+        self.p0 = bnb.nn.Linear4bit(d_in, d_out, bias=bias, compute_dtype=compute, quant_type="nf4",
                                     compress_statistics=True)
-        w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(0)) * 0.3
+        w = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(0)) * std
         self.p0.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
         if bias:
-            self.p0.bias = nn.Parameter(0.3 * torch.randn(OUT, generator=torch.Generator().manual_seed(1)),
+            self.p0.bias = nn.Parameter(std * torch.randn(d_out, generator=torch.Generator().manual_seed(1)),
                                         requires_grad=False)
-        self.p0 = self.p0.to("cpu")  # quantizes (NF4, double quant)
+        self.p0 = self.p0.to(device)  # quantizes (NF4, double quant)
         self.is_loaded_in_4bit = True  # what PEFT reads to wrap Linear4bit layers in lora.bnb.Linear4bit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,17 +70,18 @@ MODES = {
 }
 
 
-def _wrapped(bias: bool = False, dropout: float = 0.0, compute: torch.dtype = torch.bfloat16) -> nn.Module:
-    m = _Proj(bias, compute)
+def _wrapped(bias: bool = False, dropout: float = 0.0, compute: torch.dtype = torch.bfloat16, r: int = R,
+             **kw) -> nn.Module:
+    m = _Proj(bias, compute, **kw)
     torch.manual_seed(2)
-    w = peft.get_peft_model(m, peft.LoraConfig(r=R, lora_alpha=SCALING_ALPHA, target_modules=["p0"],
+    w = peft.get_peft_model(m, peft.LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=["p0"],
                                                lora_dropout=dropout, init_lora_weights="gaussian"))
     assert fused_qlora.is_qlora_linear(w.base_model.model.p0), type(w.base_model.model.p0)
     with torch.no_grad():  # lora_B starts at zero: give it values so both directions are exercised
         for i, (name, p) in enumerate(w.named_parameters()):
             if "lora_B" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + i)))
-    return w.train()
+    return w.to(kw.get("device", "cpu")).train()
 
 
 def _run(w: nn.Module, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
@@ -88,9 +89,9 @@ def _run(w: nn.Module, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
     w.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
     torch.manual_seed(5)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         y = w(x)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.device, y.dtype)
     y.backward(dy)
     return [y.detach(), x.grad] + [p.grad for _, p in w.named_parameters() if p.requires_grad]
 
@@ -104,11 +105,11 @@ def _oracle(w: nn.Module, x: torch.Tensor, lora_dtype: torch.dtype, p: float) ->
     la, lb = (t.detach().double().requires_grad_() for t in (layer.lora_A["default"].weight,
                                                              layer.lora_B["default"].weight))
     torch.manual_seed(5)
-    mask = F.dropout(torch.ones(x.shape, dtype=lora_dtype), p, training=True).double() if p else 1.0
+    mask = F.dropout(torch.ones(x.shape, dtype=lora_dtype, device=x.device), p, training=True).double() if p else 1.0
     x64 = x.detach().double().requires_grad_()
     y = F.linear(x64, wq, None if base.bias is None else base.bias.double())
     y = y + layer.scaling["default"] * F.linear(F.linear(x64 * mask, la), lb)
-    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).double())
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.device).double())
     return [y.detach(), x64.grad, la.grad, lb.grad]
 
 
@@ -131,6 +132,47 @@ def test_qlora_linear_matches_peft(mode, bias, dropout, monkeypatch):
     _compare(got, oracle, base, tol, f"{mode} bias={bias} dropout={dropout}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no_autocast"])
+def test_qlora_linear_gpu_real_size(autocast, monkeypatch):
+    """Llama-3-8B up projection (4096 -> 14336, NF4 double quant, bf16 compute) over 8192 tokens, r 16, fp32
+    adapters: fused (routing pinned to the kernel) vs PEFT vs the fp64 oracle; fwd+bwd times and peak memory
+    printed (-s), not asserted (bench_routing's qlora part measures them for the table)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setenv(routing.MODE_ENV, routing.KERNEL)
+    t, d_in, d_out = 8192, 4096, 14336
+    w = _wrapped(d_in=d_in, d_out=d_out, r=16, std=0.02, device="cuda")
+    base_m = copy.deepcopy(w)
+    apply_fast_kernels(w, attention=False, cross_entropy=False)
+    count = _Count(monkeypatch, fused_qlora.QLoRALinearFunction)
+    x = torch.randn(t, d_in, device="cuda").bfloat16()
+    got = _run(w, x, autocast)
+    assert count.n == 1
+    base = _run(base_m, x, autocast)
+    oracle = _oracle(w, x, torch.bfloat16 if autocast else torch.float32, 0.0)
+    _compare(got, oracle, base, torch.bfloat16, f"gpu 8b up_proj QLoRA autocast={autocast}")
+    ms, peak = {}, {}
+    xb = x.requires_grad_()
+    dy = torch.randn(t, d_out, device="cuda", dtype=torch.bfloat16)
+    for name, m in (("peft", base_m), ("fused", w)):
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                y = m(xb)
+            y.backward(dy)
+            end.record()
+            torch.cuda.synchronize()
+            ms[name] = start.elapsed_time(end)
+            m.zero_grad(set_to_none=True)
+            xb.grad = None
+        peak[name] = torch.cuda.max_memory_allocated() / 2**30
+    print(f"\n8B up_proj QLoRA fwd+bwd (autocast={autocast}): PEFT {ms['peft']:.2f} ms {peak['peft']:.2f} GiB, "
+          f"fused {ms['fused']:.2f} ms {peak['fused']:.2f} GiB")
+
+
 def test_qlora_linear_keeps_no_dequantized_weight():
     w = _wrapped()
     apply_fast_kernels(w, attention=False, cross_entropy=False)
@@ -150,7 +192,7 @@ def test_qlora_linear_keeps_no_dequantized_weight():
 
 
 def _two_adapters(w: nn.Module) -> None:
-    w.add_adapter("other", peft.LoraConfig(r=R, lora_alpha=SCALING_ALPHA, target_modules=["p0"],
+    w.add_adapter("other", peft.LoraConfig(r=R, lora_alpha=2 * R + 1, target_modules=["p0"],
                                            init_lora_weights="gaussian"))
     w.base_model.set_adapter(["default", "other"])
 
