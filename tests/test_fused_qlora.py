@@ -67,6 +67,8 @@ MODES = {
     "bf16_fp32_adapters": (torch.bfloat16, torch.bfloat16, False, torch.bfloat16),
     "autocast_bf16": (torch.bfloat16, torch.bfloat16, True, torch.bfloat16),
     "fp32": (torch.float32, torch.float32, False, torch.float32),
+    # fp32 activations into a bf16-compute 4-bit layer (norms up-cast by prepare_model_for_kbit_training)
+    "fp32_input_bf16_compute": (torch.bfloat16, torch.float32, False, torch.bfloat16),
 }
 
 

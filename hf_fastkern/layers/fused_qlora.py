@@ -196,7 +196,16 @@ class QLoRALinearFunction(torch.autograd.Function):
         bc = None if bias is None else ac_cast(bias.to(x.dtype).to(compute), ac)
         xl = lora_input(x, lora_a.dtype, cast_input, ac) if xd is None else ac_cast(xd, ac)
         a = F.linear(xl, ac_cast(lora_a, ac))  # [..., r]
-        y = linear_adapter(xb, w, bc, a, scaled_b(lora_b, scaling, ac)).to(x.dtype)
+        sb = scaled_b(lora_b, scaling, ac)
+        if xb.dtype == x.dtype or a.dtype == xb.dtype:
+            y = linear_adapter(xb, w, bc, a, sb).to(x.dtype)
+        else:
+            # x wider than the compute dtype (fp32 activations over a bf16 compute dtype) with adapters in
+            # another dtype, no autocast: PEFT sums the base output, cast up to x's dtype, with the adapter's in
+            # x's dtype; one [tokens, out] buffer in the wider of x's and the adapter's dtypes
+            y = F.linear(xb, w, bc).to(torch.promote_types(x.dtype, a.dtype))
+            rows(y).addmm_(rows(a).to(y.dtype), sb.t().to(y.dtype))
+            y = y.to(x.dtype)
         ctx.autocast, ctx.scaling, ctx.x_dtype, ctx.x_shape = ac, scaling, x.dtype, x.shape
         ctx.quant_state, ctx.w_dtype, ctx.cast_input = quant_state, w.dtype, cast_input
         ctx.xd_dtype = None if xd is None else xd.dtype
