@@ -24,9 +24,20 @@ per trial, grow then bisect). A trial near 256K tokens is a long step (tens of m
 causal attention alone is ~7e17 FLOPs), so give it its own ``--longctx-budget``; rows say ``exact: false`` when
 the budget ran out.
 
+``--qlora``: the same variants over a 4-bit base (issue 23): every decoder-layer linear (the seven LoRA targets)
+becomes bitsandbytes' ``Linear4bit`` with the settings of transformers'
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb_4bit_compute_dtype=bfloat16)`` (NF4, double quant, bf16 compute; ``lm_head`` stays bf16 as from_pretrained
+leaves it), quantized in memory from the random bf16 weights (no 16 GB checkpoint to write and load), and PEFT
+wraps them in its ``lora.bnb.Linear4bit``. The baseline is then HF + PEFT + bitsandbytes (``sdpa``). No
+``prepare_model_for_kbit_training`` (it would up-cast the norms and embeddings to fp32 in every variant alike).
+Rows carry ``base: "nf4"``. The fused QLoRA linear runs on the GPU only where the routing table measured it
+faster (op ``qlora_linear``, ``bench_routing.py --parts qlora``); the patch report in the rows says which ran.
+
 Without a GPU, ``run()`` does a tiny CPU smoke pass (2-layer LoRA model, patched vs unpatched loss agreement).
 
     python -m benchmarks.bench_lora --json benchmarks/results/h100/lora.json
+    python -m benchmarks.bench_lora --qlora --json benchmarks/results/h100/qlora.json
 """
 from __future__ import annotations
 
@@ -65,6 +76,9 @@ METHOD = ("random-init Llama-3.1-8B shape, bf16 weights, PEFT LoRA r=16 alpha=32
           "(fp32 adapters, bf16 autocast), non-reentrant gradient checkpointing, fused AdamW on the adapters; one "
           "subprocess per variant, all shapes in it; warm-up then timed steps (wall clock between "
           "cuda.synchronize); peak = max_memory_allocated over the timed steps of each shape")
+QLORA_METHOD = ("; --qlora: decoder-layer linears as bitsandbytes Linear4bit (NF4, double quant, bf16 compute: "
+                "transformers' BitsAndBytesConfig settings), quantized in memory, PEFT lora.bnb.Linear4bit adapters; "
+                "the issue anchors above are bf16-base numbers")
 
 
 def parse_variant(v: str) -> tuple[str, bool]:
@@ -76,12 +90,41 @@ def parse_variant(v: str) -> tuple[str, bool]:
     return v, False
 
 
+def quantize_4bit(model, device: str) -> dict:
+    """Every ``nn.Linear`` of the decoder layers -> bitsandbytes ``Linear4bit`` with the settings of transformers'
+    ``BitsAndBytesConfig`` (NF4, double quant, bf16 compute), quantized on ``device`` one layer at a time (the
+    bf16 weight is freed as its 4-bit copy is made); marks the model as PEFT and transformers mark a 4-bit load.
+    Returns the config as a dict for the rows."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    for layer in model.model.layers:
+        for name, lin in list(layer.named_modules()):
+            if type(lin) is not torch.nn.Linear:
+                continue
+            new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    compute_dtype=q.bnb_4bit_compute_dtype, quant_type=q.bnb_4bit_quant_type,
+                                    compress_statistics=q.bnb_4bit_use_double_quant, device="meta")
+            new.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type=q.bnb_4bit_quant_type,
+                                           compress_statistics=q.bnb_4bit_use_double_quant, module=new).to(device)
+            if lin.bias is not None:
+                new.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, new)
+            del lin
+    model.is_loaded_in_4bit = True  # what PEFT reads to wrap Linear4bit layers in lora.bnb.Linear4bit
+    return dict(quant_type=q.bnb_4bit_quant_type, double_quant=q.bnb_4bit_use_double_quant,
+                compute_dtype=str(q.bnb_4bit_compute_dtype).removeprefix("torch."))
+
+
 def build_model(variant: str, cfg_kwargs: dict, device: str, longctx: bool = False,
-                budget_gib: float | None = None):
+                budget_gib: float | None = None, qlora: bool = False):
     """Random-init bf16 LlamaForCausalLM with LoRA adapters and checkpointing; returns (peft_model, notes).
     longctx: fastkern also chunks the MLP (at 8K tokens a 16K chunk is one whole-input replay, an extra MLP
     forward per layer for nothing, so the speed rows leave it off). budget_gib: ``fastkern_auto``'s memory
-    budget (None: the card's free memory minus a margin)."""
+    budget (None: the card's free memory minus a margin). qlora: a 4-bit NF4 base (:func:`quantize_4bit`)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -98,6 +141,8 @@ def build_model(variant: str, cfg_kwargs: dict, device: str, longctx: bool = Fal
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(default)
+    if qlora:
+        notes.update(base="nf4", bnb=quantize_4bit(model, device))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     chunk = OFFLOAD_MLP_CHUNK if longctx else None
     # "_prepeft": patched *before* get_peft_model, as TRL's SFTTrainer(peft_config=...) does it; the LoRA layers
@@ -156,12 +201,12 @@ def _plan(model) -> str:
 
 
 def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev: str = "cuda",
-           profile: bool = False, budget_gib: float | None = None) -> list[dict]:
+           profile: bool = False, budget_gib: float | None = None, qlora: bool = False) -> list[dict]:
     """One variant in this process (CUDA; ``dev="cpu"`` only exercises the code): every shape, one row each;
     ``profile``: add a torch.profiler kernel-class breakdown of 2 steps per shape, after every shape's timed steps:
     steps timed after a profiler session ran slower (the offload variant's 1 x 8192 step took 950.9 ms after the
     4 x 2048 profile against 838.9 ms without it, H100 2026-11-26), so no timing follows one."""
-    model, notes = build_model(variant, cfg_kwargs, dev, budget_gib=budget_gib)
+    model, notes = build_model(variant, cfg_kwargs, dev, budget_gib=budget_gib, qlora=qlora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = _optimizer(model, dev)
     rows = []
@@ -288,19 +333,21 @@ def add_lora_ratios(rows: list[dict]) -> None:
 CPU_SMOKE_BUDGET_GIB = 1.0
 
 
-def cpu_smoke(batch: int = 2, seq: int = 32) -> list[dict]:
+def cpu_smoke(batch: int = 2, seq: int = 32, qlora: bool = False) -> list[dict]:
     """Tiny LoRA model on the CPU: one step unpatched vs fastkern (+offload, +auto checkpointing); loss agreement,
-    not performance."""
+    not performance. ``qlora``: over a 4-bit base (bitsandbytes runs on the CPU)."""
     rows = []
     losses = {}
     for v in ("sdpa", "fastkern", "fastkern_offload", "fastkern_auto"):
         try:
-            model, notes = build_model(v, TINY, "cpu", budget_gib=CPU_SMOKE_BUDGET_GIB if v.endswith("_auto") else None)
+            model, notes = build_model(v, TINY, "cpu", budget_gib=CPU_SMOKE_BUDGET_GIB if v.endswith("_auto") else None,
+                                       qlora=qlora)
             ids = torch.randint(0, TINY["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
             t0 = time.perf_counter()
             losses[v] = float(_step(model, _optimizer(model, "cpu"), ids, "cpu"))
             row = dict(bench="lora", impl=v, model="llama-tiny(cpu)", B=batch, S=seq,
-                       step_ms=(time.perf_counter() - t0) * 1e3, loss=losses[v])
+                       step_ms=(time.perf_counter() - t0) * 1e3, loss=losses[v],
+                       **{k: notes[k] for k in ("base", "bnb") if k in notes})
             if v != "sdpa" and "sdpa" in losses:
                 row["loss_rel_err"] = abs(losses[v] - losses["sdpa"]) / abs(losses["sdpa"])
             if v.endswith("_auto"):
@@ -323,7 +370,8 @@ def auto_budget(rows: list[dict], given: float | None) -> float | None:
 def _spawn(variant: str, args: argparse.Namespace, budget_gib: float | None = None) -> list[dict]:
     cmd = [sys.executable, "-m", __spec__.name, "--worker", "--variant", variant, "--shapes", args.shapes,
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else []) \
-        + (["--profile"] if args.profile else []) + (["--budget-gib", str(budget_gib)] if budget_gib else [])
+        + (["--profile"] if args.profile else []) + (["--budget-gib", str(budget_gib)] if budget_gib else []) \
+        + (["--qlora"] if getattr(args, "qlora", False) else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -340,12 +388,17 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 
 def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS, progress=None,
-        budget_gib: float | None = None) -> list[dict]:
+        budget_gib: float | None = None, qlora: bool = False) -> list[dict]:
     """Rows for every variant and shape (GPU: one subprocess per variant). ``quick``: 1 warm-up + 3 timed steps.
-    ``budget_gib``: fastkern_auto's budget (None: :func:`auto_budget`'s default)."""
+    ``budget_gib``: fastkern_auto's budget (None: :func:`auto_budget`'s default); with a budget the
+    ``fastkern_auto`` variant is added when not listed (that is what the budget is for). ``qlora``: a 4-bit NF4
+    base in every variant (``--qlora``)."""
+    if budget_gib is not None and "fastkern_auto" not in variants:
+        variants = (*variants, "fastkern_auto")
     if not torch.cuda.is_available():
-        return cpu_smoke()
-    args = _parser().parse_args(["--steps", "3" if quick else "5", "--warmup", "1" if quick else "2"])
+        return cpu_smoke(qlora=qlora)
+    args = _parser().parse_args(["--steps", "3" if quick else "5", "--warmup", "1" if quick else "2"]
+                                + (["--qlora"] if qlora else []))
     rows = []
     for v in variants:
         rows += _spawn(v, args, auto_budget(rows, budget_gib) if v.endswith("_auto") else None)
@@ -368,6 +421,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-gib", type=float, default=None,
                     help="fastkern_auto's memory budget (default: the smallest sdpa peak of this run, listed first; "
                          "without sdpa rows the card's free memory minus a margin)")
+    ap.add_argument("--qlora", action="store_true",
+                    help="4-bit NF4 double-quant base (bitsandbytes, BitsAndBytesConfig settings) in every variant; "
+                         "baseline HF + PEFT + bitsandbytes")
     ap.add_argument("--longctx", action="store_true", help="also search the longest batch-1 sequence per variant")
     ap.add_argument("--longctx-variants", default="sdpa,sdpa+liger,fastkern,fastkern_offload")
     ap.add_argument("--longctx-budget", type=float, default=1800, help="seconds for the whole search")
@@ -381,19 +437,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    extra = {"method": METHOD, "issue_anchors": ISSUE_ANCHORS, "targets_vs_sdpa": TARGETS_VS_SDPA}
+    extra = {"method": METHOD + (QLORA_METHOD if args.qlora else ""), "issue_anchors": ISSUE_ANCHORS,
+             "targets_vs_sdpa": TARGETS_VS_SDPA}
+    if args.qlora and args.longctx:
+        _parser().error("--longctx with --qlora is not wired yet (the search's trials build bf16 bases)")
     cfg = TINY if args.tiny else LLAMA_8B
     if args.trial:
         emit_result(trial_worker(args.trial[0], int(args.trial[1]), args.tiny))
         return 0
     if args.worker:
         rows = worker(args.variant, _shapes(args.shapes), args.steps, args.warmup, cfg, args.device, args.profile,
-                      args.budget_gib)
+                      args.budget_gib, args.qlora)
         emit_result(rows)
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device: tiny CPU smoke pass only; GPU numbers need a GPU")
-        rows = cpu_smoke()
+        rows = cpu_smoke(qlora=args.qlora)
     else:
         rows = []
         for v in filter(None, args.variants.split(",")):  # --variants "": the long-context search alone

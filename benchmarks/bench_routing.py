@@ -13,6 +13,10 @@ and 16 for decoding) must all win; everything else, and everything outside the g
     python -m benchmarks.bench_routing --out hf_fastkern/kernels/routing/h100.json [--quick] [--json rows.json]
     python -m benchmarks.bench_routing --seed-from benchmarks/results/h100 --out hf_fastkern/kernels/routing/h100.json
 
+Part ``qlora`` (only where bitsandbytes and PEFT import): op ``qlora_linear``, a PEFT ``lora.bnb.Linear4bit`` (NF4,
+double quant, bf16 compute, r 16 fp32 adapters, bf16 autocast) at the Llama-3-8B projection shapes, the fused
+QLoRA linear (:mod:`hf_fastkern.layers.fused_qlora`) against PEFT's own forward.
+
 ``--seed-from DIR`` builds a table from committed benchmark JSON instead (attention.json vs SDPA-cuDNN,
 rms_norm/layer_norm/activations.json vs torch eager), stating those files and their commands as provenance;
 no GPU needed. ``--cpu-smoke``: a tiny grid on the CPU (interpreter), to check the script, not to route.
@@ -20,6 +24,7 @@ no GPU needed. ``--cpu-smoke``: a tiny grid on the CPU (interpreter), to check t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -29,6 +34,7 @@ from typing import Any
 
 import torch
 
+from hf_fastkern import apply_fast_kernels
 from hf_fastkern.kernels import activations, layer_norm, rms_norm, routing
 from hf_fastkern.patches import attention as fk
 
@@ -305,10 +311,68 @@ def _norm_fn(op: str, t: int, n: int, grad: bool, dev: str):
     return (lambda: layer_norm.layer_norm(x, w, b, 1e-5)), [x, w, b] if grad else []
 
 
-PARTS = ("attention-train", "attention-forward", "decode", "norms")
+def qlora_grid(quick: bool, smoke: bool) -> list[tuple[str, dict, str, list]]:
+    """Llama-3-8B projections (q/o 4096 -> 4096, gate/up 4096 -> 14336, down 14336 -> 4096) over token counts."""
+    toks = (512, 2048, 8192, 16384) if not quick else (2048, 8192)
+    shapes = ((4096, 4096), (4096, 14336), (14336, 4096)) if not quick else ((4096, 14336),)
+    if smoke:
+        toks, shapes = (4, 16), ((64, 96),)
+    return [("qlora_linear", {"grad": grad, "in_features": i, "out_features": o}, "tokens",
+             [(t, [dict(t=t, n=o)]) for t in toks]) for grad in (True, False) for i, o in shapes]
+
+
+def qlora_layer(d_in: int, d_out: int, dev: str) -> torch.nn.Module:
+    """A PEFT lora.bnb.Linear4bit over bitsandbytes' NF4 double-quant Linear4bit (bf16 compute), r 16 fp32
+    adapters, bound to the fused QLoRA linear by apply_fast_kernels (the routing picks per call)."""
+    import bitsandbytes as bnb
+    import peft
+
+    class One(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                          compress_statistics=True, device="meta")
+            w = torch.randn(d_out, d_in, device=dev, dtype=torch.bfloat16) * 0.02
+            self.proj.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                                 module=self.proj).to(dev)
+            self.is_loaded_in_4bit = True  # PEFT wraps Linear4bit in lora.bnb.Linear4bit only then
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    m = peft.get_peft_model(One(), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["proj"],
+                                                   init_lora_weights="gaussian")).to(dev)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.02)
+    rep = apply_fast_kernels(m, attention=False, cross_entropy=False)
+    if rep.count("lora_linear") != 1:
+        raise RuntimeError(f"the QLoRA layer was not bound: {rep}")
+    return m.train()
+
+
+def _qlora_fn(layer: torch.nn.Module, t: int, d_in: int, grad: bool, dev: str):
+    x = torch.randn(t, d_in, device=dev, dtype=torch.bfloat16, requires_grad=grad)
+
+    def fn():
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            return layer(x)
+    return fn, ([x] + [p for p in layer.parameters() if p.requires_grad]) if grad else []
+
+
+def qlora_available() -> str:
+    """"" when the qlora part can run here, else why not."""
+    missing = [m for m in ("bitsandbytes", "peft") if importlib.util.find_spec(m) is None]
+    return f"{', '.join(missing)} not installed" if missing else ""
+
+
+PARTS = ("attention-train", "attention-forward", "decode", "norms", "qlora")
 
 
 def _part_of(op: str, fixed: dict) -> str:
+    if op == "qlora_linear":
+        return "qlora"
     if op != "attention":
         return "norms"
     if fixed["kind"] == "decode":
@@ -321,7 +385,7 @@ def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print, parts:
     """Measure the grid's families in ``parts``; ``flush(rows)`` after each family (a time limit keeps them)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     rows: list[dict] = []
-    rules: dict[str, list[dict]] = {"attention": [], "rms_norm": [], "layer_norm": [], "glu": []}
+    rules: dict[str, list[dict]] = {"attention": [], "rms_norm": [], "layer_norm": [], "glu": [], "qlora_linear": []}
     src = "bench_routing.py, stock vs kernel in one process"
 
     def one(op: str, fixed: dict, sweep: str, pts: list, make: Callable[[dict], tuple]) -> None:
@@ -363,6 +427,21 @@ def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print, parts:
         def make(kw, op=op, grad=fixed["grad"]):
             return _norm_fn(op, kw["t"], kw["n"], grad, dev)
         one(op, fixed, sweep, pts, make)
+    why = qlora_available() if "qlora" in parts else ""
+    if why:
+        log(f"part qlora skipped: {why}")
+    elif "qlora" in parts:
+        layers: dict[tuple[int, int], torch.nn.Module] = {}
+        for op, fixed, sweep, pts in qlora_grid(quick, smoke):
+            shape = (fixed["in_features"], fixed["out_features"])
+            if shape not in layers:
+                layers.clear()  # one 4-bit layer (and its adapters) at a time
+                layers[shape] = qlora_layer(*shape, dev)
+
+            def make(kw, layer=layers[shape], d_in=shape[0], grad=fixed["grad"]):
+                return _qlora_fn(layer, kw["t"], d_in, grad, dev)
+            one(op, fixed, sweep, pts, make)
+    rules = {op: r for op, r in rules.items() if r or op != "qlora_linear"}
     return rules, rows
 
 

@@ -1,6 +1,7 @@
 """hf-fastkern: benchmark, check and describe hf_fastkern on this machine.
 
     hf-fastkern bench [SECTION ...] [--quick] [--budget SECONDS] [--json FILE] [--out-dir DIR] [--plot FILE]
+                      [--qlora] [--budget-gib GIB]   (the last two: the lora benchmark's own knobs)
     hf-fastkern info  [--json FILE]
     hf-fastkern check
 
@@ -331,8 +332,12 @@ def _succeeded(status: str) -> bool:
 
 def run_bench(targets: list[str], quick: bool = False, json_path: str | None = None, out_dir: str | None = None,
               plot_path: str | None = None, command: str | None = None, budget_s: float | None = None,
-              longctx_variants: tuple[str, ...] | None = None, started: float | None = None) -> dict:
+              longctx_variants: tuple[str, ...] | None = None, started: float | None = None,
+              knobs: dict[str, dict] | None = None) -> dict:
     """Run the named sections; returns the JSON document it prints/saves.
+
+    ``knobs``: benchmark name -> extra keyword arguments for its ``run()`` (``{"lora": {"qlora": True,
+    "budget_gib": 40.0}}`` from ``bench lora --qlora --budget-gib 40``); recorded in the section's settings.
 
     ``budget_s``: fit the run into that many seconds of wall time from ``started`` (default: now) on a GPU
     (``BudgetPlan``); None runs every script in full. The JSON is rewritten after every script, and, with
@@ -394,7 +399,7 @@ def run_bench(targets: list[str], quick: bool = False, json_path: str | None = N
             elif mod is None:
                 status = f"failed: {why}"
             else:
-                kwargs = {"quick": quick, **settings["kwargs"]}
+                kwargs = {"quick": quick, **settings["kwargs"], **(knobs or {}).get(name, {})}
                 if name == "longctx" and longctx_variants and "variants" not in kwargs:
                     kwargs["variants"] = tuple(longctx_variants)
                 if out_dir and gpu:
@@ -776,10 +781,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--longctx-variants", metavar="V1,V2",
                    help="long-context variants to search (default: all 6; under a tight --budget: "
                    + ",".join(LONGCTX_SHORT_VARIANTS) + ")")
+    b.add_argument("--qlora", action="store_true",
+                   help="lora: a 4-bit NF4 double-quant base (bitsandbytes) in every variant, baseline HF + PEFT + "
+                   "bitsandbytes (benchmarks/bench_lora.py --qlora)")
+    b.add_argument("--budget-gib", type=float, metavar="GIB",
+                   help="lora: the memory budget of the fastkern_auto variant (checkpoint='auto'; added to the "
+                   "variants), whose rows say what the checkpoint planner chose (benchmarks/bench_lora.py "
+                   "--budget-gib)")
     i = sub.add_parser("info", help="environment, device, and which path each op takes here")
     i.add_argument("--json")
     sub.add_parser("check", help="quick correctness check of every kernel against its reference")
     return ap
+
+
+def lora_knobs(args: argparse.Namespace) -> dict:
+    """The lora benchmark's knobs given on the command line (bench_lora.run's keyword arguments)."""
+    if args.budget_gib is not None and args.budget_gib <= 0:
+        build_parser().error("--budget-gib must be a positive number of GiB")
+    out: dict = {}
+    if args.qlora:
+        out["qlora"] = True
+    if args.budget_gib is not None:
+        out["budget_gib"] = args.budget_gib
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -793,13 +817,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget is not None and args.budget <= 0:
             build_parser().error("--budget must be a positive number of seconds")
         variants = tuple(v for v in (args.longctx_variants or "").split(",") if v) or None
+        knobs = lora_knobs(args)
+        if knobs and "lora" not in args.targets:
+            build_parser().error("--qlora and --budget-gib are knobs of the lora benchmark: `hf-fastkern bench lora`")
         # `timeout` sends SIGTERM: turn it into SystemExit so the JSON of the finished scripts is written and a
         # running trial subprocess is killed with us (subprocess.run kills its child on any exception)
         prev = _sigterm_to_exit()
         try:
             doc = run_bench(args.targets, quick=args.quick, json_path=args.json, out_dir=args.out_dir,
                       plot_path=args.plot, command=" ".join(["hf-fastkern"] + argv), budget_s=args.budget,
-                      longctx_variants=variants, started=started)
+                      longctx_variants=variants, started=started, knobs={"lora": knobs} if knobs else None)
         finally:
             if prev is not None:
                 signal.signal(signal.SIGTERM, prev)

@@ -385,3 +385,44 @@ def test_bench_exit_code_says_a_section_failed(monkeypatch, capsys):
     assert cli.main(["bench", "ops", "--quick"]) == 1
     out = capsys.readouterr().out
     assert "== layer_norm (ops): failed: RuntimeError: forced failure" in out and "FAILED: layer_norm" in out
+
+
+def test_bench_lora_knobs_reach_its_run(monkeypatch, tmp_path):
+    """`bench lora --qlora --budget-gib 40` hands bench_lora.run qlora=True, budget_gib=40.0 (recorded in the
+    section's settings); without them run gets neither (its defaults)."""
+    import types
+
+    seen = []
+
+    def run(quick=False, variants=("sdpa",), progress=None, budget_gib=None, qlora=False):
+        seen.append(dict(budget_gib=budget_gib, qlora=qlora))
+        return [{"bench": "lora", "impl": "sdpa", "B": 1, "S": 8, "step_ms": 1.0}]
+
+    monkeypatch.setattr(cli, "load_bench", lambda name: (types.SimpleNamespace(run=run), None))
+    out = tmp_path / "lora.json"
+    assert cli.main(["bench", "lora", "--qlora", "--budget-gib", "40", "--json", str(out)]) == 0
+    assert seen[-1] == dict(budget_gib=40.0, qlora=True)
+    settings = json.loads(out.read_text())["sections"]["lora"]["settings"]
+    assert settings["qlora"] is True and settings["budget_gib"] == 40.0
+    assert cli.main(["bench", "lora", "--quick"]) == 0
+    assert seen[-1] == dict(budget_gib=None, qlora=False)
+
+
+@pytest.mark.parametrize("argv", [["bench", "ops", "--qlora"], ["bench", "lora", "--budget-gib", "0"]],
+                         ids=["qlora_without_lora", "budget_not_positive"])
+def test_bench_lora_knobs_rejected(argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+
+
+def test_bench_lora_run_takes_the_knobs():
+    """The real bench_lora.run accepts what the CLI passes (cli._accepted would drop an unknown knob silently)."""
+    import inspect
+
+    from hf_fastkern.benchmarks import bench_lora
+
+    params = inspect.signature(bench_lora.run).parameters
+    assert "qlora" in params and "budget_gib" in params
+    args = bench_lora._parser().parse_args(["--qlora", "--budget-gib", "12.5"])
+    assert args.qlora is True and args.budget_gib == 12.5

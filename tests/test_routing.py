@@ -349,3 +349,34 @@ def test_narrowed_scan_decides_like_the_full_scan():
     assert t.decide("glu", {"tokens": 4, "intermediate": 8, "grad": True})[0] == "stock"
     assert t.decide("glu", {"tokens": 16, "intermediate": 8, "grad": True})[0] == "kernel"
     assert t.decide("glu", {"tokens": 16, "intermediate": 9, "grad": True})[0] == "stock"
+
+
+def test_qlora_linear_routes_to_stock_until_measured(table, tmp_path, monkeypatch):
+    """No qlora_linear rule in the GPU's table: every case is stock, and the report's reason says so; a measured
+    kernel rule routes its cases to the fused QLoRA linear and clears the reason."""
+    monkeypatch.setattr(routing, "gpu_class", lambda device=None: "fakegpu")
+    case = dict(tokens=8192, in_features=4096, out_features=14336, grad=True)
+    assert routing.decide("qlora_linear", "fakegpu", case)[0] == routing.STOCK
+    why = routing.unrouted_reason("qlora_linear", torch.device("cuda"))
+    assert "no qlora_linear case measured faster" in why, why
+    assert routing.unrouted_reason("qlora_linear", torch.device("cpu")) == ""
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(_doc({"qlora_linear": [
+        {"match": {"in_features": 4096, "out_features": 14336, "grad": True, "tokens": [2048, 16384]},
+         "choice": "kernel", "ratio": 1.1}]})))
+    monkeypatch.setenv(routing.TABLE_ENV, str(path))
+    routing.reset()
+    assert routing.decide("qlora_linear", "fakegpu", case)[0] == routing.KERNEL
+    assert routing.decide("qlora_linear", "fakegpu", dict(case, tokens=512))[0] == routing.STOCK
+    assert routing.unrouted_reason("qlora_linear", torch.device("cuda")) == ""
+
+
+def test_bench_routing_qlora_part_cpu_smoke():
+    """The qlora part measures PEFT's 4-bit forward against the fused node and writes a table that parses."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    rules, rows = bench_routing.measure(quick=False, smoke=True, log=lambda s: None, parts=("qlora",))
+    assert set(rules) == {"attention", "rms_norm", "layer_norm", "glu", "qlora_linear"}
+    assert len(rows) == 4 and all(r["op"] == "qlora_linear" and r["stock_ms"] > 0 for r in rows)
+    doc = bench_routing.table_doc("cpu-smoke", bench_routing.provenance("c", "cpu", {}, "d"), rules)
+    assert len(routing.parse_table(doc, "smoke.json").rules["qlora_linear"]) == 6

@@ -24,6 +24,8 @@ Cases (keys a rule may name, per op):
   ``head_dim``, ``q_len``, ``kv_len``, ``causal``, ``window`` (bool), ``softcap`` (bool), ``grad`` (bool).
 - ``rms_norm``, ``layer_norm``: ``tokens``, ``hidden``, ``grad``.
 - ``glu`` (SwiGLU/GeGLU): ``tokens``, ``intermediate``, ``grad``.
+- ``qlora_linear`` (the fused QLoRA linear, :mod:`hf_fastkern.layers.fused_qlora`, vs PEFT's own 4-bit LoRA
+  forward): ``tokens``, ``in_features``, ``out_features``, ``grad``.
 
 Decisions are cached per (GPU class, op, case), so a call pays one dictionary lookup after the first.
 """
@@ -55,6 +57,7 @@ CASE_KEYS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("tokens", "hidden", "grad"),
     "layer_norm": ("tokens", "hidden", "grad"),
     "glu": ("tokens", "intermediate", "grad"),
+    "qlora_linear": ("tokens", "in_features", "out_features", "grad"),
 }
 ATTENTION_KINDS = ("dense", "decode", "padded", "packed")
 PROVENANCE_KEYS = ("command", "gpu", "versions", "date")
@@ -308,6 +311,24 @@ def use_kernel(op: str, device: torch.device, **case: Any) -> bool:
         _DECISIONS.clear()
     _DECISIONS[key] = ok
     return ok
+
+
+def unrouted_reason(op: str, device: torch.device) -> str:
+    """Why ``op`` cannot take the kernel anywhere on ``device`` ("" when some case may): for the patch report,
+    which has no call's case at hand. A CUDA device whose table (if any) holds no ``kernel`` rule for ``op``
+    routes every case to stock."""
+    if device.type != "cuda":
+        return "HF_FASTKERN_ROUTING=stock" if mode() == STOCK else ""
+    m = mode()
+    if m != "table":
+        return "" if m == KERNEL else f"{MODE_ENV}={m}"
+    cls = gpu_class(device)
+    table = load_table(cls)
+    if table is None:
+        return f"no routing table for GPU class {cls!r}"
+    if not any(r.choice == KERNEL for r in table.rules.get(op, ())):
+        return f"no {op} case measured faster in {os.path.basename(table.path)} (benchmarks/bench_routing.py)"
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -89,9 +89,18 @@ def is_lora_linear(m: nn.Module) -> bool:
     return cls.__qualname__ == "Linear" and cls.__module__ == "peft.tuners.lora.layer"
 
 
+def is_qlora_linear(m: nn.Module) -> bool:
+    """PEFT's LoRA layer over a bitsandbytes 4-bit base (``peft.tuners.lora.bnb.Linear4bit``), by name: neither
+    peft nor bitsandbytes is imported here (:mod:`hf_fastkern.layers.fused_qlora` takes it)."""
+    cls = type(m)
+    return cls.__qualname__ == "Linear4bit" and cls.__module__ == "peft.tuners.lora.bnb"
+
+
 def down_parts(down: nn.Module) -> tuple[DownParts | None, str]:
     """The lean path's view of ``down``, or (None, why it takes the unfused path). Structure only; the
     per-call tensor checks (device, dtypes) are in :func:`glu_down`."""
+    if is_qlora_linear(down):
+        return None, "QLoRA down projection (lora.bnb.Linear4bit: it runs the fused QLoRA linear on its own)"
     if not is_lora_linear(down):
         why = linear_reason(down, type(down).__name__)
         if why:

@@ -33,8 +33,12 @@ import torch.nn as nn
 from transformers import PretrainedConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from hf_fastkern.kernels import routing
 from hf_fastkern.kernels.dispatch import force_reference, interpret_mode
-from hf_fastkern.layers.common import PATCH_FLAG, Unsupported, down_parts, is_lora_linear
+from hf_fastkern.layers.common import PATCH_FLAG, Unsupported, down_parts, is_lora_linear, is_qlora_linear
+from hf_fastkern.layers.fused_qlora import OP as QLORA_OP
+from hf_fastkern.layers.fused_qlora import QUIET as QLORA_QUIET
+from hf_fastkern.layers.fused_qlora import qlora_parts
 from hf_fastkern.memory.checkpoint_plan import (
     GIB,
     MODES,
@@ -82,8 +86,22 @@ _OPTIONS = ("attention", "norm", "mlp", "cross_entropy", "offload_activations", 
 
 
 def _lora_status(module: nn.Module) -> str:
+    """Why a (Q)LoRA linear runs PEFT's forward, from its structure ("" when the fused node may run)."""
+    if is_qlora_linear(module):
+        why = qlora_parts(module)[1]
+        return "" if why in ("", *QLORA_QUIET) else f"runs PEFT's forward: {why}"
     why = down_parts(module)[1]
     return "" if why in ("", "no active adapter") else f"runs PEFT's forward: {why}"
+
+
+def _qlora_status(module: nn.Module) -> str:
+    """The report's view of a bound QLoRA linear: its structure, then the routing (no measured case on this
+    GPU: every call runs PEFT's forward)."""
+    why = _lora_status(module)
+    if why:
+        return why
+    why = routing.unrouted_reason(QLORA_OP, module.base_layer.weight.device)
+    return f"runs PEFT's forward: routed to stock ({why})" if why else ""
 
 
 def _mlp_status(down_attr: str, module: nn.Module) -> str:
@@ -139,7 +157,8 @@ def _bind_lora(ledger: Ledger, module: nn.Module, name: str, config: Any, left: 
     if why:
         left.append((f"lora_linear {type(module).__name__} ({name})", why.replace("runs PEFT's forward: ", "")))
         return
-    _bind(ledger, module, name, "lora_linear", lora_linear_factory, config, left, _lora_status)
+    _bind(ledger, module, name, "lora_linear", lora_linear_factory, config, left,
+          _qlora_status if is_qlora_linear(module) else _lora_status)
 
 
 def _mlp_factory(recipe: Recipe, cls: str, opts: dict) -> tuple[ForwardFactory, Any]:
@@ -162,7 +181,7 @@ def _patch_modules(base: nn.Module, ledger: Ledger, recipe: Recipe | None, opts:
         seen.add(cls)
         if opts["rope"] and recipe is not None and cls in recipe.rope_attention:
             _bind(ledger, module, name, "rope", recipe.rope_attention[cls], config, left)
-        elif opts["lora"] and is_lora_linear(module):
+        elif opts["lora"] and (is_lora_linear(module) or is_qlora_linear(module)):
             _bind_lora(ledger, module, name, config, left)
         elif opts["norm"] and recipe is not None and cls in recipe.norms:
             _bind(ledger, module, name, "norm", recipe.norms[cls], config, left)
@@ -190,7 +209,7 @@ def _scan_lora(base: nn.Module, ledger: Ledger) -> None:
     config = getattr(base, "config", None)
     left = [item for item in ledger.left if not item[0].startswith("lora_linear ")]
     for name, module in base.named_modules():
-        if is_lora_linear(module):
+        if is_lora_linear(module) or is_qlora_linear(module):
             _bind_lora(ledger, module, name, config, left)
     ledger.left = group_reasons(left)
 

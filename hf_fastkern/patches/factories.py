@@ -19,9 +19,10 @@ from hf_fastkern.kernels import layer_norm as _ln
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels import rms_norm as _rms
 from hf_fastkern.layers import rope_attention as _rope_attention
-from hf_fastkern.layers.common import Unsupported, is_lora_linear
+from hf_fastkern.layers.common import Unsupported, is_lora_linear, is_qlora_linear
 from hf_fastkern.layers.fused_lora import lora_linear_forward
 from hf_fastkern.layers.fused_mlp import glu_down, recompute_for
+from hf_fastkern.layers.fused_qlora import qlora_linear_forward
 from hf_fastkern.layers.shared_cast import share_cast
 from hf_fastkern.memory.recompute import chunked_recompute
 from hf_fastkern.patches.recipe import Forward, ForwardFactory
@@ -256,9 +257,12 @@ def rope_attention_factory(sliding_window: str | None = None) -> ForwardFactory:
 
 def lora_linear_factory(module: nn.Module, config: Any) -> Forward:
     """PEFT ``lora.Linear`` instances: :func:`hf_fastkern.layers.fused_lora.lora_linear_forward` (the fused node
-    when the layer's structure allows it per call, PEFT's forward otherwise)."""
-    if not is_lora_linear(module):
-        raise Unsupported(f"{type(module).__name__} is not PEFT's lora.Linear")
+    when the layer's structure allows it per call, PEFT's forward otherwise); PEFT ``lora.bnb.Linear4bit``
+    (QLoRA): :func:`hf_fastkern.layers.fused_qlora.qlora_linear_forward` (likewise, and where the routing table
+    measured it faster)."""
+    qlora = is_qlora_linear(module)
+    if not (qlora or is_lora_linear(module)):
+        raise Unsupported(f"{type(module).__name__} is not PEFT's lora.Linear or lora.bnb.Linear4bit")
     if "forward" in module.__dict__:
         raise Unsupported("has an instance-level forward (a hook library such as accelerate)")
-    return lora_linear_forward
+    return qlora_linear_forward if qlora else lora_linear_forward
