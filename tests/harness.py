@@ -558,3 +558,26 @@ DETERMINISM_IDS = [c[0] for c in determinism_cases("cpu", big=False)]
 def check_bitwise_case(case: str, device: str, big: bool, runs: int) -> None:
     (name, fn, builders), = [c for c in determinism_cases(device, big=big) if c[0] == case]
     check_bitwise(name, fn, builders, runs=runs)
+
+
+def time_fwd_bwd_gpu(models: dict, x: torch.Tensor, dy: torch.Tensor, autocast: bool,
+                     runs: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """(ms of the last of ``runs`` forward + backward calls, peak GiB) per named module, CUDA events, under bf16
+    autocast when asked; gradients cleared between calls. The GPU tests' side-by-side figures (printed, not
+    asserted: a benchmark is a script, benchmarks/)."""
+    ms, peak = {}, {}
+    for name, m in models.items():
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                y = m(x)
+            y.backward(dy)
+            end.record()
+            torch.cuda.synchronize()
+            ms[name] = start.elapsed_time(end)
+            m.zero_grad(set_to_none=True)
+            x.grad = None
+        peak[name] = torch.cuda.max_memory_allocated() / 2**30
+    return ms, peak

@@ -22,6 +22,7 @@ import hf_fastkern
 from hf_fastkern import apply_fast_kernels, revert_fast_kernels
 from hf_fastkern.kernels.dispatch import FastKernFallbackWarning, reset_warnings
 from hf_fastkern.layers import fused_lora
+from tests.harness import time_fwd_bwd_gpu
 from tests.test_fused_mlp import _compare, saved_bytes
 from tests.test_fused_mlp import _Count as _CountApply
 from tests.test_patch_archs import ARCHS, build
@@ -301,23 +302,8 @@ def test_lora_linear_gpu_real_size(autocast):
     base = _run(base_m, x.bfloat16(), autocast)
     oracle = _run(oracle_m, x.bfloat16().double(), autocast)
     _compare(got, oracle, base, torch.bfloat16, f"gpu 8b up_proj autocast={autocast}")
-    peak = {}
-    ms = {}
     xb = x.bfloat16().requires_grad_()
     dy = torch.randn(t, d_out, device="cuda", dtype=torch.bfloat16)  # made once: the timing is the layer's
-    for name, m in (("peft", base_m), ("fused", w)):
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                y = m(xb)
-            y.backward(dy)
-            end.record()
-            torch.cuda.synchronize()
-            ms[name] = start.elapsed_time(end)
-            m.zero_grad(set_to_none=True)
-            xb.grad = None
-        peak[name] = torch.cuda.max_memory_allocated() / 2**30
+    ms, peak = time_fwd_bwd_gpu({"peft": base_m, "fused": w}, xb, dy, autocast)
     print(f"\n8B up_proj LoRA fwd+bwd (autocast={autocast}): PEFT {ms['peft']:.2f} ms {peak['peft']:.2f} GiB, "
           f"fused {ms['fused']:.2f} ms {peak['fused']:.2f} GiB")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from hf_fastkern import apply_fast_kernels, report, revert_fast_kernels
 from hf_fastkern.kernels import routing
 from hf_fastkern.layers import fused_qlora
+from tests.harness import time_fwd_bwd_gpu
 from tests.test_fused_mlp import _compare, _Count
 from tests.tolerances import assert_close
 
@@ -154,23 +155,9 @@ def test_qlora_linear_gpu_real_size(autocast, monkeypatch):
     base = _run(base_m, x, autocast)
     oracle = _oracle(w, x, torch.bfloat16 if autocast else torch.float32, 0.0)
     _compare(got, oracle, base, torch.bfloat16, f"gpu 8b up_proj QLoRA autocast={autocast}")
-    ms, peak = {}, {}
     xb = x.requires_grad_()
     dy = torch.randn(t, d_out, device="cuda", dtype=torch.bfloat16)
-    for name, m in (("peft", base_m), ("fused", w)):
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                y = m(xb)
-            y.backward(dy)
-            end.record()
-            torch.cuda.synchronize()
-            ms[name] = start.elapsed_time(end)
-            m.zero_grad(set_to_none=True)
-            xb.grad = None
-        peak[name] = torch.cuda.max_memory_allocated() / 2**30
+    ms, peak = time_fwd_bwd_gpu({"peft": base_m, "fused": w}, xb, dy, autocast)
     print(f"\n8B up_proj QLoRA fwd+bwd (autocast={autocast}): PEFT {ms['peft']:.2f} ms {peak['peft']:.2f} GiB, "
           f"fused {ms['fused']:.2f} ms {peak['fused']:.2f} GiB")
 

@@ -125,23 +125,33 @@ def down_parts(down: nn.Module) -> tuple[DownParts | None, str]:
     if not active:
         return DownParts(base.weight, base.bias, None, None, 1.0, True), ""
     name = active[0]
-    if name in getattr(down, "lora_variant", {}) or getattr(down, "use_dora", {}).get(name, False):
-        return None, "lora.Linear with DoRA or another LoRA variant"
     if not isinstance(down.lora_dropout[name], nn.Identity):
         return None, "lora.Linear with lora_dropout > 0"
-    if getattr(down, "lora_bias", {}).get(name, False):
-        return None, "lora.Linear with lora_bias"
-    la, lb = down.lora_A[name], down.lora_B[name]
+    adapter, why = adapter_parts(down, name, "lora.Linear")
+    if adapter is None:
+        return None, why
+    return DownParts(base.weight, base.bias, *adapter, bool(getattr(down, "cast_input_dtype_enabled", True))), ""
+
+
+def adapter_parts(module: nn.Module, name: str, what: str) -> tuple[tuple[torch.Tensor, torch.Tensor, float] | None,
+                                                                     str]:
+    """Adapter ``name`` of a PEFT LoRA layer as the fused nodes compute it, ``(lora_A.weight, lora_B.weight,
+    scaling)``, or (None, why) for a structure they do not: a LoRA variant (DoRA), ``lora_bias``, biased or
+    non-plain A/B, a tensor scaling. ``what`` names the layer class in the reason."""
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
+        return None, f"{what} with DoRA or another LoRA variant"
+    if getattr(module, "lora_bias", {}).get(name, False):
+        return None, f"{what} with lora_bias"
+    la, lb = module.lora_A[name], module.lora_B[name]
     why = linear_reason(la, "lora_A") or linear_reason(lb, "lora_B")
     if why:
         return None, why
     if la.bias is not None or lb.bias is not None:
-        return None, "lora.Linear with a bias on lora_A/lora_B"
-    scaling = down.scaling[name]
+        return None, f"{what} with a bias on lora_A/lora_B"
+    scaling = module.scaling[name]
     if not isinstance(scaling, float | int):
-        return None, f"lora.Linear scaling is a {type(scaling).__name__}"
-    return DownParts(base.weight, base.bias, la.weight, lb.weight, float(scaling),
-                     bool(getattr(down, "cast_input_dtype_enabled", True))), ""
+        return None, f"{what} scaling is a {type(scaling).__name__}"
+    return (la.weight, lb.weight, float(scaling)), ""
 
 
 # Per-module cache of down_parts: the structural walk costs ~8 us per call for a plain nn.Linear on the CI CPU

@@ -61,12 +61,12 @@ from hf_fastkern.kernels.dispatch import warn_once
 from hf_fastkern.layers.common import (
     ac_cast,
     adapter_grads,
+    adapter_parts,
     autocast_state,
     call_reason,
     grad_input_adapter,
     is_qlora_linear,
     linear_adapter,
-    linear_reason,
     lora_input,
     rows,
     scaled_b,
@@ -129,23 +129,13 @@ def qlora_parts(module: nn.Module) -> tuple[QLoRAParts | None, str]:
     if not active:
         return None, "no active adapter"
     name = active[0]
-    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
-        return None, "lora.bnb.Linear4bit with DoRA or another LoRA variant"
-    if getattr(module, "lora_bias", {}).get(name, False):
-        return None, "lora.bnb.Linear4bit with lora_bias"
     drop = module.lora_dropout[name]
     if not isinstance(drop, nn.Identity | nn.Dropout) or (type(drop) is nn.Dropout and call_reason(drop)):
         return None, f"lora.bnb.Linear4bit dropout is {type(drop).__name__}"
-    la, lb = module.lora_A[name], module.lora_B[name]
-    why = linear_reason(la, "lora_A") or linear_reason(lb, "lora_B")
-    if why:
+    adapter, why = adapter_parts(module, name, "lora.bnb.Linear4bit")
+    if adapter is None:
         return None, why
-    if la.bias is not None or lb.bias is not None:
-        return None, "lora.bnb.Linear4bit with a bias on lora_A/lora_B"
-    scaling = module.scaling[name]
-    if not isinstance(scaling, float | int):
-        return None, f"lora.bnb.Linear4bit scaling is a {type(scaling).__name__}"
-    return QLoRAParts(w, qs, base.bias, base.compute_dtype, la.weight, lb.weight, float(scaling),
+    return QLoRAParts(w, qs, base.bias, base.compute_dtype, *adapter,
                       bool(getattr(module, "cast_input_dtype_enabled", True)),
                       None if isinstance(drop, nn.Identity) else drop), ""
 
