@@ -6,6 +6,11 @@ import torch
 if not torch.cuda.is_available():
     # Every Triton kernel executes in the CPU interpreter when there is no GPU (CI, laptops).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # One intra-op thread for the tests' tiny CPU tensors, here and in the processes they launch: with two,
+    # every small op waits for both OpenMP threads, 2-8x slower per op once the 2 cores are shared (a second
+    # test process, other load); issue 20. The comparisons are within one process, so the thread count is theirs.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 # The patched models' tests check our attention kernel: on Hopper the default ("auto") would hand the plain
 # dense case to SDPA/cuDNN (hf_fastkern.patches.attention). tests/test_patch_attention.py tests "auto" itself.
 os.environ.setdefault("HF_FASTKERN_ATTENTION", "triton")
