@@ -19,6 +19,7 @@ import types
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hf_fastkern import apply_fast_kernels, revert_fast_kernels
 from hf_fastkern.kernels.dispatch import FastKernFallbackWarning, reset_warnings
@@ -315,8 +316,7 @@ def test_glu_down_lora_disabled_adapters_lean(monkeypatch):
     _patched(_inner(ref), "silu", False)
     _patched(_inner(wrapped), "silu", True)
     x = _x()
-    # with autograd on: without it the lean node has nothing to save, and glu_down runs the plain path
-    with wrapped.disable_adapter(), ref.disable_adapter():
+    with wrapped.disable_adapter(), ref.disable_adapter(), torch.no_grad():
         got = _inner(wrapped)(x)
         want = _inner(ref)(x)
     assert count.n == 1 and torch.equal(got, want)
@@ -451,9 +451,9 @@ def test_patched_llama_lora_matches_peft(ckpt, monkeypatch):
     count = _Count(monkeypatch)
     check_step(patched, peft_ref, f"llama lora ckpt={ckpt}")
     # check_step runs the patched model once: 2 layers, each MLP forward, and its recompute under checkpointing
-    # per layer: the forward, and non-reentrant checkpointing's recompute; reentrant checkpointing runs its
-    # forward without autograd, where the lean node has nothing to save and the plain path runs instead
-    assert count.n == 2 * (2 if ckpt == "non_reentrant" else 1)
+    # per layer: the forward and, with checkpointing, its recompute (reentrant checkpointing's first pass runs
+    # without autograd in training mode: the lean node still runs there, so both passes compute the same)
+    assert count.n == 2 * (1 if ckpt == "none" else 2)
 
 
 def test_lean_mlp_with_chunks_and_offload(monkeypatch):
@@ -467,10 +467,9 @@ def test_lean_mlp_with_chunks_and_offload(monkeypatch):
     assert report.patched.get("mlp_recompute") == 2 and report.patched.get("offload") == 1, str(report)
     count = _Count(monkeypatch)
     check_step(patched, peft_ref, "lean + chunks + offload")
-    # per layer: forward chunks (no grad), checkpoint recompute chunks, backward replay chunks; the two passes
-    # without autograd run the plain path (the lean node has nothing to save there), the replay the lean node
+    # per layer: forward chunks (no grad), checkpoint recompute chunks, backward replay chunks
     n_tokens = batch()[0].numel()
-    assert count.n == 2 * 1 * -(-n_tokens // CHUNK)
+    assert count.n == 2 * 3 * -(-n_tokens // CHUNK)
 
 
 def test_report_and_recompute_off(monkeypatch):
@@ -649,3 +648,43 @@ def test_llama_step_peak_memory_gpu():
     print(f"\nstep peak above weights: unfused {peak[False] / 2**30:.2f} GiB, lean {peak[True] / 2**30:.2f} GiB "
           f"(h = {h / 2**20:.0f} MiB per layer)")
     assert peak[False] - peak[True] >= (layers - 1) * h
+
+
+def test_reentrant_checkpoint_passes_compute_the_same(monkeypatch):
+    """Reentrant checkpointing runs a training module's forward without autograd, then recomputes it with
+    autograd: both passes must take one path even where the routing table's grad and no-grad rules differ (here
+    the activation routes to stock without grad, to the kernel with it), so the loss and the gradients come from
+    the same computation. In eval mode without autograd the class forward may run (nothing to recompute)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hf_fastkern.kernels import routing
+
+    real = routing.use_kernel
+    monkeypatch.setattr(routing, "use_kernel",
+                        lambda op, device, **case: case["grad"] if op == "glu" else real(op, device, **case))
+    mlp = _patched(_mlp(False, bias=False), "silu", True)
+    x = _x().requires_grad_()
+
+    def grads(y):
+        mlp.zero_grad(set_to_none=True)
+        x.grad = None
+        y.sum().backward()  # reentrant checkpointing takes no torch.autograd.grad
+        return [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+    y_plain = mlp(x)
+    g_plain = grads(y_plain)
+    y_ckpt = checkpoint(mlp, x, use_reentrant=True)
+    g_ckpt = grads(y_ckpt)
+    assert torch.equal(y_plain, y_ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(g_plain, g_ckpt))
+
+    class WithForward(type(mlp)):  # the test MLP has no class forward of its own; a transformers MLP has
+        def forward(self, h):
+            return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+    stock_mlp = _mlp(False, bias=False)
+    stock_mlp.__class__ = WithForward
+    expected = WithForward.forward(stock_mlp, x)
+    _patched(stock_mlp, "silu", True).eval()
+    count = _Count(monkeypatch)
+    with torch.no_grad():  # eval + no autograd + routed to stock: the class forward, no lean node
+        assert torch.equal(stock_mlp(x), expected.detach()) and count.n == 0
+

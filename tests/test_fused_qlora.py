@@ -70,6 +70,8 @@ MODES = {
     "fp32": (torch.float32, torch.float32, False, torch.float32),
     # fp32 activations into a bf16-compute 4-bit layer (norms up-cast by prepare_model_for_kbit_training)
     "fp32_input_bf16_compute": (torch.bfloat16, torch.float32, False, torch.bfloat16),
+    # the same under bf16 autocast (prepare_model_for_kbit_training + AMP): the sum stays in x's dtype, as PEFT's
+    "fp32_input_autocast_bf16": (torch.bfloat16, torch.float32, True, torch.bfloat16),
 }
 
 

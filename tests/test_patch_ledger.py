@@ -189,8 +189,8 @@ def test_nothing_fine_is_left():
 
 def _fp32_attention_only(fallbacks) -> bool:
     """The fp32 test models' one true fallback: their attention calls run SDPA (no autocast here)."""
-    return fallbacks == [("attention", "float32 weights: attention runs SDPA unless the forward runs under "
-                                       "bf16/fp16 autocast")]
+    return fallbacks == [("attention", "float32 q/k/v projections: calls outside bf16/fp16 autocast run SDPA "
+                                       "(under autocast q/k/v are cast and the kernel runs)")]
 
 
 def test_report_says_fp32_attention_runs_sdpa():
@@ -199,6 +199,8 @@ def test_report_says_fp32_attention_runs_sdpa():
     rep = apply_fast_kernels(model)
     assert rep.count("attention") == 1 and _fp32_attention_only(rep.fallbacks), str(rep)
     model.to(torch.bfloat16)
+    assert not any(what == "attention" for what, _ in hf_fastkern.report(model).fallbacks)
+    model.get_input_embeddings().float()  # what decides is the q/k/v projections' dtype, not the first parameter
     assert not any(what == "attention" for what, _ in hf_fastkern.report(model).fallbacks)
 
 

@@ -12,7 +12,6 @@ passed to ``use_kernel``) and the ``check_*`` helpers below for argument validat
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -34,9 +33,16 @@ if _ENV_DATA is None or _ENV_ENCODE is None or _ENV_DECODE is None:
     _ENV_DATA = None
 
 
-@functools.lru_cache(maxsize=None)
+_ENV_KEY_MEMO: dict = {}
+
+
 def _env_key(name: str):
-    return _ENV_ENCODE(name)
+    # a plain dict, not functools.lru_cache: torch.compile traces the entry points, and dynamo warns on
+    # lru_cache-wrapped calls
+    key = _ENV_KEY_MEMO.get(name)
+    if key is None:
+        key = _ENV_KEY_MEMO[name] = _ENV_ENCODE(name)
+    return key
 
 
 def env_get(name: str, default: str | None = None) -> str | None:

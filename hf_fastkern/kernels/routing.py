@@ -61,6 +61,7 @@ CASE_KEYS: dict[str, tuple[str, ...]] = {
 }
 ATTENTION_KINDS = ("dense", "decode", "padded", "packed")
 PROVENANCE_KEYS = ("command", "gpu", "versions", "date")
+_MAX_NARROWED = 1 << 12
 
 
 class RoutingTableError(ValueError):
@@ -94,13 +95,15 @@ class RoutingTable:
     provenance: dict[str, Any]
     rules: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     # op -> its exact-match keys; (op, their values in a case) -> the rules that can match, in table order
-    _narrowed: dict[tuple, tuple[Rule, ...]] = field(default_factory=dict, compare=False, repr=False)
+    _narrowed: dict[tuple, tuple[Rule, ...]] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def _candidates(self, op: str, case: dict[str, Any]) -> tuple[Rule, ...]:
         """The op's rules, narrowed to those whose exact-match keys (never a range in any of the op's rules:
         kind, head_dim, grad ...) agree with ``case``, order kept, so the first match is the same rule. A
         decoding step has a new ``kv_len`` each token, a cache miss in ``use_kernel``: this keeps the scan to
         the case's family (a few rules) rather than the whole table."""
+        if not self.rules.get(op):
+            return ()
         exact_keys = self._narrowed.get(op)
         if exact_keys is None:
             ranged = {k for r in self.rules.get(op, ()) for k, v in r.match.items() if isinstance(v, list)}
@@ -111,6 +114,8 @@ class RoutingTable:
             exact = dict(zip(exact_keys, sig[1:]))
             hit = tuple(r for r in self.rules.get(op, ())
                         if all(k not in exact or exact[k] == v for k, v in r.match.items()))
+            if len(self._narrowed) >= _MAX_NARROWED:  # bounded like the decision cache (an exact key may vary)
+                self._narrowed.clear()
             self._narrowed[sig] = hit
         return hit
 

@@ -195,7 +195,7 @@ def _unfused(g: torch.Tensor, u: torch.Tensor, down: nn.Module, kind: str, appro
 
 
 def glu_down(gate: torch.Tensor, up: torch.Tensor | None, down: nn.Module, kind: str = "swiglu",
-             approximate: str | None = None, recompute: bool = True) -> torch.Tensor:
+             approximate: str | None = None, recompute: bool = True, inference: bool = False) -> torch.Tensor:
     """``down(swiglu(gate, up))`` or ``down(geglu(gate, up, approximate))``, recomputing the activation in
     backward instead of storing it when ``down`` allows it (see the module docstring).
 
@@ -203,13 +203,15 @@ def glu_down(gate: torch.Tensor, up: torch.Tensor | None, down: nn.Module, kind:
     [..., 2 * intermediate] ``gate_up`` output (halves ``[gate | up]``) and ``up`` None.
     down: nn.Linear [hidden, intermediate] or PEFT lora.Linear over one; anything else runs unfused.
     recompute=False: the unfused path ``down(act(gate, up))`` (autograd stores ``h``).
+    inference=True (the module is in eval mode) and no autograd: the unfused path too (nothing to save). Not for
+    a training module: reentrant checkpointing's first pass runs without autograd and must match its recompute.
     Returns [..., hidden] in the dtype the unfused path returns.
     """
     code = _code(kind, approximate)
     g, u = gate.chunk(2, dim=-1) if up is None else (gate, up)
-    if not recompute or not torch.is_grad_enabled():
-        # without autograd nothing is stored, so there is nothing to save: the plain path, without this node's
-        # per-call checks and autograd.Function overhead (generate(): every decoded token, every layer)
+    if not recompute or (inference and not torch.is_grad_enabled()):
+        # inference without autograd stores nothing, so there is nothing to save: the plain path, without this
+        # node's per-call checks and autograd.Function overhead (generate(): every decoded token, every layer)
         return _unfused(g, u, down, kind, approximate)
     parts, why = down_parts_cached(down)
     if parts is not None:

@@ -187,12 +187,13 @@ class QLoRALinearFunction(torch.autograd.Function):
         xl = lora_input(x, lora_a.dtype, cast_input, ac) if xd is None else ac_cast(xd, ac)
         a = F.linear(xl, ac_cast(lora_a, ac))  # [..., r]
         sb = scaled_b(lora_b, scaling, ac)
-        if xb.dtype == x.dtype or a.dtype == xb.dtype:
+        if xb.dtype == x.dtype:
             y = linear_adapter(xb, w, bc, a, sb).to(x.dtype)
         else:
-            # x wider than the compute dtype (fp32 activations over a bf16 compute dtype) with adapters in
-            # another dtype, no autocast: PEFT sums the base output, cast up to x's dtype, with the adapter's in
-            # x's dtype; one [tokens, out] buffer in the wider of x's and the adapter's dtypes
+            # x wider than the compute dtype (fp32 activations over a bf16 compute dtype; adapters fp32 or bf16,
+            # autocast or not): PEFT's base output comes back cast up to x's dtype and the adapter's is added to
+            # it there, so the sum is not rounded to the compute dtype; one [tokens, out] buffer in the wider of
+            # x's and the adapter's dtypes
             y = F.linear(xb, w, bc).to(torch.promote_types(x.dtype, a.dtype))
             rows(y).addmm_(rows(a).to(y.dtype), sb.t().to(y.dtype))
             y = y.to(x.dtype)

@@ -574,7 +574,11 @@ def enable_checkpoint_planner(model: nn.Module, stacks: list[tuple[nn.Module, nn
         raise ValueError(f"checkpoint must be 'auto' or one of {MODES}, got {mode!r}")
     planner = model.__dict__.get(_ATTR)
     if planner is not None:
+        # a later apply_fast_kernels may have bound other MLPs (mlp=..., mlp_recompute=...): the lean lists and
+        # the cost models follow it, and the measured costs are taken again
         planner.mode, planner.budget_bytes, planner.given, planner.plan = mode, budget_bytes, memory, None
+        planner.lean, planner.analytic, planner.calibrate = lean, analytic, calibrate
+        planner.calibrate_tokens, planner.measured = calibrate_tokens, None
         return planner
     planner = CheckpointPlanner(stacks, lean, mode, budget_bytes, memory, analytic, calibrate, calibrate_tokens,
                                 hidden_size)

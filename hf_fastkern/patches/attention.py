@@ -638,13 +638,21 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
 
 def attention_status(model: torch.nn.Module, previous=None) -> str:
     """Why the switched attention runs SDPA for this model's calls now ("" when the kernel can take them), for
-    the report: float32 weights hand the kernel float32 q/k/v, which fall back to SDPA unless the forward runs
-    under bf16/fp16 autocast (then q/k/v are cast first). Per-case routing (``hf-fastkern info``) is not
+    the report: float32 q/k/v projections hand the kernel float32 q/k/v, which fall back to SDPA unless the
+    forward runs under bf16/fp16 autocast (then q/k/v are cast first; the report cannot know which a caller uses,
+    so the line says both). Per-case routing (``hf-fastkern info``) is not
     repeated here: it is a per-call choice of the faster path, not a fallback."""
-    p = next(model.parameters(), None)
-    if p is not None and p.dtype == torch.float32 and p.is_floating_point():
-        return "float32 weights: attention runs SDPA unless the forward runs under bf16/fp16 autocast"
+    p = next((q for n, q in model.named_parameters() if any(k in n for k in _QKV_NAMES)), None)
+    if p is None:
+        p = next((q for q in model.parameters() if q.is_floating_point()), None)
+    if p is not None and p.dtype == torch.float32:
+        return ("float32 q/k/v projections: calls outside bf16/fp16 autocast run SDPA (under autocast q/k/v are "
+                "cast and the kernel runs)")
     return ""
+
+
+# parameter-name parts of the attention input projections across the recipes (Llama-family, GPT-2, GPT-NeoX, Phi-3)
+_QKV_NAMES = ("q_proj", "qkv_proj", "c_attn", "query_key_value", "Wqkv")
 
 
 def register_fastkern_attention() -> None:

@@ -72,8 +72,10 @@ def rms_norm_factory(offset: float = 0.0, cast_before_weight: bool = True) -> Fo
         stock = type(module).forward
 
         def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-            if not _rms.rms_norm_routed(hidden_states, self.weight):
-                return stock(self, hidden_states)  # the routing table's "stock": exactly what unpatched runs
+            # in eval mode, where the routing table sends the norm to stock: the class forward (in training the
+            # entry point decides, so a reentrant checkpoint's two passes take one path)
+            if not self.training and not _rms.rms_norm_routed(hidden_states, self.weight):
+                return stock(self, hidden_states)
             # eps is read at bind time: it is a constructor constant in every HF norm.
             return _rms.rms_norm(hidden_states, self.weight, eps, offset=offset,
                                  cast_before_weight=cast_before_weight)
@@ -94,8 +96,8 @@ def layer_norm_factory() -> ForwardFactory:
         stock = type(module).forward
 
         def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-            if not _ln.layer_norm_routed(hidden_states, self.weight, self.bias):
-                return stock(self, hidden_states)  # the routing table's "stock": exactly what unpatched runs
+            if not self.training and not _ln.layer_norm_routed(hidden_states, self.weight, self.bias):
+                return stock(self, hidden_states)  # eval mode, routed to stock: the class forward (as rms_norm)
             return _ln.layer_norm(hidden_states, self.weight, self.bias, eps)
 
         return forward
@@ -125,16 +127,23 @@ def gated_mlp_factory(gate: str = "gate_proj", up: str = "up_proj", down: str = 
             raise Unsupported(f"activation {act!r} has no fused gated kernel (supported: {sorted(_GATED)})")
         kind, approximate = _GATED[act]
         stock = type(module).forward
+        inter = getattr(getattr(module, gate), "out_features", None) or getattr(config, "intermediate_size", None)
+        if stock is nn.Module.forward:  # a class without its own forward: no stock path to exit to
+            inter = None
 
         def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            if not torch.is_grad_enabled() and not _act.glu_routed(x, None, getattr(self, gate).out_features):
-                # inference (generate()): the lean node saves nothing without autograd; where the routing table
-                # sends the activation to stock, the module's own forward is exactly what unpatched runs
+            # Inference only (eval mode, no autograd: generate()): the lean node saves nothing there, and where the
+            # routing table sends the activation to stock the class forward is what unpatched runs. Not in training
+            # mode: reentrant checkpointing runs the first forward without autograd and recomputes with it, and
+            # both passes must compute the same thing.
+            if (not self.training and not torch.is_grad_enabled() and isinstance(inter, int)
+                    and not _act.glu_routed(x, None, inter)):
                 return stock(self, x)
             gm, um = getattr(self, gate), getattr(self, up)
             xg, xu = share_cast(x, (gm, um))  # one autocast cast of x, saved once (hf_fastkern.layers.shared_cast)
             g, u = gm(xg), um(xu)
-            return glu_down(g, u, getattr(self, down), kind, approximate, recompute_for(self, recompute))
+            return glu_down(g, u, getattr(self, down), kind, approximate, recompute_for(self, recompute),
+                            inference=not self.training)
 
         return forward
 
@@ -160,7 +169,7 @@ def fused_gated_mlp_factory(gate_up: str = "gate_up_proj", down: str = "down_pro
         def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
             # up=None: glu_down takes the [gate | up] halves of this one tensor as views
             return glu_down(getattr(self, gate_up)(hidden_states), None, getattr(self, down), kind,
-                            approximate, recompute_for(self, recompute))
+                            approximate, recompute_for(self, recompute), inference=not self.training)
 
         return forward
 
