@@ -165,6 +165,11 @@ def _gmean(xs: list[float]) -> float | None:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
+def _vs_step(ours: dict, peer: dict) -> str:
+    """A training-step row against a peer's: throughput ratio and peak-memory ratio."""
+    return f"{_x(ours['tok_per_s'], peer['tok_per_s'])} tok/s, {_x(ours.get('peak_GiB'), peer.get('peak_GiB'))} memory"
+
+
 def headline_rows(rows: list[dict]) -> list[dict]:
     """The README's table: per result, ours and our ratio to each peer measured in the same run (speed ratios
     > 1 favour hf_fastkern; memory ratios < 1)."""
@@ -173,10 +178,8 @@ def headline_rows(rows: list[dict]) -> list[dict]:
     if ours and sdpa:
         out.append({"what": f"train step, Llama 1.5B, B{ours.get('B')} x {ours.get('S')}",
                     "ours": f"{fmt(ours['tok_per_s'])} tok/s, {fmt(ours.get('peak_GiB'))} GiB",
-                    "stock": f"{_x(ours['tok_per_s'], sdpa['tok_per_s'])} tok/s, "
-                             f"{_x(ours.get('peak_GiB'), sdpa.get('peak_GiB'))} memory (SDPA)",
-                    "liger": (f"{_x(ours['tok_per_s'], liger['tok_per_s'])} tok/s, "
-                              f"{_x(ours.get('peak_GiB'), liger.get('peak_GiB'))} memory") if liger else "–"})
+                    "stock": f"{_vs_step(ours, sdpa)} (SDPA)",
+                    "liger": _vs_step(ours, liger) if liger else "–"})
     for r in rows:
         if r["bench"] == "lora" and r.get("impl") == "fastkern" and r.get("tok_per_s") and not r.get("error"):
             base = _pick(rows, "lora", impl="sdpa", B=r.get("B"), S=r.get("S"))
@@ -184,10 +187,8 @@ def headline_rows(rows: list[dict]) -> list[dict]:
             if base:
                 out.append({"what": f"LoRA Llama-3.1-8B, B{r.get('B')} x {r.get('S')}",
                             "ours": f"{fmt(r['tok_per_s'])} tok/s, {fmt(r.get('peak_GiB'))} GiB",
-                            "stock": f"{_x(r['tok_per_s'], base['tok_per_s'])} tok/s, "
-                                     f"{_x(r.get('peak_GiB'), base.get('peak_GiB'))} memory (HF + PEFT)",
-                            "liger": (f"{_x(r['tok_per_s'], lig['tok_per_s'])} tok/s, "
-                                      f"{_x(r.get('peak_GiB'), lig.get('peak_GiB'))} memory") if lig else "–"})
+                            "stock": f"{_vs_step(r, base)} (HF + PEFT)",
+                            "liger": _vs_step(r, lig) if lig else "–"})
     for r in rows:
         if r["bench"] == "longctx" and r.get("max_seq"):
             mode = "with checkpointing" + (" + offload" if "offload" in str(r.get("variant")) else "") \
