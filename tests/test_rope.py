@@ -50,12 +50,26 @@ def _fns(cos, sin):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_rope_matches_reference(shape, dtype, cos_fp32, device):
+    _check(shape, dtype, cos_fp32, device)
+
+
+def _check(shape, dtype, cos_fp32, device):
     b, s, hq, hk, d, per_batch = shape
     cos, sin = _cos_sin(b, s, d, per_batch, torch.float32 if cos_fp32 else dtype, device)
     kernel, ref = _fns(cos, sin)
     q = torch.randn(b, s, hq, d, device=device).to(dtype)
     k = torch.randn(b, s, hk, d, device=device).to(dtype)
     check_op(kernel, ref, [q, k], dtype, f"rope {shape} {dtype} cos_fp32={cos_fp32}")
+
+
+@pytest.mark.parametrize("cos_fp32", [False, True], ids=["cos_same", "cos_fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_rope_one_token_per_program(shape, cos_fp32, device, monkeypatch):
+    """The GPU's launch (one token per program) under the interpreter too, whose own launch packs many tokens
+    into one program (rope.launch_config; the cases above, with a masked tail of tokens: 14 and 33 tokens)."""
+    config = rope_mod.launch_config
+    monkeypatch.setattr(rope_mod, "launch_config", lambda *a: (1, *config(*a)[1:]))
+    _check(shape, torch.bfloat16, cos_fp32, device)
 
 
 def test_rope_output_layout_and_dtype():

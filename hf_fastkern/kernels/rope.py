@@ -23,29 +23,48 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels._triton_utils import cdiv, round_to
+from hf_fastkern.kernels._triton_utils import INTERPRET, cdiv, round_to
 from hf_fastkern.kernels.dispatch import device_check, use_kernel
+
+# Elements of one program's tile (tokens x heads x half the head): a Llama-3-8B q row (32 heads x 64) is 2048.
+TILE = 4096
+
+
+def launch_config(tokens: int, heads: int, half: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_H, BLOCK_D): one program rotates BLOCK_T tokens x BLOCK_H heads x both halves of the head.
+
+    On the GPU one token per program (BLOCK_T = 1), all its heads up to TILE elements. Under the interpreter a
+    program costs its ops' Python time whatever its tile (~0.5 ms per op on the CI CPU), so one program takes
+    as many tokens as fill TILE: a test model's RoPE launch is 1 program instead of batch x seq (it was 70% of
+    the interpreter's time in the training tests, issue 20). tests/test_rope.py runs both under the interpreter.
+    """
+    block_d = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(heads), TILE // block_d))
+    block_t = max(1, min(triton.next_power_of_2(tokens), TILE // (block_h * block_d))) if INTERPRET else 1
+    return block_t, block_h, block_d
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, OUT, H, S, HALF,
+def _rope_kernel(X, COS, SIN, OUT, T, H, S, HALF,
                  sxb, sxh, sxs, sob, soh, sos, scb, scs, ssb, sss,
-                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
-    # one program: one (batch, position) token and BLOCK_H heads; both halves of each head's vector
-    tok = tl.program_id(0).to(tl.int64)
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    # one program: BLOCK_T (batch, position) tokens x BLOCK_H heads; both halves of each head's vector
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     b = tok // S
     s = tok % S
-    heads = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    heads = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     d = tl.arange(0, BLOCK_D)
-    dmask = d < HALF
-    mask = (heads < H)[:, None] & dmask[None, :]
-    c_row = COS + b * scb + s * scs
-    s_row = SIN + b * ssb + s * sss
-    c1 = tl.load(c_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(c_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(s_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(s_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    xo = b * sxb + s * sxs + heads[:, None] * sxh + d[None, :]
+    tmask = (tok < T)[:, None, None]
+    dmask = (d < HALF)[None, None, :]
+    cmask = tmask & dmask  # [BT, 1, BD]
+    mask = cmask & (heads < H)[None, :, None]  # [BT, BH, BD]
+    c_row = COS + (b * scb + s * scs)[:, None, None] + d[None, None, :]
+    s_row = SIN + (b * ssb + s * sss)[:, None, None] + d[None, None, :]
+    c1 = tl.load(c_row, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_row + HALF, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_row, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_row + HALF, mask=cmask, other=0.0).to(tl.float32)
+    xo = (b * sxb + s * sxs)[:, None, None] + heads[None, :, None] * sxh + d[None, None, :]
     x1 = tl.load(X + xo, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + xo + HALF, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
@@ -54,7 +73,7 @@ def _rope_kernel(X, COS, SIN, OUT, H, S, HALF,
     else:
         o1 = x1 * c1 - x2 * s1
         o2 = x2 * c2 + x1 * s2
-    oo = b * sob + s * sos + heads[:, None] * soh + d[None, :]
+    oo = (b * sob + s * sos)[:, None, None] + heads[None, :, None] * soh + d[None, None, :]
     tl.store(OUT + oo, round_to(o1, OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + oo + HALF, round_to(o2, OUT.dtype.element_ty), mask=mask)
 
@@ -67,15 +86,14 @@ def _rope_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: 
     if out.numel() == 0:
         return out
     half = D // 2
-    block_d = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(H), 4096 // block_d))
+    block_t, block_h, block_d = launch_config(B * S, H, half)
     cb = cos.stride(0) if cos.shape[0] > 1 else 0
     sb = sin.stride(0) if sin.shape[0] > 1 else 0
-    grid = (B * S, cdiv(H, block_h))
-    _rope_kernel[grid](x, cos, sin, out, H, S, half,
+    grid = (cdiv(B * S, block_t), cdiv(H, block_h))
+    _rope_kernel[grid](x, cos, sin, out, B * S, H, S, half,
                        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
                        cb, cos.stride(1), sb, sin.stride(1),
-                       BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=4)
+                       BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=4)
     return out
 
 
