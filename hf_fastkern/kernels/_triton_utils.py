@@ -8,6 +8,7 @@ Every kernel also upcasts bf16 loads to fp32 before any elementwise arithmetic, 
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Optional
@@ -43,6 +44,30 @@ def tune_configs(full: list, quick: list | None = None) -> list:
     if UNDER_PYTEST and quick:
         return quick
     return full
+
+
+# Autotuning: what one config's benchmark costs. triton.autotune's default (25 ms warm-up + 100 ms of timed
+# repeats per config) makes every new autotune key (a new sequence-length bucket, a new hidden size) a pause of
+# 1.5-2 s for the attention kernels' 14 configs, which a ragged SFT batch meets inside training (issue 24). The
+# kernels tuned here run 0.01-5 ms, so 25 ms of repeats still times each config 5-2500 times.
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 25
+_AUTOTUNE_PARAMS = set(inspect.signature(triton.autotune).parameters)
+
+
+def _tune_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+
+
+def autotune(configs: list, key: list, **kwargs):
+    """``triton.autotune`` with the package's benchmark budget per config (``TUNE_WARMUP_MS``/``TUNE_REP_MS``)
+    and, where the installed Triton has it, ``cache_results``: the timings are kept in Triton's cache directory
+    (``TRITON_CACHE_DIR``, default ``~/.triton/cache``), keyed by the kernel's source, the GPU target, the
+    configs and the autotune key, so a later process with the same shapes starts without tuning."""
+    if "do_bench" in _AUTOTUNE_PARAMS:
+        kwargs.setdefault("do_bench", _tune_bench)
+    if "cache_results" in _AUTOTUNE_PARAMS:
+        kwargs.setdefault("cache_results", True)
+    return triton.autotune(configs=configs, key=key, **kwargs)
 
 
 def device_props(device: torch.device | None = None) -> dict:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference, routing
-from hf_fastkern.kernels._triton_utils import TunedLaunch, cdiv, round_to, tune_configs
+from hf_fastkern.kernels._triton_utils import TunedLaunch, autotune, cdiv, round_to, tune_configs
 from hf_fastkern.kernels.dispatch import (
     PerShape,
     check_floating,
@@ -114,7 +114,7 @@ def _tile(n_elements, n_cols, stride_g, stride_u, CONTIG: tl.constexpr, BLOCK: t
 
 # n_elements and n_cols stay specialised (divisibility by 16 only, a handful of variants): the masks must be
 # provably uniform over 8-element groups for the loads and stores to vectorise.
-@triton.autotune(configs=ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
+@autotune(ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
                  prune_configs_by={"early_config_prune": prune_blocks})
 @triton.jit
 def _glu_fwd_kernel(G, U, Y, n_elements, n_cols, n_size_class, stride_g, stride_u,
@@ -127,7 +127,7 @@ def _glu_fwd_kernel(G, U, Y, n_elements, n_cols, n_size_class, stride_g, stride_
     tl.store(Y + oy, round_to(y, Y.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
+@autotune(ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
                  prune_configs_by={"early_config_prune": prune_blocks})
 @triton.jit
 def _glu_bwd_kernel(DY, G, U, DG, DU, n_elements, n_cols, n_size_class, stride_g, stride_u,

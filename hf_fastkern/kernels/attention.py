@@ -43,7 +43,15 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import dispatch, reference
-from hf_fastkern.kernels._triton_utils import INTERPRET, UNDER_PYTEST, TunedLaunch, cdiv, mma, tune_configs
+from hf_fastkern.kernels._triton_utils import (
+    INTERPRET,
+    UNDER_PYTEST,
+    TunedLaunch,
+    autotune,
+    cdiv,
+    mma,
+    tune_configs,
+)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -277,7 +285,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_vn, offs_n0, of
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
+@autotune(FWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
@@ -415,7 +423,7 @@ def _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, L_ptr, D_ptr, stride_qm, stride_dom
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@autotune(DKDV_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
@@ -508,7 +516,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_vn, offs_n
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@autotune(DQ_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,

@@ -23,7 +23,14 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference, routing
-from hf_fastkern.kernels._triton_utils import TunedLaunch, cdiv, device_props, persistent_grid, round_to
+from hf_fastkern.kernels._triton_utils import (
+    TunedLaunch,
+    autotune,
+    cdiv,
+    device_props,
+    persistent_grid,
+    round_to,
+)
 from hf_fastkern.kernels.dispatch import (
     PerShape,
     check_floating,
@@ -49,7 +56,7 @@ from hf_fastkern.kernels.routing import leading_rows, records_grad
 # kernels
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["n_cols", "n_rows_class"],
+@autotune(FWD_CONFIGS, key=["n_cols", "n_rows_class"],
                  prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
 @triton.jit(do_not_specialize=["n_rows", "eps"])
 def _layer_norm_fwd_kernel(X, W, B, Y, STATS, n_rows, n_cols, n_rows_class, stride_x, stride_y, eps,
@@ -77,7 +84,7 @@ def _layer_norm_fwd_kernel(X, W, B, Y, STATS, n_rows, n_cols, n_rows_class, stri
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["n_cols", "n_rows_class"],
+@autotune(BWD_CONFIGS, key=["n_cols", "n_rows_class"],
                  prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
 @triton.jit(do_not_specialize=["n_rows"])
 def _layer_norm_bwd_kernel(DY, X, W, STATS, DX, DW_PART, DB_PART, n_rows, n_cols, n_rows_class,

@@ -36,6 +36,7 @@ import triton.language as tl
 from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels._triton_utils import (
     TunedLaunch,
+    autotune,
     cdiv,
     device_props,
     persistent_grid,
@@ -114,7 +115,7 @@ BWD_CONFIGS = tune_configs(
 # kernels
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["n_cols", "n_rows_class"],
+@autotune(FWD_CONFIGS, key=["n_cols", "n_rows_class"],
                  prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
 @triton.jit(do_not_specialize=["n_rows", "eps", "offset"])
 def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, n_rows_class, stride_x, stride_y, eps, offset,
@@ -142,7 +143,7 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, n_rows_class, stride_x, 
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["n_cols", "n_rows_class"],
+@autotune(BWD_CONFIGS, key=["n_cols", "n_rows_class"],
                  prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
 @triton.jit(do_not_specialize=["n_rows", "eps", "offset"])
 def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, n_rows_class, stride_dy, stride_x,
