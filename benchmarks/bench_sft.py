@@ -42,7 +42,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .harness import emit_result, environment, print_table, save, worker_result
+from .harness import emit_result, environment, kernel_class, print_table, save, worker_result
 
 VARIANTS = ("sdpa_padded", "sdpa_liger_padded", "sdpa_packed", "fastkern_padded", "fastkern_padding_free")
 MODELS = {
@@ -87,21 +87,52 @@ def _tokenizer(vocab: int):
 
 
 class StepClock(TrainerCallback):
-    """Wall time at every step end (after a device sync), TRL's running token count and the loss at every log."""
+    """Wall time at every step end (after a device sync), TRL's running token count and the loss at every log;
+    ``profile_step`` (1-based): that step runs under torch.profiler (``self.profile``: GPU ms by kernel class, the
+    top kernels and the top host ops)."""
 
-    def __init__(self):
+    def __init__(self, profile_step: int | None = None):
         self.ends, self.tokens, self.losses = [], [], []
+        self.profile_step, self.profile, self._prof = profile_step, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.profile_step is not None and state.global_step + 1 == self.profile_step:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=acts)
+            self._prof.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            self.profile = _profile_summary(self._prof)
+            self._prof = None
+
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "num_tokens" in logs:
             self.tokens.append(float(logs["num_tokens"]))
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
+
+
+def _profile_summary(prof, top: int = 20) -> dict:
+    """One profiled step: GPU ms by kernel class and the top kernels, the top host ops by self time."""
+    ka = prof.key_averages()
+    kernels = sorted(((e.key, e.device_time_total / 1e3) for e in ka if e.device_time_total > 0),
+                     key=lambda k: -k[1])
+    by_class: dict = {}
+    for name, ms in kernels:
+        by_class[kernel_class(name)] = by_class.get(kernel_class(name), 0.0) + ms
+    host = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in ka), key=lambda k: -k[1])
+    return {"gpu_ms": round(sum(ms for _, ms in kernels), 2),
+            "by_class_ms": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [(n[:100], round(ms, 3)) for n, ms in kernels[:top]],
+            "top_host_ms": [(n[:100], round(ms, 3), c) for n, ms, c in host[:top]]}
 
 
 def pad_fraction(trainer, n_batches: int) -> float:
@@ -117,7 +148,8 @@ def pad_fraction(trainer, n_batches: int) -> float:
     return 1 - real / max(1, total)
 
 
-def worker(variant: str, model_name: str, layers: int | None, batch: int, steps: int, warmup: int) -> dict:
+def worker(variant: str, model_name: str, layers: int | None, batch: int, steps: int, warmup: int,
+           profile: bool = False) -> dict:
     """One variant in this process: build, train ``warmup + steps`` steps, return its row."""
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -163,9 +195,10 @@ def worker(variant: str, model_name: str, layers: int | None, batch: int, steps:
     lengths = LENGTHS if cuda else CPU_LENGTHS
     rows = synthetic_sft(batch * (steps + warmup), cfg_kwargs["vocab_size"], **lengths)
     padding_free = variant.endswith(("packed", "padding_free"))
-    clock = StepClock()
+    clock = StepClock(profile_step=warmup + steps + 1 if profile else None)
     args = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench_sft_"), max_steps=steps + warmup, per_device_train_batch_size=batch,
+        output_dir=tempfile.mkdtemp(prefix="bench_sft_"), max_steps=steps + warmup + int(profile),
+        per_device_train_batch_size=batch,
         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[], seed=0,
         data_seed=0, save_strategy="no", bf16=cuda, use_cpu=not cuda, optim="adamw_torch_fused" if cuda else
         "adamw_torch", gradient_checkpointing=lora, gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -182,15 +215,20 @@ def worker(variant: str, model_name: str, layers: int | None, batch: int, steps:
         trainer.train()
     except torch.OutOfMemoryError as e:
         return {**row, "error": f"OOM: {str(e)[:200]}"}
+    # the profiled step (one after the timed ones) is not timed
+    clock.ends, clock.tokens = clock.ends[:warmup + steps], clock.tokens[:warmup + steps]
     n = len(clock.ends)
     timed_tokens = clock.tokens[-1] - clock.tokens[warmup - 1] if warmup else clock.tokens[-1]
     seconds = clock.ends[-1] - clock.ends[warmup - 1] if warmup else clock.ends[-1] - clock.ends[0]
     real_per_step = [b - a for a, b in zip([0.0, *clock.tokens[:-1]], clock.tokens)][warmup:]
     row.update(step_ms=seconds / max(1, n - warmup) * 1e3, real_tok_per_s=timed_tokens / seconds,
                real_tokens_per_step=sum(real_per_step) / max(1, len(real_per_step)),
+               step_ms_each=[round((b - a) * 1e3, 1) for a, b in zip(clock.ends, clock.ends[1:])],
                pad_frac=pad_frac,
                peak_GiB=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                loss0=clock.losses[0] if clock.losses else None)
+    if clock.profile is not None:
+        row["profile"] = clock.profile
     if fastkern:
         row["patch_report"] = str(callbacks[0].report)[:600]
     return row
@@ -218,6 +256,8 @@ def _spawn(variant: str, args: argparse.Namespace) -> dict:
            str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
+    if args.profile:
+        cmd.append("--profile")
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -241,6 +281,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=6, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per variant subprocess")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more step after the timed ones, under torch.profiler: the row gains a 'profile' "
+                         "summary (GPU ms by kernel class, top kernels, top host ops)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap
 
@@ -263,7 +306,8 @@ def run(quick: bool = False, model: str = "1.5b", layers: int | None = None) -> 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
-        emit_result(worker(args.worker, args.model, args.layers, args.batch, args.steps, args.warmup))
+        emit_result(worker(args.worker, args.model, args.layers, args.batch, args.steps, args.warmup,
+                           args.profile))
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device: a tiny CPU smoke run of the harness; numbers need a GPU")
