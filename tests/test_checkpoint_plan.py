@@ -331,6 +331,29 @@ def test_a_step_over_the_budget_corrects_the_estimate_and_replans(reference):
     assert planner.correction == 1520 and planner.plans_made == 2 and planner.checks_left == 0
 
 
+def test_a_running_maximum_above_the_estimate_is_reset_so_the_step_peak_shows(reference):
+    """An earlier, larger step left the running maximum above the plan's estimate: the watch resets it (CUDA's
+    reset_peak_memory_stats; injected here), so the step's own peak, over the budget, is seen and corrected."""
+    model = _model(False)
+    fake = MemoryModel((COST,) * 4, 0.0, source="fake")
+    apply_fast_kernels(model, checkpoint="auto", memory_budget_gib=5000 / GIB, memory_model=fake)
+    planner = checkpoint_planner(model)
+    state = {"max": 9000, "now": 100, "resets": 0}  # 9000: a step before the planner ran (all keep, say)
+
+    def reset():
+        state["resets"] += 1
+        state["max"] = state["now"]
+    planner.peak_reader, planner.peak_reset = (lambda: state["max"]), reset
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert state["resets"] == 1 and planner.plan.peak_bytes == 4480
+    state["max"] = 6000  # this step's own peak, over the 5000 budget
+    with pytest.warns(UserWarning, match="over the .* budget"):
+        model(input_ids=ids, labels=labels).loss.backward()
+    assert planner.correction == 6000 - 4480 and planner.plans_made == 2
+    assert state["resets"] == 2  # the running max (6000) was above the new plan's estimate (4400) again
+
+
 def test_a_step_under_the_estimate_changes_nothing(reference):
     model = _model(False)
     fake = MemoryModel((COST,) * 4, 0.0, source="fake")

@@ -32,8 +32,10 @@ Three parts:
    model's own flags, and the plan still wins at every forward; after revert the model's own flags show again.
    The plan is made at the first training forward and made again whenever a step brings more tokens than the
    plan was made for. Only training forwards with grad enabled are touched. On CUDA the first steps' real
-   peaks (``max_memory_allocated``, read, never reset) are compared with the estimate: an estimate found low is
-   corrected, and a plan whose step went over the budget is made again.
+   peaks (``max_memory_allocated``) are compared with the estimate: an estimate found low is corrected, and a
+   plan whose step went over the budget is made again. The process's peak statistics are reset before such a
+   step only when their running maximum is already above the plan's estimate (else the step's peak could not
+   be seen); at most :data:`PEAK_CHECKS` times.
 """
 from __future__ import annotations
 
@@ -386,6 +388,9 @@ class CheckpointPlanner:
         # the step's real peak: a reader of the running maximum of allocated bytes (CUDA's max_memory_allocated;
         # tests inject one), what it read when the step under a plan began, the upward correction learned so far
         self.peak_reader: Callable[[], int] | None = None
+        # resets that running maximum (CUDA's reset_peak_memory_stats; tests inject one): used only when the
+        # maximum is already above a watched plan's estimate, where the step's own peak could not show otherwise
+        self.peak_reset: Callable[[], None] | None = None
         self.watch: tuple[CheckpointPlan, int] | None = None
         self.checks_left = PEAK_CHECKS
         self.correction = 0.0
@@ -399,8 +404,8 @@ class CheckpointPlanner:
         return memory
 
     def check_peak(self) -> None:
-        """Compare the last step's real peak with the plan's estimate (never resetting the process's peak
-        statistics): when the running maximum rose during the step, it is that step's peak. An estimate found low
+        """Compare the last step's real peak with the plan's estimate: when the running maximum rose during the
+        step, it is that step's peak (``start_watch`` reset it first if it was already above the estimate). An estimate found low
         by more than it should be is corrected upward (fixed bytes), and the plan made again when the real peak
         went over the budget. Checks :data:`PEAK_CHECKS` steps (the optimizer's state appears after the first)."""
         if self.watch is None or self.peak_reader is None:
@@ -422,9 +427,17 @@ class CheckpointPlanner:
             return
         if self.peak_reader is None and device.type == "cuda":
             self.peak_reader = functools.partial(torch.cuda.max_memory_allocated, device)
+            self.peak_reset = functools.partial(torch.cuda.reset_peak_memory_stats, device)
         if self.peak_reader is not None:
             self.checks_left -= 1
-            self.watch = (self.plan, self.peak_reader())
+            before = self.peak_reader()
+            if before > self.plan.peak_bytes and self.peak_reset is not None:
+                # An earlier, larger step (another plan, an evaluation, a bigger batch) left the running maximum
+                # above this plan's estimate: a peak of this step between the two would not show. Start a fresh
+                # maximum (at most PEAK_CHECKS times; documented in docs/checkpointing.md).
+                self.peak_reset()
+                before = self.peak_reader()
+            self.watch = (self.plan, before)
 
     def modes_for(self, tokens: int | None, device: torch.device) -> tuple[str, ...]:
         if self.forced is not None:
