@@ -21,7 +21,10 @@ Models: ``--model 1.5b`` random-init Llama-3-style 1.5B (hidden 2048, 16 layers,
 LoRA r16 alpha 32 on every projection through ``peft_config``, gradient checkpointing. ``--layers N`` cuts the
 layer count so a run fits the device's 10-minute limit (the per-token cost scales with it; say so when quoting).
 Measured: ``--warmup`` steps, then ``--steps`` timed steps (wall clock between ``cuda.synchronize`` at step
-ends). real_tok_per_s = non-padding tokens of the timed steps / their time (TRL's ``num_tokens``); peak_GiB =
+ends). real_tok_per_s = non-padding tokens of the timed steps / their time (TRL's ``num_tokens``): it includes
+what a shape seen for the first time costs (cuDNN plans, allocator growth, Triton autotuning of a new bucket),
+which a long run pays once; median_tok_per_s = the median over timed steps of that step's real tokens / its time
+(the steady state; ``step_ms_each`` lists every step's time); peak_GiB =
 ``max_memory_allocated`` over the run. Gate: the first step's loss within 1% of sdpa_padded's (same weights,
 same rows). Without CUDA: a tiny model, short rows (median 24, cap 64), fp32, the same five variants: a
 harness smoke run, not a measurement.
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,9 +64,9 @@ CPU_LENGTHS = dict(median=24, sigma=0.8, lo=8, hi=64)
 PROMPT_FRACTION = 0.3
 DEFAULT_BATCH = {"1.5b": 4, "8b-lora": 8}
 GATE_LOSS_REL = 0.01
-COLS = ["model", "impl", "layers", "batch", "steps", "step_ms", "real_tok_per_s", "pad_frac", "peak_GiB", "loss0",
-        "loss_rel_err", "gate", "vs_sdpa_padded", "vs_sdpa_liger_padded", "vs_sdpa_packed", "mem_vs_sdpa_padded",
-        "error"]
+COLS = ["model", "impl", "layers", "batch", "steps", "step_ms", "real_tok_per_s", "median_tok_per_s", "pad_frac",
+        "peak_GiB", "loss0", "loss_rel_err", "gate", "vs_sdpa_padded", "median_vs_sdpa_padded", "vs_sdpa_liger_padded",
+        "vs_sdpa_packed", "mem_vs_sdpa_padded", "error"]
 
 
 def synthetic_sft(n: int, vocab: int, median: int, sigma: float, lo: int, hi: int, seed: int = 0) -> list[dict]:
@@ -224,6 +228,9 @@ def worker(variant: str, model_name: str, layers: int | None, batch: int, steps:
     row.update(step_ms=seconds / max(1, n - warmup) * 1e3, real_tok_per_s=timed_tokens / seconds,
                real_tokens_per_step=sum(real_per_step) / max(1, len(real_per_step)),
                step_ms_each=[round((b - a) * 1e3, 1) for a, b in zip(clock.ends, clock.ends[1:])],
+               median_tok_per_s=statistics.median(
+                   t / (b - a) for t, a, b in zip(real_per_step, clock.ends[warmup - 1:], clock.ends[warmup:]))
+               if warmup else None,
                pad_frac=pad_frac,
                peak_GiB=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                loss0=clock.losses[0] if clock.losses else None)
@@ -242,6 +249,8 @@ def add_sft_ratios(rows: list[dict]) -> None:
         for peer in ("sdpa_padded", "sdpa_liger_padded", "sdpa_packed"):
             if peer in by and r["impl"] != peer:
                 r[f"vs_{peer}"] = r["real_tok_per_s"] / by[peer]["real_tok_per_s"]
+                if r.get("median_tok_per_s") and by[peer].get("median_tok_per_s"):
+                    r[f"median_vs_{peer}"] = r["median_tok_per_s"] / by[peer]["median_tok_per_s"]
         base = by.get("sdpa_padded")
         if base and r.get("peak_GiB") and base.get("peak_GiB"):
             r["mem_vs_sdpa_padded"] = r["peak_GiB"] / base["peak_GiB"]

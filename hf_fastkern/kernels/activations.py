@@ -115,8 +115,8 @@ def _tile(n_elements, n_cols, stride_g, stride_u, CONTIG: tl.constexpr, BLOCK: t
 # n_elements and n_cols stay specialised (divisibility by 16 only, a handful of variants): the masks must be
 # provably uniform over 8-element groups for the loads and stores to vectorise.
 @autotune(ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
-                 prune_configs_by={"early_config_prune": prune_blocks})
-@triton.jit
+           prune_configs_by={"early_config_prune": prune_blocks})
+@triton.jit(do_not_specialize=["n_size_class"])
 def _glu_fwd_kernel(G, U, Y, n_elements, n_cols, n_size_class, stride_g, stride_u,
                     ACT: tl.constexpr, HAS_UP: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     og, ou, oy, mask = _tile(n_elements, n_cols, stride_g, stride_u, CONTIG, BLOCK)
@@ -128,8 +128,8 @@ def _glu_fwd_kernel(G, U, Y, n_elements, n_cols, n_size_class, stride_g, stride_
 
 
 @autotune(ACT_CONFIGS, key=["n_size_class", "ACT", "HAS_UP", "CONTIG"],
-                 prune_configs_by={"early_config_prune": prune_blocks})
-@triton.jit
+           prune_configs_by={"early_config_prune": prune_blocks})
+@triton.jit(do_not_specialize=["n_size_class"])
 def _glu_bwd_kernel(DY, G, U, DG, DU, n_elements, n_cols, n_size_class, stride_g, stride_u,
                     ACT: tl.constexpr, HAS_UP: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     og, ou, oy, mask = _tile(n_elements, n_cols, stride_g, stride_u, CONTIG, BLOCK)

@@ -57,8 +57,8 @@ from hf_fastkern.kernels.routing import leading_rows, records_grad
 
 
 @autotune(FWD_CONFIGS, key=["n_cols", "n_rows_class"],
-                 prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
-@triton.jit(do_not_specialize=["n_rows", "eps"])
+           prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
+@triton.jit(do_not_specialize=["n_rows", "n_rows_class", "eps"])
 def _layer_norm_fwd_kernel(X, W, B, Y, STATS, n_rows, n_cols, n_rows_class, stride_x, stride_y, eps,
                            HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -85,8 +85,8 @@ def _layer_norm_fwd_kernel(X, W, B, Y, STATS, n_rows, n_cols, n_rows_class, stri
 
 
 @autotune(BWD_CONFIGS, key=["n_cols", "n_rows_class"],
-                 prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
-@triton.jit(do_not_specialize=["n_rows"])
+           prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
+@triton.jit(do_not_specialize=["n_rows", "n_rows_class"])
 def _layer_norm_bwd_kernel(DY, X, W, STATS, DX, DW_PART, DB_PART, n_rows, n_cols, n_rows_class,
                            stride_dy, stride_x, stride_dx,
                            HAS_W: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,

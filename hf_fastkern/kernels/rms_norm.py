@@ -116,8 +116,8 @@ BWD_CONFIGS = tune_configs(
 
 
 @autotune(FWD_CONFIGS, key=["n_cols", "n_rows_class"],
-                 prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
-@triton.jit(do_not_specialize=["n_rows", "eps", "offset"])
+           prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
+@triton.jit(do_not_specialize=["n_rows", "n_rows_class", "eps", "offset"])
 def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, n_rows_class, stride_x, stride_y, eps, offset,
                          HAS_W: tl.constexpr, CAST_BEFORE_W: tl.constexpr, ROUND_W: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -144,8 +144,8 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, n_rows_class, stride_x, 
 
 
 @autotune(BWD_CONFIGS, key=["n_cols", "n_rows_class"],
-                 prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
-@triton.jit(do_not_specialize=["n_rows", "eps", "offset"])
+           prune_configs_by={"early_config_prune": prune_by_elems_per_thread})
+@triton.jit(do_not_specialize=["n_rows", "n_rows_class", "eps", "offset"])
 def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, n_rows_class, stride_dy, stride_x,
                          stride_dx, eps, offset,
                          HAS_W: tl.constexpr, CAST_BEFORE_W: tl.constexpr, ROUND_W: tl.constexpr,
