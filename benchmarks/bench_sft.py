@@ -46,7 +46,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .harness import emit_result, environment, kernel_class, print_table, save, worker_result
+from .harness import emit_result, environment, print_table, save, summarize_profile, worker_result
 
 VARIANTS = ("sdpa_padded", "sdpa_liger_padded", "sdpa_packed", "fastkern_padded", "fastkern_padding_free")
 MODELS = {
@@ -113,7 +113,7 @@ class StepClock(TrainerCallback):
         self.ends.append(time.perf_counter())
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
-            self.profile = _profile_summary(self._prof)
+            self.profile = summarize_profile(self._prof, top=20, host=True)
             self._prof = None
 
 
@@ -122,21 +122,6 @@ class StepClock(TrainerCallback):
             self.tokens.append(float(logs["num_tokens"]))
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
-
-
-def _profile_summary(prof, top: int = 20) -> dict:
-    """One profiled step: GPU ms by kernel class and the top kernels, the top host ops by self time."""
-    ka = prof.key_averages()
-    kernels = sorted(((e.key, e.device_time_total / 1e3) for e in ka if e.device_time_total > 0),
-                     key=lambda k: -k[1])
-    by_class: dict = {}
-    for name, ms in kernels:
-        by_class[kernel_class(name)] = by_class.get(kernel_class(name), 0.0) + ms
-    host = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in ka), key=lambda k: -k[1])
-    return {"gpu_ms": round(sum(ms for _, ms in kernels), 2),
-            "by_class_ms": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": [(n[:100], round(ms, 3)) for n, ms in kernels[:top]],
-            "top_host_ms": [(n[:100], round(ms, 3), c) for n, ms, c in host[:top]]}
 
 
 def pad_fraction(trainer, n_batches: int) -> float:

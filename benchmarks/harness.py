@@ -269,15 +269,26 @@ def profile_steps(step: Callable[[], object], n: int = 2, top: int = 25) -> dict
         for _ in range(n):
             step()
         torch.cuda.synchronize()
-    kernels = [(e.key, e.device_time_total / n / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    return summarize_profile(prof, n, top)
+
+
+def summarize_profile(prof, n: int = 1, top: int = 25, host: bool = False) -> dict:
+    """A finished torch.profiler run of ``n`` steps, per step: GPU ms by kernel class and the top kernels (and,
+    with ``host``, the top ops by self host time with their call counts)."""
+    ka = prof.key_averages()
+    kernels = [(e.key, e.device_time_total / n / 1e3) for e in ka if e.device_time_total > 0]
     kernels.sort(key=lambda k: -k[1])
     by_class: dict = {}
     for name, ms in kernels:
         cls = kernel_class(name)
         by_class[cls] = by_class.get(cls, 0.0) + ms
-    return {"gpu_ms_per_step": sum(ms for _, ms in kernels),
-            "by_class_ms": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": [(name[:100], round(ms, 3)) for name, ms in kernels[:top]]}
+    out = {"gpu_ms_per_step": sum(ms for _, ms in kernels),
+           "by_class_ms": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+           "top_kernels_ms": [(name[:100], round(ms, 3)) for name, ms in kernels[:top]]}
+    if host:
+        ops = sorted(((e.key, e.self_cpu_time_total / n / 1e3, e.count) for e in ka), key=lambda k: -k[1])
+        out["top_host_ms"] = [(name[:100], round(ms, 3), c) for name, ms, c in ops[:top]]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
