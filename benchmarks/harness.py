@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.autograd import DeviceType
 
 # ----------------------------------------------------------------------------------------------------------
 # the one tolerance rule (tests/tolerances.py explains it and is the tests' entry to it)
@@ -276,7 +277,9 @@ def summarize_profile(prof, n: int = 1, top: int = 25, host: bool = False) -> di
     """A finished torch.profiler run of ``n`` steps, per step: GPU ms by kernel class and the top kernels (and,
     with ``host``, the top ops by self host time with their call counts)."""
     ka = prof.key_averages()
-    kernels = [(e.key, e.device_time_total / n / 1e3) for e in ka if e.device_time_total > 0]
+    # the GPU's own events only (kernels, memcpy/memset): a CPU op's device time is the sum of its kernels'
+    kernels = [(e.key, e.device_time_total / n / 1e3) for e in ka
+               if e.device_type == DeviceType.CUDA and e.device_time_total > 0]
     kernels.sort(key=lambda k: -k[1])
     by_class: dict = {}
     for name, ms in kernels:
