@@ -44,8 +44,7 @@ def launch_config(tokens: int, heads: int, half: int) -> tuple[int, int, int]:
     return block_t, block_h, block_d
 
 
-# T and S change with every ragged packed batch: not specialised (a new divisibility would compile again)
-@triton.jit(do_not_specialize=["T", "S"])
+@triton.jit
 def _rope_kernel(X, COS, SIN, OUT, T, H, S, HALF,
                  sxb, sxh, sxs, sob, soh, sos, scb, scs, ssb, sss,
                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
