@@ -11,12 +11,19 @@ if not torch.cuda.is_available():
     # test process, other load); issue 20. The comparisons are within one process, so the thread count is theirs.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+
 # The patched models' tests check our attention kernel: on Hopper the default ("auto") would hand the plain
 # dense case to SDPA/cuDNN (hf_fastkern.patches.attention). tests/test_patch_attention.py tests "auto" itself.
 os.environ.setdefault("HF_FASTKERN_ATTENTION", "triton")
 # Likewise the routing tables (hf_fastkern.kernels.routing) would send small GPU test sizes to PyTorch: the GPU
 # tests check the kernels. tests/test_routing.py tests the tables themselves.
 os.environ.setdefault("HF_FASTKERN_ROUTING", "kernel")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # imported after the environment above: tests.harness imports the kernels, which read it at import
+    from tests.harness import interpreter_skips_repeated_lang_patching
+
+    interpreter_skips_repeated_lang_patching()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -74,6 +74,49 @@ def check_op(kernel_fn: Callable, reference_fn: Callable, inputs: Sequence, dtyp
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def interpreter_skips_repeated_lang_patching() -> None:
+    """Triton's CPU interpreter patches ``triton.language`` for a launch (``GridExecutor.__call__`` ->
+    ``_patch_lang``: ``inspect.getmembers`` over the ``tl`` / ``tl.core`` modules the kernel's globals hold, their
+    tensor class and tl.math) and then again at every call of a ``@triton.jit`` helper inside the kernel
+    (``InterpretedFunction.__call__``), although the launch's patch is still in place: ~0.25 ms per helper call
+    (``mma``, ``round_to``, ``tl.sum`` in every loop trip), about a fifth of a training test's interpreter time
+    (triton 3.9; issue 20). Here a helper call inside a launch whose language modules that launch has already
+    patched skips the repeat (a helper that sees a module not yet patched, e.g. ``tl.core`` from Triton's own
+    ``tl.sum``, is patched as before). Nothing changes when this Triton's interpreter lacks these names. Called by
+    conftest (TRITON_INTERPRET=1) and by the processes the multi-process tests launch."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter as ti
+    except ImportError:
+        return
+    if not all(hasattr(ti, n) for n in ("_patch_lang", "_LangPatchScope", "GridExecutor")):
+        return
+    real_patch, real_launch = ti._patch_lang, ti.GridExecutor.__call__
+    langs_of: dict = {}  # function -> ids of the language modules _patch_lang patches for it (its globals' rule)
+    launch_state = {"active": False, "patched": set()}
+
+    def patch_lang(fn):
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = langs_of[fn] = frozenset(id(v) for v in fn.__globals__.values()
+                                             if inspect.ismodule(v) and v in (tl, tl.core))
+        if launch_state["active"] and langs <= launch_state["patched"]:
+            return ti._LangPatchScope()  # nothing to restore: the launch's scope restores its own patch
+        scope = real_patch(fn)
+        if launch_state["active"]:
+            launch_state["patched"] |= langs
+        return scope
+
+    def launch(self, *args, **kwargs):
+        launch_state["active"], launch_state["patched"] = True, set()
+        try:
+            return real_launch(self, *args, **kwargs)
+        finally:
+            launch_state["active"], launch_state["patched"] = False, set()
+
+    ti._patch_lang, ti.GridExecutor.__call__ = patch_lang, launch
+
+
 def cpu_launch_env() -> dict:
     """Environment of a child process that must run our kernels on the CPU: the interpreter on, one thread per
     process (two ranks share the CI's two cores), CUDA hidden even on a GPU machine, no forced reference."""
