@@ -24,7 +24,7 @@ Measured: ``--warmup`` steps, then ``--steps`` timed steps (wall clock between `
 ends). real_tok_per_s = non-padding tokens of the timed steps / their time (TRL's ``num_tokens``): it includes
 what a shape seen for the first time costs (cuDNN plans, allocator growth, Triton autotuning of a new bucket),
 which a long run pays once; median_tok_per_s = the median over timed steps of that step's real tokens / its time
-(the steady state; ``step_ms_each`` lists every step's time); peak_GiB =
+(the steady state, needs ``--warmup`` >= 1; ``step_ms_each`` lists every step's time); peak_GiB =
 ``max_memory_allocated`` over the run. Gate: the first step's loss within 1% of sdpa_padded's (same weights,
 same rows). Without CUDA: a tiny model, short rows (median 24, cap 64), fp32, the same five variants: a
 harness smoke run, not a measurement.
@@ -182,7 +182,7 @@ def worker(variant: str, model_name: str, layers: int | None, batch: int, steps:
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                  task_type="CAUSAL_LM")
     lengths = LENGTHS if cuda else CPU_LENGTHS
-    rows = synthetic_sft(batch * (steps + warmup), cfg_kwargs["vocab_size"], **lengths)
+    rows = synthetic_sft(batch * (steps + warmup + int(profile)), cfg_kwargs["vocab_size"], **lengths)
     padding_free = variant.endswith(("packed", "padding_free"))
     clock = StepClock(profile_step=warmup + steps + 1 if profile else None)
     args = SFTConfig(

@@ -9,7 +9,8 @@ Ops (bf16, fwd+bwd, each at a series of shapes that fall in different autotune k
   rms_norm          hidden 4096 at 2,048 / 8,192 / 40,960 rows (its row-class key)
   swiglu            intermediate 14,336 at 64 / 512 / 4,096 rows (its size-class key)
 Per op and shape: ``first_ms`` (the call that tunes; the op's first shape also compiles every config),
-``warm_ms`` (median of 10 later calls) and ``tune_ms = first_ms - warm_ms``.
+``warm_ms`` (median of 10 later calls) and ``tune_ms = first_ms - warm_ms``; ``max_err``: the forward against
+the fp32 reference (attention: SDPA on the first sequence), a gate (``error`` when above ``GATE_ABS``).
 Two processes share one fresh ``TRITON_CACHE_DIR``: ``cold`` starts from the empty directory, ``cached`` starts
 from what ``cold`` left there (compiled kernels and, where Triton supports ``cache_results``, the tunings): the
 second run of a user's script. Kernels are forced (``HF_FASTKERN_ROUTING=kernel``): the routing table does not
@@ -28,10 +29,19 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
+
+from hf_fastkern.kernels import reference
 
 from .harness import emit_result, environment, print_table, save, worker_result
 
-COLS = ["run", "op", "shape", "first_ms", "warm_ms", "tune_ms", "error"]
+COLS = ["run", "op", "shape", "first_ms", "warm_ms", "tune_ms", "max_err", "error"]
+
+
+# Each op: (step, check). step runs forward + backward; check compares the forward once with the reference in
+# fp32 (a gate, not a timing: the row says "error" when it fails; GATE_ABS is far above bf16 rounding of O(1)
+# values and far below what a wrong kernel gives).
+GATE_ABS = 0.1
 
 
 def _attention(max_len: int):
@@ -45,9 +55,15 @@ def _attention(max_len: int):
     v = torch.randn(t, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     do = torch.randn_like(q)
 
-    def step():
-        flash_attention_varlen(q, k, v, cu, cu, max_len, max_len, causal=True, require_kernel=True).backward(do)
-    return step
+    def run():
+        return flash_attention_varlen(q, k, v, cu, cu, max_len, max_len, causal=True, require_kernel=True)
+
+    def check():
+        s0, s1 = int(cu[0]), int(cu[1])  # the first (longest) sequence against SDPA in fp32
+        qs, ks, vs = (x[s0:s1].float().transpose(0, 1)[None] for x in (q, k, v))
+        ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+        return (run()[s0:s1].float() - ref).abs().max().item()
+    return (lambda: run().backward(do)), check
 
 
 def _rms_norm(rows: int):
@@ -56,7 +72,8 @@ def _rms_norm(rows: int):
     x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.ones(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
-    return lambda: rms_norm(x, w).backward(dy)
+    return (lambda: rms_norm(x, w).backward(dy)), \
+        (lambda: (rms_norm(x, w).float() - reference.rms_norm(x.float(), w.float())).abs().max().item())
 
 
 def _swiglu(rows: int):
@@ -65,7 +82,8 @@ def _swiglu(rows: int):
     g = torch.randn(rows, 14336, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     u = torch.randn_like(g, requires_grad=True)
     dy = torch.randn_like(g)
-    return lambda: swiglu(g, u).backward(dy)
+    return (lambda: swiglu(g, u).backward(dy)), \
+        (lambda: (swiglu(g, u).float() - reference.swiglu(g.float(), u.float())).abs().max().item())
 
 
 OPS = {"attention_varlen": (_attention, (512, 1024, 2048, 4096)),
@@ -87,10 +105,14 @@ def worker(run: str) -> list[dict]:
         for shape in shapes:
             row = dict(bench="tuning", run=run, op=op, shape=shape)
             try:
-                fn = make(shape)
+                fn, check = make(shape)
                 first = _ms(fn)
                 warm = statistics.median(_ms(fn) for _ in range(10))
                 row.update(first_ms=first, warm_ms=warm, tune_ms=first - warm)
+                with torch.no_grad():
+                    row["max_err"] = check()
+                if not row["max_err"] <= GATE_ABS:
+                    row["error"] = f"forward max error {row['max_err']:.3g} > {GATE_ABS} against the fp32 reference"
             except Exception as e:  # noqa: BLE001 - a failed op is reported in its row
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)

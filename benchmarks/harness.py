@@ -207,13 +207,22 @@ def add_ratios(rows: list[dict], group_keys: list[str], metric: str = "ms", ours
                 r["vs_best_peer"] = min(peers) / r[metric]
 
 
+def command_line() -> str:
+    """How this process was started, runnable as written: ``python -m benchmarks.bench_x ...`` for a module run
+    (``sys.argv[0]`` is then the file's path, which cannot run: the benchmarks import relatively)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", sys.argv[0]]
+    return " ".join(head + sys.argv[1:])
+
+
 def save(path: str | None, rows: list[dict], extra: dict | None = None) -> None:
     """``{"env", "command", "rows", **extra}`` to ``path`` (write then rename: a run killed mid-write keeps the
     previous complete file)."""
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    doc = {"env": environment(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "rows": rows}
+    doc = {"env": environment(), "command": command_line(), "rows": rows}
     if extra:
         doc.update(extra)
     tmp = f"{path}.tmp"

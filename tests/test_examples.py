@@ -73,8 +73,9 @@ def test_compare_mode(script, tmp_path):
 def test_sft_trl_two_processes(tmp_path):
     """examples/sft_trl.py under a 2-process launcher (torchrun, gloo DDP on the CPU): FastKernels patches each
     rank's model, both ranks train, the report is printed once (main process)."""
-    # unbuffered: each rank's line is one write to the shared pipe (a block-buffered rank once split the other's
-    # "summary:" line from its newline); lines are counted by their text, not their start
+    # Two ranks share one pipe: block-buffered, a rank's block can land inside the other's line; unbuffered, a
+    # print is two writes (text, newline) and the other rank can still write between them. So the lines are
+    # unbuffered (no split text) and counted by their text, not by where they start.
     env = {**os.environ, "HF_FASTKERN_FORCE_REFERENCE": "1", "PYTHONPATH": str(EXAMPLES.parent),
            "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)

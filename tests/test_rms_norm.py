@@ -365,3 +365,24 @@ def test_bitwise_identical_gradients_gpu_real_size(case):
     """Many programs in flight (where atomics would reorder sums): three runs, bit-identical."""
     check_bitwise_case(case, "cuda", big=True, runs=3)
     torch.cuda.empty_cache()
+
+
+def test_autotune_helper_refuses_hooks_and_budgets_its_benchmark(monkeypatch):
+    """_triton_utils.autotune: hooks that a disk-cached tuning could not replay are refused; where the installed
+    Triton takes them, the package's per-config benchmark and (unless HF_FASTKERN_AUTOTUNE_CACHE=0) cache_results
+    are passed."""
+    from hf_fastkern.kernels import _triton_utils as tu
+
+    for hook in ("reset_to_zero", "restore_value", "pre_hook"):
+        with pytest.raises(ValueError, match=hook):
+            tu.autotune([], key=[], **{hook: ["X"] if hook != "pre_hook" else (lambda args: None)})
+    seen = {}
+    monkeypatch.setattr(tu.triton, "autotune", lambda **kw: seen.update(kw))
+    tu.autotune(["cfg"], key=["n"])
+    assert seen["configs"] == ["cfg"] and seen["key"] == ["n"]
+    assert ("do_bench" in seen) == ("do_bench" in tu._AUTOTUNE_PARAMS)
+    assert seen.get("cache_results", False) == ("cache_results" in tu._AUTOTUNE_PARAMS and tu.AUTOTUNE_CACHE)
+    monkeypatch.setattr(tu, "AUTOTUNE_CACHE", False)
+    seen.clear()
+    tu.autotune(["cfg"], key=["n"])
+    assert "cache_results" not in seen

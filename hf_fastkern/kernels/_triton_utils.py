@@ -58,14 +58,23 @@ def _tune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
 
 
+# HF_FASTKERN_AUTOTUNE_CACHE=0 (read when the kernels are imported): no tunings on disk, each process tunes again
+AUTOTUNE_CACHE = os.environ.get("HF_FASTKERN_AUTOTUNE_CACHE", "1") != "0"
+
+
 def autotune(configs: list, key: list, **kwargs):
     """``triton.autotune`` with the package's benchmark budget per config (``TUNE_WARMUP_MS``/``TUNE_REP_MS``)
-    and, where the installed Triton has it, ``cache_results``: the timings are kept in Triton's cache directory
-    (``TRITON_CACHE_DIR``, default ``~/.triton/cache``), keyed by the kernel's source, the GPU target, the
-    configs and the autotune key, so a later process with the same shapes starts without tuning."""
+    and, where the installed Triton has it (3.4+) and ``AUTOTUNE_CACHE`` allows, ``cache_results``: the timings
+    are kept in Triton's cache directory (``TRITON_CACHE_DIR``, default ``~/.triton/cache``), keyed by the
+    kernel's source, the GPU architecture, the configs and the autotune key, so a later process with the same
+    shapes starts without tuning. Hooks that make repeated benchmark launches unsafe to replay from disk
+    (``reset_to_zero``, ``restore_value``, ``pre_hook``) are refused: no kernel of ours needs them."""
+    for hook in ("reset_to_zero", "restore_value", "pre_hook"):
+        if kwargs.get(hook):
+            raise ValueError(f"autotune: {hook} is not supported here (tunings are cached on disk)")
     if "do_bench" in _AUTOTUNE_PARAMS:
         kwargs.setdefault("do_bench", _tune_bench)
-    if "cache_results" in _AUTOTUNE_PARAMS:
+    if "cache_results" in _AUTOTUNE_PARAMS and AUTOTUNE_CACHE:
         kwargs.setdefault("cache_results", True)
     return triton.autotune(configs=configs, key=key, **kwargs)
 

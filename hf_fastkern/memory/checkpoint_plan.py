@@ -34,8 +34,8 @@ Three parts:
    plan was made for. Only training forwards with grad enabled are touched. On CUDA the first steps' real
    peaks (``max_memory_allocated``) are compared with the estimate: an estimate found low is corrected, and a
    plan whose step went over the budget is made again. The process's peak statistics are reset before such a
-   step only when their running maximum is already above the plan's estimate (else the step's peak could not
-   be seen); at most :data:`PEAK_CHECKS` times.
+   step only when their running maximum is already above the budget (else a step over the budget could not be
+   seen); at most :data:`PEAK_CHECKS` times.
 """
 from __future__ import annotations
 
@@ -389,7 +389,7 @@ class CheckpointPlanner:
         # tests inject one), what it read when the step under a plan began, the upward correction learned so far
         self.peak_reader: Callable[[], int] | None = None
         # resets that running maximum (CUDA's reset_peak_memory_stats; tests inject one): used only when the
-        # maximum is already above a watched plan's estimate, where the step's own peak could not show otherwise
+        # maximum is already above a watched plan's budget, where a step over the budget could not show otherwise
         self.peak_reset: Callable[[], None] | None = None
         self.watch: tuple[CheckpointPlan, int] | None = None
         self.checks_left = PEAK_CHECKS
@@ -405,7 +405,7 @@ class CheckpointPlanner:
 
     def check_peak(self) -> None:
         """Compare the last step's real peak with the plan's estimate: when the running maximum rose during the
-        step, it is that step's peak (``start_watch`` reset it first if it was already above the estimate). An estimate found low
+        step, it is that step's peak (``start_watch`` reset it first if it was already above the budget). An estimate found low
         by more than it should be is corrected upward (fixed bytes), and the plan made again when the real peak
         went over the budget. Checks :data:`PEAK_CHECKS` steps (the optimizer's state appears after the first)."""
         if self.watch is None or self.peak_reader is None:
@@ -431,10 +431,11 @@ class CheckpointPlanner:
         if self.peak_reader is not None:
             self.checks_left -= 1
             before = self.peak_reader()
-            if before > self.plan.peak_bytes and self.peak_reset is not None:
+            if before > self.plan.budget_bytes and self.peak_reset is not None:
                 # An earlier, larger step (another plan, an evaluation, a bigger batch) left the running maximum
-                # above this plan's estimate: a peak of this step between the two would not show. Start a fresh
-                # maximum (at most PEAK_CHECKS times; documented in docs/checkpointing.md).
+                # above the budget: a step of this plan over the budget but under that maximum would not show.
+                # Start a fresh maximum (at most PEAK_CHECKS times; docs/checkpointing.md). Below the budget no
+                # reset is needed: a step over the budget raises the maximum.
                 self.peak_reset()
                 before = self.peak_reader()
             self.watch = (self.plan, before)
