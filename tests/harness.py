@@ -82,9 +82,9 @@ def interpreter_skips_repeated_lang_patching() -> None:
     (``mma``, ``round_to``, ``tl.sum`` in every loop trip), about a fifth of a training test's interpreter time
     (triton 3.9; issue 20). Here a helper call inside a launch whose language modules that launch has already
     patched skips the repeat (a helper that sees a module not yet patched, e.g. ``tl.core`` from Triton's own
-    ``tl.sum``, is patched as before). Nothing changes when this Triton's interpreter lacks these names, and without
-    TRITON_INTERPRET=1. Called by conftest and by the processes the multi-process tests launch (triton 3.9's
-    interpreter: its private names are checked with hasattr; the whole suite runs under it in CI)."""
+    ``tl.sum``, is patched as before). Nothing changes without TRITON_INTERPRET=1 or when this Triton's
+    interpreter lacks these private names (checked with hasattr; written against triton 3.9, under which the
+    whole suite runs in CI). Called by conftest and by the processes the multi-process tests launch."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:
