@@ -407,7 +407,8 @@ class CheckpointPlanner:
         """Compare the last step's real peak with the plan's estimate: when the running maximum rose during the
         step, it is that step's peak (``start_watch`` reset it first if it was already above the budget). An
         estimate found low by more than it should be is corrected upward (fixed bytes), and the plan made again
-        when the real peak went over the budget. Checks :data:`PEAK_CHECKS` steps (the optimizer's state appears after the first)."""
+        when the real peak went over the budget. Checks :data:`PEAK_CHECKS` steps (the optimizer's state
+        appears after the first)."""
         if self.watch is None or self.peak_reader is None:
             return
         plan, before = self.watch
