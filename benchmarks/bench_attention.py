@@ -13,6 +13,15 @@ visible pairs. Forward + backward = 3.5x forward. Every implementation is gated 
 output is compared with fastkern's and with SDPA-math in fp32 on one (batch, head) slice; rows that fail
 carry ``error`` and no timing. Timings: triton.testing.do_bench median (via benchmarks/harness.bench_ms).
 Without a GPU: two tiny cases (S=64), fastkern's fallback path beside SDPA's math backend, wall clock.
+
+``--parts decode`` (issue 22): KV-cache decoding, q_len 1 and 16 against caches of 4K, 32K and 128K keys, batch 1
+and 16, GQA 32/8, head_dim 128: the split-KV kernel (``fastkern_decode``, kernels/decode_attention.py) and the
+FlashAttention-2 kernel (``fastkern_fa2``) beside SDPA as transformers calls it (``sdpa``: no mask at q_len 1,
+the bottom-right causal mask at q_len 16) and, at q_len 1, SDPA's flash and cuDNN backends. Forward only, no
+gradients; ``GB_s`` = bytes of K and V read / time (the traffic a decoding step cannot avoid), ``x_<peer>`` =
+peer ms / fastkern_decode ms. Same correctness gate (one head of the last batch row against fp32).
+
+    python -m benchmarks.bench_attention --parts decode --json $OUT/attention_decode.json
 """
 from __future__ import annotations
 
@@ -149,6 +158,83 @@ def _cases(quick: bool, gpu: bool = True) -> list[dict]:
     return cases[:2] if quick else cases
 
 
+# (B, q_len, cache) of the decode part; H=32, HK=8, D=128 (Llama-3-8B's attention)
+DECODE_CASES = [(b, sq, c) for c in (4096, 32768, 131072) for b in (1, 16) for sq in (1, 16)]
+CPU_DECODE_CASES = [(1, 1, 64), (2, 4, 48)]
+
+
+def _decode_impls(q, k, v, sq: int, gpu: bool) -> dict:
+    """name -> callable() returning [B, q_len, H, D]; q [B, H, q_len, D], k/v [B, HK, S, D] (cache layout)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hf_fastkern.kernels.attention import flash_attention_heads_first
+    from hf_fastkern.kernels.decode_attention import flash_decode_heads_first
+    sk = k.shape[2]
+    mask = None
+    if sq > 1:  # bottom-right causal, as transformers' sdpa mask builds it for a cached step
+        mask = (torch.arange(sk, device=q.device)[None, :]
+                <= torch.arange(sq, device=q.device)[:, None] + (sk - sq))[None, None]
+    impls = {"fastkern_decode": lambda: flash_decode_heads_first(q, k, v, causal=True),
+             "fastkern_fa2": lambda: flash_attention_heads_first(q, k, v, True, None, None, None),
+             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True
+                                                           ).transpose(1, 2)}
+    if gpu and sq == 1:
+        for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def f(be=be):
+                with sdpa_kernel(be):
+                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
+            impls[name] = f
+    return impls
+
+
+def run_decode(json_path: str | None = None, quick: bool = False) -> list[dict]:
+    """The decode part (module docstring); rows saved after every case."""
+    device = harness.device()
+    gpu = device == "cuda"
+    cases = DECODE_CASES if gpu else CPU_DECODE_CASES
+    if quick:
+        cases = cases[:4]
+    hq, hk, d = (H, 8, D) if gpu else (4, 2, 32)
+    rows = []
+    for b, sq, sk in cases:
+        torch.manual_seed(0)
+        q = torch.randn(b, hq, sq, d, device=device, dtype=torch.bfloat16)
+        k = torch.randn(b, hk, sk, d, device=device, dtype=torch.bfloat16)
+        v = torch.randn(b, hk, sk, d, device=device, dtype=torch.bfloat16)
+        kv_bytes = 2 * k.numel() * k.element_size()
+        ref = reference.attention(q[-1:, -1:].float(), k[-1:, -1:].float(), v[-1:, -1:].float(),
+                                  causal=True).transpose(1, 2)
+        group = []
+        for name, fn in _decode_impls(q, k, v, sq, gpu).items():
+            row = dict(bench="attention_decode", impl=name, B=b, q_len=sq, S=sk, H=hq, HK=hk, D=d)
+            try:
+                with torch.no_grad():
+                    out = fn()
+                    err = (out[-1:, :, -1:].float() - ref).abs().max().item()
+                    row["max_err_vs_fp32"] = err
+                    if not math.isfinite(err) or err > GATE:
+                        row["error"] = f"correctness gate failed: max error {err:.3g} > {GATE}"
+                    else:
+                        row["ms"] = bench_ms(fn)
+                        row["GB_s"] = kv_bytes / row["ms"] / 1e6
+            except Exception as e:  # a peer that does not take this case
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            group.append(row)
+            print(f"decode B={b} q={sq} S={sk} {name}: {row.get('ms', float('nan')):.4f} ms "
+                  f"{row.get('GB_s', 0):.0f} GB/s {row.get('error', '')}", flush=True)
+        ours = next((r for r in group if r["impl"] == "fastkern_decode" and "ms" in r), None)
+        if ours:
+            for r in group:
+                if r is not ours and "ms" in r:
+                    ours[f"x_{r['impl']}"] = r["ms"] / ours["ms"]
+        rows += group
+        if gpu:
+            del q, k, v
+            torch.cuda.empty_cache()
+        save(json_path, rows)
+    return rows
+
+
 def _run_case(case: dict, device: str) -> list[dict]:
     b, s, hq, hk, d = case["B"], case["S"], case["H"], case["HK"], case["D"]
     torch.manual_seed(0)
@@ -229,8 +315,19 @@ def _ratios(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="write rows + environment here")
-    ap.add_argument("--quick", action="store_true", help="two shapes only")
+    ap.add_argument("--quick", action="store_true", help="two shapes only (decode: four cases)")
+    ap.add_argument("--parts", default="dense", help="comma-separated: dense (training shapes), decode")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"dense", "decode"}:
+        ap.error(f"--parts takes dense and/or decode, got {args.parts!r}")
+    if "decode" in parts:
+        json_decode = args.json if parts == {"decode"} or not args.json else args.json.replace(".json", "_decode.json")
+        rows = run_decode(json_decode, quick=args.quick)
+        print_table(rows, ["impl", "B", "q_len", "S", "ms", "GB_s", "x_sdpa", "x_sdpa_flash", "x_sdpa_cudnn",
+                           "x_fastkern_fa2", "max_err_vs_fp32", "error"])
+    if "dense" not in parts:
+        return
     rows = run(quick=args.quick, json_path=args.json)
     print_table(rows, ["case", "impl", "B", "S", "HK", "D", "fwd_ms", "fwdbwd_ms", "fwd_TFLOPs", "fwdbwd_TFLOPs",
                        "fwdbwd_x_sdpa_flash", "fwdbwd_x_sdpa_cudnn", "fwdbwd_x_flex_compiled", "peak_MiB",

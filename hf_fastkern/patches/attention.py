@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_fastkern.kernels import attention as _kernels
+from hf_fastkern.kernels import decode_attention as _decode
 from hf_fastkern.kernels import dispatch, routing
 
 NAME = "fastkern"
@@ -602,6 +603,13 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     kind = _attention_kind(attention_mask, False, causal, sq, sk)
     if (res := stock(kind)) is not None:
         return res
+    if (kind == "decode" and sq <= _decode.MAX_Q_LEN and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))):
+        # KV-cache decoding without gradients (generate()): the split-KV kernel, which reads a 2-D padding mask
+        # itself (no unpadding, no host read). Validated above; dtype, device and head_dim as the check said.
+        return _decode.flash_decode_heads_first(query, key, value, causal=causal, scale=scaling,
+                                                sliding_window=window, softcap=softcap,
+                                                key_mask=attention_mask), None
     if attention_mask is None:
         # validated above and _kernel_check said yes: the kernel's heads-first entry skips a second round of
         # checks and takes [b, h, s, d] as it is (the transposes happen inside its autograd node)
