@@ -50,10 +50,32 @@ def stubbed_launches(counter: list[int]):
 
     real = interpreter.InterpretedFunction.run
     interpreter.InterpretedFunction.run = stub
+    _REAL_RUN.append(real)
     try:
         yield
     finally:
+        _REAL_RUN.pop()
         interpreter.InterpretedFunction.run = real
+
+
+_REAL_RUN: list = []
+
+
+@contextlib.contextmanager
+def real_launches():
+    """Inside ``stubbed_launches``: launches run for real again (patching a model runs probes that compare a
+    kernel's output with the stock module's; with stubbed launches they would see garbage and refuse the patch)."""
+    from triton.runtime import interpreter
+
+    if not _REAL_RUN:
+        yield
+        return
+    stub = interpreter.InterpretedFunction.run
+    interpreter.InterpretedFunction.run = _REAL_RUN[-1]
+    try:
+        yield
+    finally:
+        interpreter.InterpretedFunction.run = stub
 
 
 def per_call_us(fn, n: int, reps: int) -> float:
@@ -194,7 +216,15 @@ def _more_cases():
     do = torch.randn(2, 16, 4, 16, dtype=bf)
     mod = torch.nn.Module()
     mod.is_causal = True
+    from hf_fastkern.kernels import rope
+    qr = torch.randn(2, 16, 4, 16, dtype=bf).transpose(1, 2).requires_grad_()
+    kr = torch.randn(2, 16, 2, 16, dtype=bf).transpose(1, 2).requires_grad_()
+    ang = torch.randn(1, 16, 8)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    dr = torch.randn(2, 6, 16, 16, dtype=torch.float32)
     cases = [
+        ("rope", "entry", "q 2x4x16x16 k 2 heads, fp32 cos",
+         lambda: torch.cat(rope.apply_rope(qr, kr, cos, sin), dim=1), (qr, kr), dr),
         ("rms_norm", "entry", "2x16x64", lambda: rms_norm.rms_norm(x, w, 1e-6), (x, w), dx),
         ("layer_norm", "entry", "2x16x64", lambda: layer_norm.layer_norm(x, w, b, 1e-5), (x, w, b), dx),
         ("swiglu", "entry", "2x16x128", lambda: activations.swiglu(g, u), (g, u), dg),
@@ -273,7 +303,9 @@ def run_models(counter: list[int], reps: int, layer_counts: tuple[int, int]) -> 
             model = tiny_llama(n_layers, "sdpa")
             if name == "fastkern":
                 model = copy.deepcopy(model)
-                apply_fast_kernels(model)
+                with real_launches():
+                    report = apply_fast_kernels(model)
+                assert report.patched.get("rope") == n_layers, str(report)  # every probe passed
             model.train()
 
             def step(model=model):

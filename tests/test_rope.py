@@ -82,6 +82,36 @@ def test_rope_output_layout_and_dtype():
         assert g.dtype == w.dtype == torch.float32 and g.stride() == w.stride()
 
 
+def test_rope_q_and_k_one_launch_one_node(monkeypatch):
+    """Eager path: q and k share one launch forward and one backward, under one autograd node; when only one
+    output is used, its gradient alone is rotated (the other input gets none, as with the reference)."""
+    launches = []
+    real = rope_mod._rope_kernel
+
+    class _Count:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(rope_mod, "_rope_kernel", _Count())
+    q = torch.randn(2, 5, 4, 8).bfloat16().transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 5, 2, 8).bfloat16().transpose(1, 2).requires_grad_()
+    cos, sin = _cos_sin(2, 5, 8, False, torch.bfloat16, "cpu")
+    qe, ke = rope_mod.apply_rope(q, k, cos, sin)
+    assert len(launches) == 1 and qe.grad_fn is ke.grad_fn and type(qe.grad_fn).__name__ == "RopeQKFunctionBackward"
+    (qe.float().sum() + 2 * ke.float().sum()).backward()
+    assert len(launches) == 2
+    qr, kr = (t.detach().clone().requires_grad_() for t in (q, k))
+    rq, rk = reference.rope(qr, kr, cos, sin)
+    (rq.float().sum() + 2 * rk.float().sum()).backward()
+    for got, want in ((q.grad, qr.grad), (k.grad, kr.grad)):
+        assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
+    q.grad = k.grad = None
+    qe, ke = rope_mod.apply_rope(q, k, cos, sin)
+    ke.float().pow(2).sum().backward()  # q_embed unused
+    assert q.grad is None and k.grad is not None and len(launches) == 4
+
+
 @pytest.mark.parametrize("case", ["partial_rotary", "cos_requires_grad", "unsqueeze_dim"])
 def test_rope_unsupported_runs_reference(case):
     """What the kernel does not take runs the reference expression (gradients to cos/sin included), warning."""

@@ -12,7 +12,9 @@ Shapes: ``x`` [batch, heads, seq, head_dim] with any strides whose last one is 1
 ``view(...).transpose(1, 2)``, heads and seq interleaved in memory); ``cos``/``sin`` [batch or 1, seq, head_dim]
 (``unsqueeze_dim=1``, the Llama-family call). The output keeps ``x``'s memory layout (what the elementwise ops
 give) and has ``torch.result_type(x, cos)`` as its dtype, as the unfused expression does; the arithmetic is fp32
-with one rounding at the end (the unfused bf16 expression rounds three times). ``cos``/``sin`` get no gradient
+with one rounding at the end (the unfused bf16 expression rounds three times). q and k are rotated by one launch, forward and backward, under
+one autograd node (the eager path; Liger does the same): per decoder layer two launches and two nodes fewer than
+one per tensor, host time that decides small steps (issue 21). ``cos``/``sin`` get no gradient
 (transformers computes them under ``no_grad``); when they require one, or for partial rotary (cos narrower than
 the head) or other layouts, :func:`apply_rope` runs the reference expression.
 """
@@ -45,14 +47,22 @@ def launch_config(tokens: int, heads: int, half: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, OUT, T, H, S, HALF,
-                 sxb, sxh, sxs, sob, soh, sos, scb, scs, ssb, sss,
+def _rope_kernel(X, Y, COS, SIN, OX, OY, T, HX, HY, NXB, S, HALF,
+                 sxb, sxh, sxs, syb, syh, sys_, soxb, soxh, soxs, soyb, soyh, soys, scb, scs, ssb, sss,
                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
-    # one program: BLOCK_T (batch, position) tokens x BLOCK_H heads; both halves of each head's vector
+    # One launch rotates two tensors (q and k, or their gradients): head blocks [0, NXB) are X's, the rest Y's.
+    # One program: BLOCK_T (batch, position) tokens x BLOCK_H heads of one tensor; both halves of each head.
+    pid_h = tl.program_id(1)
+    if pid_h < NXB:
+        IN, OUT, H, hb = X, OX, HX, pid_h
+        sib, sih, sis, sob, soh, sos = sxb, sxh, sxs, soxb, soxh, soxs
+    else:
+        IN, OUT, H, hb = Y, OY, HY, pid_h - NXB
+        sib, sih, sis, sob, soh, sos = syb, syh, sys_, soyb, soyh, soys
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     b = tok // S
     s = tok % S
-    heads = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
+    heads = hb.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     d = tl.arange(0, BLOCK_D)
     tmask = (tok < T)[:, None, None]
     dmask = (d < HALF)[None, None, :]
@@ -64,9 +74,9 @@ def _rope_kernel(X, COS, SIN, OUT, T, H, S, HALF,
     c2 = tl.load(c_row + HALF, mask=cmask, other=0.0).to(tl.float32)
     s1 = tl.load(s_row, mask=cmask, other=0.0).to(tl.float32)
     s2 = tl.load(s_row + HALF, mask=cmask, other=0.0).to(tl.float32)
-    xo = (b * sxb + s * sxs)[:, None, None] + heads[None, :, None] * sxh + d[None, None, :]
-    x1 = tl.load(X + xo, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + xo + HALF, mask=mask, other=0.0).to(tl.float32)
+    xo = (b * sib + s * sis)[:, None, None] + heads[None, :, None] * sih + d[None, None, :]
+    x1 = tl.load(IN + xo, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(IN + xo + HALF, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         o1 = x1 * c1 + x2 * s2
         o2 = x2 * c2 - x1 * s1
@@ -78,23 +88,35 @@ def _rope_kernel(X, COS, SIN, OUT, T, H, S, HALF,
     tl.store(OUT + oo + HALF, round_to(o2, OUT.dtype.element_ty), mask=mask)
 
 
+def _rope_pair(x: torch.Tensor, y: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
+               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate x and y (q and k: [B, H, S, D] each, head counts may differ, last stride 1, one dtype) in one
+    launch; y None: x alone. cos/sin [B or 1, S, D] (last stride 1). Outputs keep their input's memory layout."""
+    ox = torch.empty_like(x, dtype=out_dtype)  # x's memory layout (dense tensors keep their strides)
+    oy = torch.empty_like(y, dtype=out_dtype) if y is not None else None
+    B, HX, S, D = x.shape
+    HY = y.shape[1] if y is not None else 0
+    if B * S == 0 or D == 0 or HX + HY == 0:
+        return ox, oy
+    half = D // 2
+    block_t, block_h, block_d = launch_config(B * S, max(HX, HY), half)
+    nxb, nyb = cdiv(HX, block_h), cdiv(HY, block_h)
+    cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    sb = sin.stride(0) if sin.shape[0] > 1 else 0
+    yy, oyy = (y, oy) if y is not None else (x, ox)
+    grid = (cdiv(B * S, block_t), nxb + nyb)
+    _rope_kernel[grid](x, yy, cos, sin, ox, oyy, B * S, HX, HY, nxb, S, half,
+                       x.stride(0), x.stride(1), x.stride(2), yy.stride(0), yy.stride(1), yy.stride(2),
+                       ox.stride(0), ox.stride(1), ox.stride(2), oyy.stride(0), oyy.stride(1), oyy.stride(2),
+                       cb, cos.stride(1), sb, sin.stride(1),
+                       BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=4)
+    return ox, oy
+
+
 def _rope_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
                out_dtype: torch.dtype) -> torch.Tensor:
     """x [B, H, S, D] (last stride 1), cos/sin [B or 1, S, D] (last stride 1) -> out like x in ``out_dtype``."""
-    out = torch.empty_like(x, dtype=out_dtype)  # x's memory layout (dense tensors keep their strides)
-    B, H, S, D = x.shape
-    if out.numel() == 0:
-        return out
-    half = D // 2
-    block_t, block_h, block_d = launch_config(B * S, H, half)
-    cb = cos.stride(0) if cos.shape[0] > 1 else 0
-    sb = sin.stride(0) if sin.shape[0] > 1 else 0
-    grid = (cdiv(B * S, block_t), cdiv(H, block_h))
-    _rope_kernel[grid](x, cos, sin, out, B * S, H, S, half,
-                       x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                       cb, cos.stride(1), sb, sin.stride(1),
-                       BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=4)
-    return out
+    return _rope_pair(x, None, cos, sin, backward, out_dtype)[0]
 
 
 rope_op = torch.library.custom_op("hf_fastkern::rope", mutates_args=())(_rope_impl)
@@ -124,17 +146,26 @@ def _rope_setup(ctx, inputs, output):
 rope_op.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 
-class RopeFunction(torch.autograd.Function):
-    """Eager autograd path over the same launcher as the custom op (saves cos and sin only)."""
+class RopeQKFunction(torch.autograd.Function):
+    """Eager path: q and k in one launch and one autograd node (forward and backward), saving cos and sin only.
+    (torch.compile traces the per-tensor custom op instead.)"""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, out_dtype):
-        _rope_setup(ctx, (x, cos, sin, False, out_dtype), None)
-        return _rope_impl(x, cos, sin, False, out_dtype)
+    def forward(ctx, q, k, cos, sin, out_dtype):
+        ctx.save_for_backward(cos, sin)
+        ctx.dtypes = (q.dtype, k.dtype)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
+        return _rope_pair(q, k, cos, sin, False, out_dtype)
 
     @staticmethod
-    def backward(ctx, g):
-        return _dx(ctx, g, _rope_impl), None, None, None
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        if gq is None or gk is None:  # one output unused: the other alone
+            g, dt = (gk, ctx.dtypes[1]) if gq is None else (gq, ctx.dtypes[0])
+            dx = _rope_pair(_rows_unit(g), None, cos, sin, True, dt)[0]
+            return (None, dx, None, None, None) if gq is None else (dx, None, None, None, None)
+        dq, dk = _rope_pair(_rows_unit(gq), _rows_unit(gk), cos, sin, True, ctx.dtypes[0])
+        return dq, dk, None, None, None
 
 
 def _unsupported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> str:
@@ -171,12 +202,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if not use_kernel("rope", (False, why) if why else device_check((q, k, cos, sin))):
         return reference.rope(q, k, cos, sin, unsqueeze_dim)
     cos, sin = _rows_unit(cos), _rows_unit(sin)
-    out = []
-    for x in (q, k):
-        x = _rows_unit(x)
-        dt = torch.promote_types(x.dtype, cos.dtype)  # result_type of two tensors (traceable by dynamo)
-        if torch.compiler.is_compiling():
-            out.append(rope_op(x, cos, sin, False, dt))
-        else:
-            out.append(RopeFunction.apply(x, cos, sin, dt))
-    return out[0], out[1]
+    q, k = _rows_unit(q), _rows_unit(k)
+    dt = torch.promote_types(q.dtype, cos.dtype)  # result_type of two tensors (traceable by dynamo)
+    if torch.compiler.is_compiling() or k.dtype != q.dtype:
+        # per tensor (the custom op torch.compile traces; q and k of different dtypes, never seen in a model)
+        return rope_op(q, cos, sin, False, dt), rope_op(k, cos, sin, False, torch.promote_types(k.dtype, cos.dtype))
+    return RopeQKFunction.apply(q, k, cos, sin, dt)
