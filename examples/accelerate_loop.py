@@ -14,7 +14,7 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from finetune_trainer import SIZES, build_model, motif_dataset, patch
+from finetune_trainer import SIZES, build_model, exit_if_distributed, motif_dataset, patch
 
 
 def main() -> None:
@@ -68,3 +68,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_if_distributed()

@@ -263,3 +263,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    from finetune_trainer import exit_if_distributed  # examples/: why gloo processes end this way
+    exit_if_distributed()

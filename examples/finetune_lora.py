@@ -24,6 +24,7 @@ from finetune_trainer import (
     LossRecorder,
     build_model,
     common_args,
+    exit_if_distributed,
     motif_dataset,
     patch,
     run_or_compare,
@@ -99,3 +100,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_if_distributed()

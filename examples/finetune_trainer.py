@@ -280,6 +280,24 @@ def main() -> None:
     run_or_compare(args, train, __file__)
 
 
+def exit_if_distributed(code: int = 0) -> None:
+    """In a process of a multi-process launch (torchrun / accelerate launch), end it here, skipping the
+    interpreter's shutdown; elsewhere return.
+
+    Why: with gloo (multi-process on the CPU) a ProcessGroupGloo worker thread may still be releasing the last
+    collective's work after the main thread has moved on (even past ``destroy_process_group``); releasing it
+    decrefs Python tensors, which needs the GIL, and a thread that asks for the GIL while the interpreter shuts
+    down is ended by ``pthread_exit`` inside a noexcept destructor: ``terminate called without an active
+    exception``, SIGABRT, a failed launch after a finished run. Seen in about 1 of 50 runs on 2 busy cores (core
+    dump: ``ProcessGroupGloo::runLoop`` -> ``~AsyncBarrierWork`` -> ``~AsyncAllgatherWork`` -> ``decref_pyobject``
+    -> ``take_gil`` -> ``PyThread_exit_thread``, main thread in ``Py_FinalizeEx``; upstream: pytorch#179291).
+    Everything the script reports is written and flushed before this."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def run_or_compare(args: argparse.Namespace, train_fn, script: str) -> dict:
     """``--compare``: ``script`` patched vs unpatched in two processes; else one ``train_fn(args)`` run. Prints a
     summary line and writes ``--json`` (losses, timing, environment). Shared by finetune_lora.py."""
@@ -307,3 +325,4 @@ def run_or_compare(args: argparse.Namespace, train_fn, script: str) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_if_distributed()

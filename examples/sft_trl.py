@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset
 
 # examples/ is on sys.path when a script in it runs, so the shared helpers import by name.
-from finetune_trainer import LossRecorder, build_model, common_args, run_or_compare
+from finetune_trainer import LossRecorder, build_model, common_args, exit_if_distributed, run_or_compare
 from peft import LoraConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -123,3 +123,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_if_distributed()

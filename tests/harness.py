@@ -129,6 +129,15 @@ def cpu_launch_env() -> dict:
     return env
 
 
+def end_worker() -> None:
+    """End a torchrun worker process (the ``__main__`` of a multi-process test) without the interpreter's
+    shutdown, after its output is flushed: a gloo worker thread still releasing the last collective's tensors
+    aborts a shutting-down interpreter (examples/finetune_trainer.py ``exit_if_distributed`` has the analysis)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def torchrun_module(module: str, nproc: int = 2, timeout: float = 240) -> tuple[int, str]:
     """``python -m torch.distributed.run --standalone --nproc_per_node N -m module`` on the CPU (gloo);
     returns (return code, stdout + stderr)."""

@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.harness import cpu_launch_env, interpreter_skips_repeated_lang_patching, torchrun_module
+from tests.harness import (
+    cpu_launch_env,
+    end_worker,
+    interpreter_skips_repeated_lang_patching,
+    torchrun_module,
+)
 from tests.tolerances import assert_close
 
 pytest.importorskip("accelerate")
@@ -177,3 +182,4 @@ def test_fused_loss_dtensor_head_two_processes(tmp_path):
 if __name__ == "__main__":
     interpreter_skips_repeated_lang_patching()
     _dtensor_worker()
+    end_worker()

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.harness import interpreter_skips_repeated_lang_patching, torchrun_module
+from tests.harness import end_worker, interpreter_skips_repeated_lang_patching, torchrun_module
 from tests.tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,3 +288,4 @@ def test_gpu_fsdp2_accelerate_launch_two_gpus(tmp_path):
 if __name__ == "__main__":
     interpreter_skips_repeated_lang_patching()
     _fsdp_worker()
+    end_worker()
