@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -322,7 +323,10 @@ def main() -> None:
     if not parts <= {"dense", "decode"}:
         ap.error(f"--parts takes dense and/or decode, got {args.parts!r}")
     if "decode" in parts:
-        json_decode = args.json if parts == {"decode"} or not args.json else args.json.replace(".json", "_decode.json")
+        json_decode = args.json
+        if args.json and "dense" in parts:  # both parts: the decode rows go beside the dense file
+            root, ext = os.path.splitext(args.json)
+            json_decode = f"{root}_decode{ext or '.json'}"
         rows = run_decode(json_decode, quick=args.quick)
         print_table(rows, ["impl", "B", "q_len", "S", "ms", "GB_s", "x_sdpa", "x_sdpa_flash", "x_sdpa_cudnn",
                            "x_fastkern_fa2", "max_err_vs_fp32", "error"])

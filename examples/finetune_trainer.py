@@ -290,8 +290,11 @@ def exit_if_distributed(code: int = 0) -> None:
     down is ended by ``pthread_exit`` inside a noexcept destructor: ``terminate called without an active
     exception``, SIGABRT, a failed launch after a finished run. Seen in about 1 of 50 runs on 2 busy cores (core
     dump: ``ProcessGroupGloo::runLoop`` -> ``~AsyncBarrierWork`` -> ``~AsyncAllgatherWork`` -> ``decref_pyobject``
-    -> ``take_gil`` -> ``PyThread_exit_thread``, main thread in ``Py_FinalizeEx``; upstream: pytorch#179291).
-    Everything the script reports is written and flushed before this."""
+    -> ``take_gil`` -> ``PyThread_exit_thread``, main thread in ``Py_FinalizeEx``; the same analysis in an
+    unmerged upstream PR, pytorch/pytorch#179291). Only after a run that returned normally: a failure raises
+    before this and exits non-zero. What is skipped: atexit handlers (logging.shutdown, coverage data, a
+    tracker's final upload) and C-level stdio buffers; the examples write their JSON with ``with open`` and
+    print with ``flush=True`` before this."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -94,11 +94,12 @@ def test_decode_matches_reference(case, dtype, splits, monkeypatch):
     _check(b, h, hk, sq, sk, d, dtype, "cpu", **opts)
 
 
+@pytest.mark.parametrize("splits", ["one-chunk", "split"])
 @pytest.mark.parametrize("dtype", LOW, ids=dtype_ids(LOW))
-def test_decode_padding_mask(dtype, monkeypatch):
+def test_decode_padding_mask(dtype, splits, monkeypatch):
     """Left padding, holes, a row with no real key (zeros), and a window over a padded row: the mask is read
     in the kernel, positions stay cache indices (transformers' masks measure the window the same way)."""
-    monkeypatch.setattr(dec, "device_props", lambda device: {"sms": 8})
+    monkeypatch.setattr(dec, "device_props", lambda device: {"sms": 8 if splits == "split" else 0})
     sk = 60
     left = torch.arange(sk)[None, :] >= torch.tensor([0, 10, 59])[:, None]
     _check(3, 4, 2, 1, sk, 32, dtype, "cpu", key_mask=left, name="left padding")
@@ -107,6 +108,26 @@ def test_decode_padding_mask(dtype, monkeypatch):
     holes[2, -1] = True
     out = _check(3, 4, 2, 2, sk, 32, dtype, "cpu", key_mask=holes, window=9, name="holes + window")
     assert torch.count_nonzero(out[1]) == 0
+
+
+def test_decode_many_chunks_combined_in_blocks(monkeypatch):
+    """More chunks than the combine kernel reads per step (COMBINE_BLOCK_S): it walks them in blocks."""
+    monkeypatch.setattr(dec, "device_props", lambda device: {"sms": 64})
+    p = dec.plan(1, 1, 2, 1, 600, 32, 0, torch.device("cpu"))
+    assert p["splits"] > 2 * dec.COMBINE_BLOCK_S
+    _check(1, 2, 1, 1, 600, 32, torch.bfloat16, "cpu", name=f"{p['splits']} chunks")
+
+
+def test_bad_input_raises():
+    q = torch.randn(2, 4, 1, 32, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 9, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="key_mask must have shape"):
+        dec.flash_decode_heads_first(q, k, k, key_mask=torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key must have shape"):
+        dec.flash_decode_heads_first(q, torch.randn(2, 3, 9, 32, dtype=torch.bfloat16),
+                                     torch.randn(2, 3, 9, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="one shape"):
+        dec.flash_decode_heads_first(q, k, k[:, :, :5])
 
 
 def test_plan_splits_the_cache_over_the_sms():
@@ -187,14 +208,39 @@ def test_integration_routes_kv_cache_calls_without_grad(monkeypatch):
     assert (spy_dec.calls, spy_fa.calls) == (1, 0)
     b = _call(q.requires_grad_(), k, v)
     assert (spy_dec.calls, spy_fa.calls) == (1, 1)
+    _call(q.detach(), k, v.requires_grad_())  # only v needs a gradient: still the FA2 kernel
+    assert (spy_dec.calls, spy_fa.calls) == (1, 2)
+    q, v = q.detach(), v.detach()
     oracle = reference.attention(q.double(), k.double(), v.double(), causal=True).transpose(1, 2)
     assert_close(a, oracle, b.detach(), torch.bfloat16, "output", "decode path vs FA2 path")
-    mask = torch.ones(2, 33, dtype=torch.bool)
-    mask[1, :5] = False
     with torch.no_grad():
-        _call(q.detach(), k, v, mask)
         _call(torch.randn(2, 4, 33, 32, generator=gen).bfloat16(), k, v)  # prefill: not decoding
-    assert spy_dec.calls == 2
+    assert spy_dec.calls == 1
+
+
+@pytest.mark.parametrize("window", [None, 9], ids=["no-window", "window9"])
+def test_integration_padded_decode_matches_reference(window, monkeypatch):
+    """A padded batch's cached step (left padding and a hole) through the integration, with and without a
+    window shorter than the cache: the decode kernel runs and matches the oracle with SDPA's same-dtype error
+    (the path unpatched transformers takes) as the baseline."""
+    spy = _Spy(dec.flash_decode_heads_first)
+    monkeypatch.setattr(dec, "flash_decode_heads_first", spy)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 2, 32, generator=gen).bfloat16()
+    k = torch.randn(2, 2, 40, 32, generator=gen).bfloat16()
+    v = torch.randn(2, 2, 40, 32, generator=gen).bfloat16()
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :6] = False
+    mask[0, 30] = False
+    mod = torch.nn.Module()
+    mod.is_causal = True
+    with torch.no_grad():
+        out = fk.fastkern_attention_forward(mod, q, k, v, mask, scaling=32 ** -0.5, sliding_window=window)[0]
+    assert spy.calls == 1
+    oracle = reference.attention(q.double(), k.double(), v.double(), causal=True, sliding_window=window,
+                                 key_padding_mask=mask).transpose(1, 2)
+    base = _sdpa(q, k, v, True, 32 ** -0.5, window, None, mask)
+    assert_close(out, oracle, base, torch.bfloat16, "output", f"padded decode window={window}")
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])

@@ -18,6 +18,7 @@ from hf_fastkern.kernels.dispatch import FastKernFallbackWarning, reset_warnings
 from hf_fastkern.layers import rope_attention
 from tests.harness import check_op
 from tests.test_patch_archs import ARCHS, batch, build
+from tests.tolerances import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
@@ -104,12 +105,41 @@ def test_rope_q_and_k_one_launch_one_node(monkeypatch):
     qr, kr = (t.detach().clone().requires_grad_() for t in (q, k))
     rq, rk = reference.rope(qr, kr, cos, sin)
     (rq.float().sum() + 2 * rk.float().sum()).backward()
-    for got, want in ((q.grad, qr.grad), (k.grad, kr.grad)):
-        assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
+    oracle = [t.detach().double().requires_grad_() for t in (q, k)]
+    oq, ok_ = reference.rope(*oracle, cos.double(), sin.double())
+    (oq.sum() + 2 * ok_.sum()).backward()
+    for got, want, base, name in ((q.grad, oracle[0].grad, qr.grad, "dq"), (k.grad, oracle[1].grad, kr.grad, "dk")):
+        assert_close(got, want, base, torch.bfloat16, "grad", f"fused rope {name}")
     q.grad = k.grad = None
     qe, ke = rope_mod.apply_rope(q, k, cos, sin)
     ke.float().pow(2).sum().backward()  # q_embed unused
     assert q.grad is None and k.grad is not None and len(launches) == 4
+    q.grad = k.grad = None
+
+    class _DropGrads(torch.autograd.Function):  # passes y on, gives x (and so q_embed, k_embed) no gradient
+        @staticmethod
+        def forward(ctx, a, b, y):
+            return y * 1.0
+
+        @staticmethod
+        def backward(ctx, g):
+            return None, None, g
+
+    y = torch.ones(3, requires_grad=True)
+    qe, ke = rope_mod.apply_rope(q, k, cos, sin)
+    _DropGrads.apply(qe, ke, y).sum().backward()  # RopeQKFunction's backward gets (None, None)
+    assert y.grad is not None and q.grad is None and k.grad is None
+
+
+def test_rope_q_k_batch_mismatch_runs_reference():
+    """q and k of different batch sizes (cos broadcast over both): the one launch walks q's batch, so the call
+    takes the reference expression instead (with the warning), never a launch."""
+    q, k = torch.randn(2, 2, 5, 8), torch.randn(1, 1, 5, 8)
+    cos, sin = _cos_sin(1, 5, 8, False, torch.float32, "cpu")
+    reset_warnings()
+    with pytest.warns(FastKernFallbackWarning, match="batch"):
+        got = rope_mod.apply_rope(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference.rope(q, k, cos, sin)))
 
 
 @pytest.mark.parametrize("case", ["partial_rotary", "cos_requires_grad", "unsqueeze_dim"])

@@ -33,12 +33,20 @@ import triton.language as tl
 
 from hf_fastkern.kernels import dispatch
 from hf_fastkern.kernels._triton_utils import INTERPRET, cdiv, device_props, mma
-from hf_fastkern.kernels.attention import KERNEL_DTYPES, SUPPORTED_HEAD_DIMS, _scores, _visible
+from hf_fastkern.kernels.attention import KERNEL_DTYPES, LOG2E, SUPPORTED_HEAD_DIMS, _scores, _visible
+
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # a global a @triton.jit function may read
 
 # Most queries per call this path takes (transformers' speculative / assisted decoding uses up to ~16).
 MAX_Q_LEN = 16
-# Rows of one program: the group's query heads x q_len, tiled by at most this many.
+# Rows of one program: the group's query heads x q_len, tiled by at most this many (a 64 x head_dim fp32
+# accumulator stays in registers at 4 warps up to head_dim 128; 16 under the interpreter keeps tiles cheap there).
 MAX_BLOCK_M = 64 if not INTERPRET else 16
+# Chunks the combine kernel reads per step: 16 x head_dim 256 fp32 is 32 values per thread at 4 warps.
+COMBINE_BLOCK_S = 16
+# Launch shape of the split kernel: a decoding step is memory-bound (K/V read once); 4 warps and a 2-stage
+# pipeline are FlashAttention's decoding defaults. Not tuned yet (next: bench_attention --parts decode).
+NUM_WARPS, NUM_STAGES = 4, 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,7 +91,7 @@ def _decode_split_kernel(
         + offs_d[None, :]
     q = tl.load(q_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, D]
     q_pos = i + (seqlen_k - seqlen_q)  # key-space position of each row (bottom-right aligned)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E_C
     # keys of this chunk, narrowed to what some row can see
     lo = k_base + pid_s * chunk
     hi = tl.minimum(lo + chunk, seqlen_k)
@@ -144,28 +152,37 @@ def _decode_combine_kernel(
     H, seqlen_q, n_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Program per (batch, head, query): out = sum_s 2^(lse_s - lse) * out_s, with lse = log2 sum_s 2^lse_s.
-    Chunks that saw no key have lse_s = -inf and weigh 0; a row no chunk saw gives zeros."""
+    """Program per (batch, head, query): out = sum_s 2^(lse_s - lse) * out_s, with lse = log2 sum_s 2^lse_s,
+    over the chunks in blocks of BLOCK_S (a bounded tile at any chunk count). Chunks that saw no key have
+    lse_s = -inf and weigh 0; a row no chunk saw gives zeros."""
     pid = tl.program_id(0)
     i = pid % seqlen_q
     bh = pid // seqlen_q
     h = bh % H
     b = bh // H
-    offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < n_splits
+    offs_s0 = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < HEAD_DIM
     row_l = LP + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + i.to(tl.int64) * stride_lm
-    lse = tl.load(row_l + offs_s, mask=s_ok, other=float("-inf"))  # [S]
-    mx = tl.max(lse, 0)
-    mx_sub = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp2(lse - mx_sub)  # [S], 0 for empty chunks
-    tot = tl.sum(w, 0)
-    w = w / tl.where(tot == 0.0, 1.0, tot)
     row_p = OP + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + i.to(tl.int64) * stride_pm
-    parts = tl.load(row_p + offs_s[:, None] * stride_ps + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                    other=0.0)  # [S, D]
-    out = tl.sum(parts * w[:, None], 0)
+    mx = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        offs_s = s0 + offs_s0
+        mx = tl.maximum(mx, tl.load(row_l + offs_s, mask=offs_s < n_splits, other=float("-inf")))
+    m = tl.max(mx, 0)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    tot = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        offs_s = s0 + offs_s0
+        s_ok = offs_s < n_splits
+        w = tl.exp2(tl.load(row_l + offs_s, mask=s_ok, other=float("-inf")) - m_sub)  # [S], 0 for empty chunks
+        tot += w
+        parts = tl.load(row_p + offs_s[:, None] * stride_ps + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                        other=0.0)  # [S, D]
+        acc += tl.sum(parts * w[:, None], 0)
+    t = tl.sum(tot, 0)
+    out = acc / tl.where(t == 0.0, 1.0, t)
     o = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
     tl.store(o + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
@@ -175,6 +192,8 @@ def _decode_combine_kernel(
 
 
 def _block_n(d: int) -> int:
+    """Keys per loop step: 64 (a 64 x 128 bf16 K tile and V tile, 32 KiB, two stages in shared memory), 32 at
+    head_dim 256 (the same bytes); 16 under the interpreter."""
     if INTERPRET:
         return 16
     return 64 if d <= 128 else 32
@@ -222,8 +241,15 @@ def flash_decode_heads_first(query: torch.Tensor, key: torch.Tensor, value: torc
     :func:`decode_supported` and validate shapes (the transformers integration does both); a caller that needs
     gradients takes :func:`hf_fastkern.kernels.attention.flash_attention_heads_first`.
     """
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+        raise ValueError(f"query [batch, heads, q_len, head_dim] and key/value [batch, kv_heads, k_len, head_dim] of "
+                         f"one shape expected, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     b, h, sq, d = query.shape
     hk, sk = key.shape[1], key.shape[2]
+    if key.shape[0] != b or key.shape[3] != d or hk == 0 or h % hk:
+        raise ValueError(f"key must have shape ({b}, kv_heads dividing {h}, k_len, {d}), got {tuple(key.shape)}")
+    if key_mask is not None and tuple(key_mask.shape) != (b, sk):
+        raise ValueError(f"key_mask must have shape ({b}, {sk}) = (batch, k_len), got {tuple(key_mask.shape)}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     window = int(sliding_window) if sliding_window is not None and sliding_window > 0 else 0
     cap = float(softcap) if softcap is not None and softcap > 0 else 0.0
@@ -263,11 +289,11 @@ def flash_decode_heads_first(query: torch.Tensor, key: torch.Tensor, value: torc
         out.stride(0), out.stride(1), out.stride(2),
         sq, sk, hk, group, p["k_base"], p["chunk"],
         scale, cap, window,
-        num_warps=4, num_stages=2, **flags)
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **flags)
     if split:
         _decode_combine_kernel[(b * h * sq,)](
             o_part, l_part, out, *ps, *ls, out.stride(0), out.stride(1), out.stride(2),
             h, sq, p["splits"],
-            HEAD_DIM=d, HEAD_DIM_PAD=triton.next_power_of_2(d), BLOCK_S=max(2, triton.next_power_of_2(p["splits"])),
-            num_warps=4)
+            HEAD_DIM=d, HEAD_DIM_PAD=triton.next_power_of_2(d),
+            BLOCK_S=min(COMBINE_BLOCK_S, max(2, triton.next_power_of_2(p["splits"]))), num_warps=4)
     return out

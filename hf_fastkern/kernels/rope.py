@@ -12,9 +12,10 @@ Shapes: ``x`` [batch, heads, seq, head_dim] with any strides whose last one is 1
 ``view(...).transpose(1, 2)``, heads and seq interleaved in memory); ``cos``/``sin`` [batch or 1, seq, head_dim]
 (``unsqueeze_dim=1``, the Llama-family call). The output keeps ``x``'s memory layout (what the elementwise ops
 give) and has ``torch.result_type(x, cos)`` as its dtype, as the unfused expression does; the arithmetic is fp32
-with one rounding at the end (the unfused bf16 expression rounds three times). q and k are rotated by one launch, forward and backward, under
-one autograd node (the eager path; Liger does the same): per decoder layer two launches and two nodes fewer than
-one per tensor, host time that decides small steps (issue 21). ``cos``/``sin`` get no gradient
+with one rounding at the end (the unfused bf16 expression rounds three times). q and k are rotated by one
+launch, forward and backward, under one autograd node (the eager path; Liger does the same): per decoder layer
+two launches and one node fewer than one per tensor, host time that decides small steps (issue 21).
+``cos``/``sin`` get no gradient
 (transformers computes them under ``no_grad``); when they require one, or for partial rotary (cos narrower than
 the head) or other layouts, :func:`apply_rope` runs the reference expression.
 """
@@ -160,6 +161,8 @@ class RopeQKFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gq, gk):
         cos, sin = ctx.saved_tensors
+        if gq is None and gk is None:  # neither output reached the loss (a custom Function returned None for both)
+            return None, None, None, None, None
         if gq is None or gk is None:  # one output unused: the other alone
             g, dt = (gk, ctx.dtypes[1]) if gq is None else (gq, ctx.dtypes[0])
             dx = _rope_pair(_rows_unit(g), None, cos, sin, True, dt)[0]
@@ -177,6 +180,8 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     D = q.shape[-1]
     if k.shape[-1] != D or cos.shape[-1] != D or D % 2:
         return f"head_dim {D} vs cos {cos.shape[-1]} (partial rotary or odd head_dim)"
+    if k.shape[0] != q.shape[0]:  # one launch walks both with q's (batch, seq)
+        return f"q batch {q.shape[0]} != k batch {k.shape[0]}"
     for x in (q, k):
         if x.shape[2] != cos.shape[1] or cos.shape[0] not in (1, x.shape[0]):
             return f"cos {tuple(cos.shape)} does not broadcast as [batch, 1, seq, head_dim] over {tuple(x.shape)}"
