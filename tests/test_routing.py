@@ -212,15 +212,21 @@ def test_attention_call_site_routes_per_case(table, monkeypatch):
     monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "auto")
     calls = {"kernel": 0, "stock": 0}
     real_kernel, real_stock = fk._kernels.flash_attention_heads_first, fk._stock
+    real_decode = fk._decode.flash_decode_heads_first
 
     def k(*a, **kw):
         calls["kernel"] += 1
         return real_kernel(*a, **kw)
 
+    def kd(*a, **kw):  # cached steps without gradients: the split-KV kernel
+        calls["kernel"] += 1
+        return real_decode(*a, **kw)
+
     def s(*a, **kw):
         calls["stock"] += 1
         return real_stock(*a, **kw)
     monkeypatch.setattr(fk._kernels, "flash_attention_heads_first", k)
+    monkeypatch.setattr(fk._decode, "flash_decode_heads_first", kd)
     monkeypatch.setattr(fk, "_stock", s)
     mod = torch.nn.Module()
     mod.is_causal = True
