@@ -13,23 +13,15 @@ from hf_fastkern.kernels import decode_attention as dec
 from hf_fastkern.kernels import reference
 from hf_fastkern.patches import attention as fk
 from tests.harness import dtype_ids
+from tests.test_attention import _allowed
 from tests.tolerances import assert_close
 
 LOW = [torch.bfloat16, torch.float16]
 
 
 def _visible(sq: int, sk: int, causal: bool, window, key_mask, device) -> torch.Tensor:
-    """[b or 1, 1, sq, sk] bool: reference.attention's rule (bottom-right causal, window, padding)."""
-    q_pos = torch.arange(sq, device=device)[:, None] + (sk - sq)
-    k_pos = torch.arange(sk, device=device)[None, :]
-    ok = torch.ones(sq, sk, dtype=torch.bool, device=device)
-    if causal:
-        ok &= k_pos <= q_pos
-    if window:
-        ok &= (q_pos - k_pos) < window
-        if not causal:
-            ok &= (k_pos - q_pos) < window
-    ok = ok[None, None]
+    """[b or 1, 1, sq, sk] bool: reference.attention's rule (bottom-right causal, window) and the padding."""
+    ok = _allowed(sq, sk, causal, window, device)[None, None]
     if key_mask is not None:
         ok = ok & key_mask[:, None, None, :]
     return ok
