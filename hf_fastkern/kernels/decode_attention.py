@@ -25,15 +25,19 @@ Speed is not assumed: the transformers integration runs this only where the rout
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from hf_fastkern.kernels import dispatch
 from hf_fastkern.kernels._triton_utils import INTERPRET, cdiv, device_props, mma
-from hf_fastkern.kernels.attention import KERNEL_DTYPES, LOG2E, SUPPORTED_HEAD_DIMS, _scores, _visible
+from hf_fastkern.kernels.attention import (
+    LOG2E,
+    _norm_opts,
+    _scores,
+    _unit_last,
+    _visible,
+    attention_supported,
+)
 
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # a global a @triton.jit function may read
 
@@ -219,11 +223,9 @@ def plan(batch: int, kv_heads: int, group: int, q_len: int, k_len: int, d: int, 
 
 def decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
     """Can the split-KV kernel take this call? q [batch, heads, q_len, head_dim] (heads first)."""
-    ok, why = dispatch.device_check((q, k, v), KERNEL_DTYPES)
+    ok, why = attention_supported(q, k, v)
     if not ok:
         return ok, why
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return False, f"head_dim {q.shape[-1]} is not supported (supported: {SUPPORTED_HEAD_DIMS})"
     if q.shape[2] > MAX_Q_LEN:
         return False, f"q_len {q.shape[2]} > {MAX_Q_LEN} (the prefill kernel takes it)"
     return True, ""
@@ -250,10 +252,8 @@ def flash_decode_heads_first(query: torch.Tensor, key: torch.Tensor, value: torc
         raise ValueError(f"key must have shape ({b}, kv_heads dividing {h}, k_len, {d}), got {tuple(key.shape)}")
     if key_mask is not None and tuple(key_mask.shape) != (b, sk):
         raise ValueError(f"key_mask must have shape ({b}, {sk}) = (batch, k_len), got {tuple(key_mask.shape)}")
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
-    window = int(sliding_window) if sliding_window is not None and sliding_window > 0 else 0
-    cap = float(softcap) if softcap is not None and softcap > 0 else 0.0
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    scale, window, cap = _norm_opts(d, scale, sliding_window, softcap)
+    q, k, v = _unit_last(query), _unit_last(key), _unit_last(value)
     out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
