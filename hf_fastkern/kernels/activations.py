@@ -14,6 +14,7 @@ dgate, dup, the traffic floor. Offsets are int64 (tokens * intermediate may exce
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -298,6 +299,14 @@ def glu_routed(gate: torch.Tensor, up: torch.Tensor | None, intermediate: int | 
                               grad=records_grad(gate, up))
 
 
+def gelu_routed(x: torch.Tensor) -> bool:
+    """Does the routing table send this plain GELU (GPT-2, GPT-NeoX MLPs) to the kernel? No table measures it
+    yet, so on CUDA it runs ``F.gelu`` (one elementwise pass either way; the kernel only adds a Triton launch's
+    host time, which made GPT-NeoX ``generate()`` slower); CPU tensors run the kernel."""
+    return routing.use_kernel("gelu", x.device, tokens=leading_rows(x), features=x.shape[-1] if x.dim() else 1,
+                              grad=records_grad(x))
+
+
 # validation and the kernel/reference decision, once per call signature (dispatch.entry_key)
 _ENTRY = PerShape()
 
@@ -338,6 +347,10 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     check_floating("x", x)
     if not use_kernel("gelu", device_check((x,))):
         return reference.gelu(x, approximate)
+    if not gelu_routed(x):
+        # what the unpatched module runs: one F.gelu pass in x's dtype (fp32 math inside, one rounding: the same
+        # values as reference.gelu, without its two casts)
+        return F.gelu(x, approximate=approximate)
     if x.dim() == 0:
         return _apply(x.reshape(1), None, code).reshape(())
     return _apply(x, None, code)

@@ -57,6 +57,7 @@ CASE_KEYS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("tokens", "hidden", "grad"),
     "layer_norm": ("tokens", "hidden", "grad"),
     "glu": ("tokens", "intermediate", "grad"),
+    "gelu": ("tokens", "features", "grad"),
     "qlora_linear": ("tokens", "in_features", "out_features", "grad"),
 }
 ATTENTION_KINDS = ("dense", "decode", "padded", "packed")

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from hf_fastkern.kernels import activations as _act
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels.dispatch import device_check, use_kernel, warn_once
+from hf_fastkern.kernels.routing import leading_rows
 from hf_fastkern.layers.common import (
     ac_cast,
     adapter_grads,
@@ -170,6 +171,14 @@ class GLUDownFunction(torch.autograd.Function):
         return dgate, dup, dw, db, dla, dlb, None, None, None, None
 
 
+# Below this many tokens per call a CUDA MLP stores h like the unpatched one instead of recomputing it: there h is
+# at most RECOMPUTE_MIN_TOKENS x intermediate elements per layer (64 MiB at 8192 bf16), while the recompute
+# node costs host time on every call. Measured on the H100 (benchmarks/bench_guard.py --profile, 2026-12-07,
+# issue21-small-llama2048-B1x128, 4 layers): GLUDownFunction ~0.45 ms forward + ~0.84 ms backward of host
+# time per layer against ~0.3 ms for the unfused down(act(g, u)), which made that step 0.87x sdpa; from 2048
+# tokens (B2x1024) the step ran 1.01x with the recompute on. CPU tensors (tests, the interpreter) keep it.
+RECOMPUTE_MIN_TOKENS = 4096
+
 # Instance attribute on a patched MLP module: True while the checkpoint planner (hf_fastkern.memory.checkpoint_plan)
 # keeps this layer's activations ("keep" mode), so the MLP stores h instead of recomputing it in backward.
 STORE_ACTIVATION = "_hf_fastkern_store_activation"
@@ -209,6 +218,8 @@ def glu_down(gate: torch.Tensor, up: torch.Tensor | None, down: nn.Module, kind:
     """
     code = _code(kind, approximate)
     g, u = gate.chunk(2, dim=-1) if up is None else (gate, up)
+    if g.device.type == "cuda" and leading_rows(g) < RECOMPUTE_MIN_TOKENS:
+        recompute = False  # small steps: store h (see RECOMPUTE_MIN_TOKENS)
     if not recompute or (inference and not torch.is_grad_enabled()):
         # inference without autograd stores nothing, so there is nothing to save: the plain path, without this
         # node's per-call checks and autograd.Function overhead (generate(): every decoded token, every layer)

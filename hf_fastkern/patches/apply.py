@@ -470,7 +470,8 @@ def apply_fast_kernels(model: nn.Module, attention: bool = True, norm: bool = Tr
     offload_activations: with gradient checkpointing on, keep the checkpointed layer inputs in pinned host memory
     (:mod:`hf_fastkern.memory.offload`). No effect without checkpointing.
     mlp_chunk_tokens: run each patched MLP over at most this many tokens at a time, recomputed in backward.
-    mlp_recompute: gated MLPs recompute the activation in backward instead of storing ``[tokens, intermediate]``.
+    mlp_recompute: gated MLPs recompute the activation in backward instead of storing ``[tokens, intermediate]``
+    (on CUDA for calls of at least ``fused_mlp.RECOMPUTE_MIN_TOKENS`` tokens; smaller ones store it).
     lora: PEFT ``lora.Linear`` layers run one fused autograd node (:mod:`hf_fastkern.layers.fused_lora`); layers
     whose structure cannot (Conv1D ``fan_in_fan_out``, dropout > 0, DoRA, several active adapters) are reported
     under "left" and run PEFT's forward.
