@@ -142,7 +142,11 @@ def seed_rules(src: str) -> tuple[dict[str, list[dict]], list[str], dict]:
 
 def _family_of(row: dict) -> tuple[dict, str, int]:
     """(fixed match, sweep key, sweep value) of a measured row. Rows written before rows carried their family
-    (attention only) are mapped the way ``attention_grid`` builds them."""
+    (attention only) are mapped the way ``attention_grid`` builds them; decoding rows always by their q_len
+    (``DECODE_Q_LENS``)."""
+    if row["op"] == "attention" and row["kind"] == "decode":
+        q_lens = next(q for q in DECODE_Q_LENS if q[0] <= row["sq"] <= q[-1])
+        return _decode_fixed(row["d"], q_lens), "kv_len", row["kv_len"]
     if "family" in row:
         fam = row["family"]
         return fam["fixed"], fam["sweep"], fam["x"]
@@ -150,15 +154,23 @@ def _family_of(row: dict) -> tuple[dict, str, int]:
         raise ValueError(f"row without its family: {row}")
     fixed = {"kind": row["kind"], "head_dim": row["d"], "causal": True, "window": bool(row.get("window")),
              "softcap": bool(row.get("softcap")), "grad": bool(row["grad"])}
-    if row["kind"] == "decode":
-        fixed = {"kind": "decode", "head_dim": row["d"], "q_len": [1, 16], "causal": True, "window": False,
-                 "softcap": False, "grad": False}
     return fixed, "kv_len", row["kv_len"]
+
+
+# Decoding families by q_len: one token per step (plain generate(), where SDPA's flash/cuDNN decoding is already
+# good) and 2-16 (speculative decoding, chunked cache fills, where transformers hands SDPA an explicit mask),
+# each measured at its ends. Rows measured before the split (one q_len 1..16 family) are regrouped by q_len.
+DECODE_Q_LENS = ((1,), (2, 16))
+
+
+def _decode_fixed(d: int, q_lens: tuple[int, ...]) -> dict:
+    return {"kind": "decode", "head_dim": d, "q_len": [q_lens[0], q_lens[-1]], "causal": True, "window": False,
+            "softcap": False, "grad": False}
 
 
 def rules_from_rows(rows: list[dict], source: str) -> dict[str, list[dict]]:
     """Rules per family from measured rows: a point's ratio is its worst variant's (out of memory counts as a
-    loss); a later row of the same case replaces an earlier one."""
+    loss); a case measured more than once (several runs) counts with its worst measurement."""
     fams: dict[tuple[str, str, str], dict[int, dict[str, float]]] = {}
     fixed_of: dict[tuple[str, str, str], dict] = {}
     for r in rows:
@@ -167,7 +179,9 @@ def rules_from_rows(rows: list[dict], source: str) -> dict[str, list[dict]]:
         fixed_of[key] = fixed
         case = json.dumps({k: v for k, v in r.items() if k in ("b", "h", "hk", "d", "sq", "sk", "window",
                                                                 "softcap", "t", "n")}, sort_keys=True)
-        fams.setdefault(key, {}).setdefault(x, {})[case] = 0.0 if "error" in r else float(r["ratio"])
+        ratio = 0.0 if "error" in r else float(r["ratio"])
+        cases = fams.setdefault(key, {}).setdefault(x, {})
+        cases[case] = min(ratio, cases.get(case, ratio))
     rules: dict[str, list[dict]] = {}
     for (op, _, sweep), pts in fams.items():
         worst = [(x, min(cases.values())) for x, cases in pts.items()]
@@ -272,11 +286,12 @@ def attention_grid(quick: bool, smoke: bool) -> list[dict]:
             for d in dims:
                 h = max(hidden // d, 1) * (2 if not smoke else 1)
                 hk = max(h // 4, 1)
-                pts = [(c, [dict(kind="decode", b=b, h=h, hk=hk, d=d, sq=sq, sk=c)
-                            for b in ((1, 16) if not smoke else (1,)) for sq in (1, 16 if not smoke else 4)])
-                       for c in caches]
-                fams.append(({"kind": "decode", "head_dim": d, "q_len": [1, 16], "causal": True, "window": False,
-                              "softcap": False, "grad": False}, "kv_len", pts))
+                for q_lens in DECODE_Q_LENS:
+                    sqs = q_lens if not smoke else tuple(min(q, 4) for q in q_lens)
+                    pts = [(c, [dict(kind="decode", b=b, h=h, hk=hk, d=d, sq=sq, sk=c)
+                                for b in ((1, 16) if not smoke else (1,)) for sq in sqs])
+                           for c in caches]
+                    fams.append((_decode_fixed(d, q_lens), "kv_len", pts))
     return fams
 
 
@@ -294,11 +309,16 @@ def norm_grid(quick: bool, smoke: bool) -> list[tuple[str, dict, str, list]]:
                          [(t, [dict(t=t, n=hd)]) for t in toks]))
         for i in inters:
             fams.append(("glu", {"grad": grad, "intermediate": i}, "tokens", [(t, [dict(t=t, n=i)]) for t in toks]))
+            # the plain GELU of GPT-2 / GPT-NeoX MLPs (intermediate = 4 x hidden)
+            fams.append(("gelu", {"grad": grad, "features": i}, "tokens", [(t, [dict(t=t, n=i)]) for t in toks]))
     return fams
 
 
 def _norm_fn(op: str, t: int, n: int, grad: bool, dev: str):
     dt = torch.bfloat16
+    if op == "gelu":
+        x = torch.randn(t, n, device=dev, dtype=dt, requires_grad=grad)
+        return (lambda: activations.gelu(x, "tanh")), [x] if grad else []
     if op == "glu":
         g = torch.randn(t, n, device=dev, dtype=dt, requires_grad=grad)
         u = torch.randn(t, n, device=dev, dtype=dt, requires_grad=grad)
@@ -385,7 +405,7 @@ def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print, parts:
     """Measure the grid's families in ``parts``; ``flush(rows)`` after each family (a time limit keeps them)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     rows: list[dict] = []
-    rules: dict[str, list[dict]] = {"attention": [], "rms_norm": [], "layer_norm": [], "glu": [], "qlora_linear": []}
+    rules: dict[str, list[dict]] = {op: [] for op in routing.CASE_KEYS}
     src = "bench_routing.py, stock vs kernel in one process"
 
     def one(op: str, fixed: dict, sweep: str, pts: list, make: Callable[[dict], tuple]) -> None:
@@ -469,16 +489,19 @@ def main(argv: list[str] | None = None) -> int:
         rules: dict[str, list[dict]] = {}
         notes, gpu, src_env = [], "unknown", {}
         if args.from_rows:
+            pooled, names = [], []
             for path in args.from_rows.split(","):
                 doc = json.load(open(path))
                 src_env = doc.get("env", src_env)
                 gpu = src_env.get("gpu", gpu)
-                rules = merge_rules(rules, rules_from_rows(doc["rows"], f"{os.path.basename(path)}: "
-                                                                        "bench_routing.py, stock vs kernel"))
+                pooled += doc["rows"]
+                names.append(os.path.basename(path))
                 when = f" at {src_env['time_utc']}" if src_env.get("time_utc") else ""
                 notes.append(f"measured by bench_routing.py on {src_env.get('gpu')}{when} "
                              f"(torch {src_env.get('torch')}, triton {src_env.get('triton')}): {path} "
                              f"({doc.get('command')}), {len(doc['rows'])} rows")
+            # one pool: a case that several runs measured counts with its worst run
+            rules = rules_from_rows(pooled, f"{', '.join(names)}: bench_routing.py, stock vs kernel")
         if args.seed_from:
             seeded, used, seed_env = seed_rules(args.seed_from)
             rules = merge_rules(rules, seeded)

@@ -386,3 +386,40 @@ def test_bench_routing_qlora_part_cpu_smoke():
     assert len(rows) == 4 and all(r["op"] == "qlora_linear" and r["stock_ms"] > 0 for r in rows)
     doc = bench_routing.table_doc("cpu-smoke", bench_routing.provenance("c", "cpu", {}, "d"), rules)
     assert len(routing.parse_table(doc, "smoke.json").rules["qlora_linear"]) == 6
+
+
+def test_gelu_call_site_routes_to_f_gelu_without_a_rule(table, monkeypatch, tmp_path):
+    """The plain GELU (GPT-2 / GPT-NeoX MLPs) has no measured rule: on a GPU class it runs F.gelu in the input's
+    dtype (what the unpatched module runs), with the reference's values; a table rule sends it to the kernel."""
+    from hf_fastkern.kernels import activations
+    _cuda_like(monkeypatch)
+    launches = []
+    real_apply = activations._apply
+    monkeypatch.setattr(activations, "_apply", lambda *a: launches.append(a) or real_apply(*a))
+    x = torch.randn(5, 96, dtype=torch.bfloat16)
+    for approximate in ("none", "tanh"):
+        out = activations.gelu(x, approximate)
+        assert not launches
+        assert torch.equal(out, reference.gelu(x, approximate))  # one rounding of the fp32 result, both ways
+    rule = {"match": {"features": 96}, "choice": "kernel", "ratio": 1.2}
+    tmp = tmp_path / "gelu.json"
+    tmp.write_text(json.dumps(_doc({"gelu": [rule]})))
+    monkeypatch.setenv(routing.TABLE_ENV, str(tmp))
+    routing.reset()
+    activations.gelu(x.float(), "tanh")
+    assert len(launches) == 1
+
+
+def test_rows_of_several_runs_count_with_the_worst_run():
+    """A case two runs measured counts with its worse ratio (a rerun can only move a point to stock), and a
+    decoding row lands in its q_len family (1, or 2-16) whatever family it was written with."""
+    def row(sq, ratio):
+        return {"op": "attention", "kind": "decode", "b": 1, "d": 128, "sq": sq, "sk": 4096, "kv_len": 4096,
+                "ratio": ratio, "family": {"fixed": {"kind": "decode", "q_len": [1, 16]}, "sweep": "kv_len",
+                                           "x": 4096}}
+    rules = bench_routing.rules_from_rows([row(1, 1.5), row(16, 3.0), row(1, 0.9), row(2, 2.5)], "runs")
+    t = routing.parse_table(_doc(rules), "x")
+    dec = lambda q: t.decide("attention", _attn(kind="decode", q_len=q, kv_len=4096, grad=False))  # noqa: E731
+    assert dec(1)[0] == "stock"  # 1.5 then 0.9: the worse run decides
+    assert [dec(q)[0] for q in (2, 7, 16)] == ["kernel"] * 3  # 2-16: worst of q_len 2 and 16 is 2.5
+    assert dec(17)[0] == "stock"  # outside every family
