@@ -5,8 +5,9 @@ sizes, head_dim 64/128/256, small and large batches, a training step (forward + 
 ``generate()``, autocast on and off, LoRA (PEFT, r16, every projection, PEFT's default fp32 adapters) and full
 fine-tune. One model per case: timed unpatched (``attn_implementation="sdpa"``), then
 ``apply_fast_kernels`` (per instance), timed, ``revert_fast_kernels``, timed again, patched again: rounds
-alternate (A B A B ...) so drift in clocks or the allocator hits both sides; each side's time is the median of
-its rounds. ``ratio = unpatched_ms / patched_ms`` (> 1: patched is faster; the target is >= 0.98 everywhere).
+alternate (A B A B ...) so drift in clocks or the allocator hits both sides; after every switch one untimed
+unit of work (a warm-up) runs on that side; a round times ``--steps`` training steps or up to 3 ``generate()``
+calls (median), and each side's time is the median of its rounds. ``ratio = unpatched_ms / patched_ms`` (> 1: patched is faster; the target is >= 0.98 everywhere).
 
 Real hidden sizes stay affordable with ``--layers`` (default 4: the per-layer work is the model's, the
 embedding and head are the full vocabulary's). Issue 21's four rows are cases ``issue21-*``.
@@ -175,17 +176,18 @@ def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, pro
     times: dict[str, list[float]] = {"sdpa": [], "fastkern": []}
     peaks: dict[str, float] = {}
     report = ""
-    n_steps = 1 if c.mode == "generate" else steps
+    n_steps = min(steps, 3) if c.mode == "generate" else steps
     for r in range(rounds):
         for side in ("sdpa", "fastkern"):
             if side == "fastkern":
                 report = str(apply_fast_kernels(model))
             else:
                 revert_fast_kernels(model)
-            if r == 0:  # warm-up: compile/autotune, allocator
+            # warm-up after every switch, both sides alike: the first round's compile/autotune and allocator
+            # growth, and in later rounds the first call after (re)patching, which is not a steady-state step
+            run()
+            if r == 0 and c.mode == "train":
                 run()
-                if c.mode == "train":
-                    run()
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             ts = [run() for _ in range(n_steps)]
