@@ -240,7 +240,7 @@ def render_headline(docs: list[dict]) -> str:
     return head + "\n\n" + table
 
 
-def render(docs: list[dict], plots_rel: str | None = None) -> str:
+def render(docs: list[dict], plots_rel: str | None = None, results_dir: str | None = None) -> str:
     """docs/results.md, whole: the headline, our ratio per op, every benchmark's table and plot."""
     if not docs:
         return "No results yet: run `hf-fastkern bench all --out-dir benchmarks/results/h100` on a GPU, then " \
@@ -267,6 +267,9 @@ def render(docs: list[dict], plots_rel: str | None = None) -> str:
     if head:
         parts.append("## Every result\n\n"
                      + md_table(head, ["result", "value", "vs"], ["result", "hf_fastkern / peer", "ratio"]))
+    micro = render_micro(results_dir) if results_dir else []
+    if micro:
+        parts.append("## Whole-model runs\n\n" + "\n\n".join(micro))
     parts.append("## Per benchmark")
     benches: list[str] = []
     for r in rows:
@@ -281,6 +284,36 @@ def render(docs: list[dict], plots_rel: str | None = None) -> str:
         if plots_rel:
             parts.append(f"![{b}]({plots_rel}/{_safe(b)}.png)")
     return "\n\n".join(parts) + "\n"
+
+
+# Whole-model benchmarks kept under <results>/micro (one JSON per run, several runs a day): their newest file per
+# pattern gets a short table on the results page, with the columns that answer its issue.
+MICRO_TABLES = (
+    ("guard: patched vs unpatched sdpa, same model and process (issue 21)", "guard_quick_2*.json",
+     ["name", "mode", "batch", "seq", "sdpa_ms", "fastkern_ms", "ratio"]),
+    ("SFT through TRL's SFTTrainer, 1.5B full fine-tune (issue 24)", "sft_1p5b_*.json",
+     ["impl", "real_tok_per_s", "vs_sdpa_padded", "vs_sdpa_liger_padded", "vs_sdpa_packed", "median_tok_per_s",
+      "median_vs_sdpa_padded", "peak_GiB", "mem_vs_sdpa_padded"]),
+    ("SFT through TRL's SFTTrainer, 8B LoRA (issue 24)", "sft_8b_lora_*.json",
+     ["impl", "layers", "real_tok_per_s", "vs_sdpa_padded", "vs_sdpa_liger_padded", "vs_sdpa_packed",
+      "median_tok_per_s", "median_vs_sdpa_padded", "peak_GiB", "mem_vs_sdpa_padded"]),
+)
+
+
+def render_micro(results_dir: str) -> list[str]:
+    """One section per MICRO_TABLES entry whose pattern matches a file in <results_dir>/micro (the newest)."""
+    out = []
+    for title, pattern, cols in MICRO_TABLES:
+        paths = sorted(glob.glob(os.path.join(results_dir, "micro", pattern)))
+        if not paths:
+            continue
+        with open(paths[-1]) as f:
+            doc = json.load(f)
+        env = doc.get("env", {})
+        rows = [r for r in doc["rows"] if not r.get("error")]
+        out.append(f"### {title}\n\n`{doc.get('command')}` on {env.get('gpu')}, {env.get('time_utc')} "
+                   f"(`micro/{os.path.basename(paths[-1])}`)\n\n" + md_table(rows, cols))
+    return out
 
 
 def _latest_longctx(rows: list[dict], stamps: list[str]) -> list[dict]:
@@ -401,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     if plots_dir and docs:
         md_dir = os.path.dirname(os.path.abspath(args.results_md))
         plots_rel = os.path.relpath(plots_dir, md_dir).replace(os.sep, "/")
-    page = render(docs, plots_rel)
+    page = render(docs, plots_rel, args.results)
     with open(args.readme) as f:
         text = f.read()
     new = replace_block(text, render_headline(docs))
