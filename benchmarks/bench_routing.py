@@ -145,7 +145,9 @@ def _family_of(row: dict) -> tuple[dict, str, int]:
     (attention only) are mapped the way ``attention_grid`` builds them; decoding rows always by their q_len
     (``DECODE_Q_LENS``)."""
     if row["op"] == "attention" and row["kind"] == "decode":
-        q_lens = next(q for q in DECODE_Q_LENS if q[0] <= row["sq"] <= q[-1])
+        q_lens = next((q for q in DECODE_Q_LENS if q[0] <= row["sq"] <= q[-1]), None)
+        if q_lens is None:
+            raise ValueError(f"decode row with q_len {row['sq']} outside {DECODE_Q_LENS}: {row}")
         return _decode_fixed(row["d"], q_lens), "kv_len", row["kv_len"]
     if "family" in row:
         fam = row["family"]

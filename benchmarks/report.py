@@ -291,28 +291,32 @@ def render(docs: list[dict], plots_rel: str | None = None, results_dir: str | No
 MICRO_TABLES = (
     ("guard: patched vs unpatched sdpa, same model and process (issue 21)", "guard_quick_2*.json",
      ["name", "mode", "batch", "seq", "sdpa_ms", "fastkern_ms", "ratio"]),
-    ("SFT through TRL's SFTTrainer, 1.5B full fine-tune (issue 24)", "sft_1p5b_*.json",
+    ("SFT through TRL's SFTTrainer, 1.5B full fine-tune (issue 24)", "sft_1p5b_2*.json",
      ["impl", "real_tok_per_s", "vs_sdpa_padded", "vs_sdpa_liger_padded", "vs_sdpa_packed", "median_tok_per_s",
       "median_vs_sdpa_padded", "peak_GiB", "mem_vs_sdpa_padded"]),
-    ("SFT through TRL's SFTTrainer, 8B LoRA (issue 24)", "sft_8b_lora_*.json",
+    ("SFT through TRL's SFTTrainer, 8B LoRA (issue 24)", "sft_8b_lora_2*.json",
      ["impl", "layers", "real_tok_per_s", "vs_sdpa_padded", "vs_sdpa_liger_padded", "vs_sdpa_packed",
       "median_tok_per_s", "median_vs_sdpa_padded", "peak_GiB", "mem_vs_sdpa_padded"]),
 )
 
 
 def render_micro(results_dir: str) -> list[str]:
-    """One section per MICRO_TABLES entry whose pattern matches a file in <results_dir>/micro (the newest)."""
+    """One section per MICRO_TABLES entry whose pattern matches a file in <results_dir>/micro: the newest run by
+    its ``env.time_utc``. Rows that failed are listed under the table with their error."""
     out = []
     for title, pattern, cols in MICRO_TABLES:
-        paths = sorted(glob.glob(os.path.join(results_dir, "micro", pattern)))
-        if not paths:
+        docs = []
+        for path in glob.glob(os.path.join(results_dir, "micro", pattern)):
+            with open(path) as f:
+                docs.append((json.load(f), os.path.basename(path)))
+        if not docs:
             continue
-        with open(paths[-1]) as f:
-            doc = json.load(f)
+        doc, name = max(docs, key=lambda d: (str(d[0].get("env", {}).get("time_utc", "")), d[1]))
         env = doc.get("env", {})
         rows = [r for r in doc["rows"] if not r.get("error")]
+        failed = "".join(f"\n- {r.get(cols[0])}: {r['error']}" for r in doc["rows"] if r.get("error"))
         out.append(f"### {title}\n\n`{doc.get('command')}` on {env.get('gpu')}, {env.get('time_utc')} "
-                   f"(`micro/{os.path.basename(paths[-1])}`)\n\n" + md_table(rows, cols))
+                   f"(`micro/{name}`)\n\n" + md_table(rows, cols) + (f"\n\nFailed:{failed}" if failed else ""))
     return out
 
 

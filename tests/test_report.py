@@ -143,3 +143,23 @@ def test_report_headline_takes_the_newest_longctx_search_per_variant(results):
     assert "| longest seq, B1, with checkpointing: fastkern_gc | 401,408 tokens | 1.63x Liger |" in head
     assert "376,832" not in head and "sdpa+liger_gc | 245,760 tokens" in head
     assert "376,832" in text  # still in the longctx table
+
+
+def test_micro_tables_take_the_newest_run_and_list_failures(tmp_path):
+    """Whole-model runs under <results>/micro: the newest file by env.time_utc per pattern, the chosen columns,
+    failed rows named under the table; other files in micro/ are ignored."""
+    micro = tmp_path / "micro"
+    micro.mkdir()
+
+    def guard(name, when, ratio):
+        rows = [{"name": "llama-B1x512", "mode": "train", "batch": 1, "seq": 512, "sdpa_ms": 8.0,
+                 "fastkern_ms": 8.0 / ratio, "ratio": ratio, "patch_report": "many\nlines"},
+                {"name": "gemma-B1x512", "error": "OOM"}]
+        (micro / name).write_text(json.dumps({"env": dict(ENV, time_utc=when), "command": "bench_guard", "rows": rows}))
+    guard("guard_quick_2026-12-08.json", "2026-12-01T00:00:00Z", 0.5)  # older run, later file name
+    guard("guard_quick_2026-12-07.json", "2026-12-07T16:00:00Z", 1.25)
+    guard("guard_quick_norm_rows_2026-12-09.json", "2026-12-09T00:00:00Z", 9.0)  # another pattern: ignored
+    out = report.render_micro(str(tmp_path))
+    assert len(out) == 1
+    assert "micro/guard_quick_2026-12-07.json" in out[0] and "| 1.25 |" in out[0]
+    assert "many" not in out[0] and "- gemma-B1x512: OOM" in out[0]

@@ -423,3 +423,37 @@ def test_rows_of_several_runs_count_with_the_worst_run():
     assert dec(1)[0] == "stock"  # 1.5 then 0.9: the worse run decides
     assert [dec(q)[0] for q in (2, 7, 16)] == ["kernel"] * 3  # 2-16: worst of q_len 2 and 16 is 2.5
     assert dec(17)[0] == "stock"  # outside every family
+
+
+def test_glu_routed_to_stock_runs_transformers_expression_in_dtype(table, monkeypatch):
+    """SwiGLU/GeGLU that the table keeps on PyTorch run ``act(gate) * up`` in the inputs' dtype, as transformers'
+    MLPs do (not the fp32 reference, whose backward saves fp32 copies)."""
+    from hf_fastkern.kernels import activations
+    _cuda_like(monkeypatch)
+    launches = []
+    real_apply = activations._apply
+    monkeypatch.setattr(activations, "_apply", lambda *a: launches.append(a) or real_apply(*a))
+    g = torch.randn(3, 7, 40, dtype=torch.bfloat16, requires_grad=True)  # a shape no other test uses
+    u = torch.randn(3, 7, 40, dtype=torch.bfloat16, requires_grad=True)
+    out = activations.swiglu(g, u)
+    assert torch.equal(out, torch.nn.functional.silu(g) * u) and out.dtype == torch.bfloat16
+    out = activations.geglu(g, u, "tanh")
+    assert torch.equal(out, torch.nn.functional.gelu(g, approximate="tanh") * u)
+    assert not launches
+    # saved for backward: bf16 tensors only (the reference path would save fp32 upcasts)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        activations.swiglu(g, u).sum().backward()
+    assert saved and all(dt == torch.bfloat16 for dt in saved)
+
+
+def test_mlp_recompute_threshold_yields_to_the_checkpoint_planner():
+    """A patched MLP passes RECOMPUTE_MIN_TOKENS to glu_down, or 0 while the checkpoint planner has set the
+    layer's mode (its "cheap" mode recomputes at any size)."""
+    from hf_fastkern.layers import fused_mlp
+    m = torch.nn.Module()
+    assert fused_mlp.recompute_min_tokens(m) == fused_mlp.RECOMPUTE_MIN_TOKENS
+    m.__dict__[fused_mlp.STORE_ACTIVATION] = False  # planner: cheap
+    assert fused_mlp.recompute_min_tokens(m) == 0 and fused_mlp.recompute_for(m, True)
+    m.__dict__[fused_mlp.STORE_ACTIVATION] = True  # planner: keep
+    assert fused_mlp.recompute_min_tokens(m) == 0 and not fused_mlp.recompute_for(m, True)

@@ -300,9 +300,10 @@ def glu_routed(gate: torch.Tensor, up: torch.Tensor | None, intermediate: int | 
 
 
 def gelu_routed(x: torch.Tensor) -> bool:
-    """Does the routing table send this plain GELU (GPT-2, GPT-NeoX MLPs) to the kernel? No table measures it
-    yet, so on CUDA it runs ``F.gelu`` (one elementwise pass either way; the kernel only adds a Triton launch's
-    host time, which made GPT-NeoX ``generate()`` slower); CPU tensors run the kernel."""
+    """Does the routing table send this plain GELU (GPT-2, GPT-NeoX MLPs) to the kernel? The shipped H100 table has
+    no ``gelu`` rule (bench_routing measured the kernel at 0.11-1.0x ``F.gelu``, docs/routing.md), so there it
+    runs ``F.gelu`` (the Triton launch only added host time, e.g. to every GPT-NeoX decoding step); CPU tensors
+    run the kernel."""
     return routing.use_kernel("gelu", x.device, tokens=leading_rows(x), features=x.shape[-1] if x.dim() else 1,
                               grad=records_grad(x))
 
@@ -311,23 +312,38 @@ def gelu_routed(x: torch.Tensor) -> bool:
 _ENTRY = PerShape()
 
 
-def _glu_entry(op: str, gate: torch.Tensor, up: torch.Tensor) -> bool:
-    """Validate (raises on bad input) and decide kernel (True) or reference, once per op and signature."""
+_REFERENCE, _KERNEL, _STOCK = 0, 1, 2
+
+
+def _glu_entry(op: str, gate: torch.Tensor, up: torch.Tensor) -> int:
+    """Validate (raises on bad input) and decide, once per op and signature: _KERNEL, _STOCK (the routing table
+    keeps this case on PyTorch) or _REFERENCE (the kernel cannot take it: dtype, device, forced reference)."""
     key = entry_key(gate, up)
     if key is not None:
         key = (op, key)
-    kernel = _ENTRY.get(key)
-    if kernel is None:
+    path = _ENTRY.get(key)
+    if path is None:
         _check_pair(op, gate, up)
-        kernel = use_kernel(op, device_check((gate, up))) and glu_routed(gate, up)
-        _ENTRY.put(key, kernel)
-    return kernel
+        if not use_kernel(op, device_check((gate, up))):
+            path = _REFERENCE
+        else:
+            path = _KERNEL if glu_routed(gate, up) else _STOCK
+        _ENTRY.put(key, path)
+    return path
+
+
+# Routed to stock, the gated activations run what transformers' MLPs run: ``act(gate) * up`` in the inputs' dtype
+# (two elementwise passes, autograd saving what the unpatched model saves), not the fp32 reference (five passes
+# and fp32 copies saved for backward).
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``. gate, up: [..., intermediate] of one shape and dtype (fp32/bf16/fp16), any row
     strides (e.g. the halves of a fused gate_up projection). Returns a contiguous tensor, gate's dtype."""
-    if not _glu_entry("swiglu", gate, up):
+    path = _glu_entry("swiglu", gate, up)
+    if path == _STOCK:
+        return F.silu(gate) * up
+    if path == _REFERENCE:
         return reference.swiglu(gate, up)
     return _apply(gate, up, SILU)
 
@@ -336,7 +352,10 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
     """``gelu(gate) * up``; ``approximate='none'`` is the erf GELU, ``'tanh'`` GPT-2's ``gelu_new``.
     gate, up: [..., intermediate] of one shape and dtype. Returns gate's dtype."""
     code = _check_approximate(approximate)
-    if not _glu_entry("geglu", gate, up):
+    path = _glu_entry("geglu", gate, up)
+    if path == _STOCK:
+        return F.gelu(gate, approximate=approximate) * up
+    if path == _REFERENCE:
         return reference.geglu(gate, up, approximate)
     return _apply(gate, up, code)
 
@@ -348,8 +367,9 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     if not use_kernel("gelu", device_check((x,))):
         return reference.gelu(x, approximate)
     if not gelu_routed(x):
-        # what the unpatched module runs: one F.gelu pass in x's dtype (fp32 math inside, one rounding: the same
-        # values as reference.gelu, without its two casts)
+        # one F.gelu pass in x's dtype (fp32 math inside, one rounding: the same values as reference.gelu without
+        # its two casts). GPT-NeoX's "gelu" runs exactly this; GPT-2's gelu_new (NewGELUActivation) computes the
+        # same tanh formula in several passes of x's dtype, so its values differ by roundings.
         return F.gelu(x, approximate=approximate)
     if x.dim() == 0:
         return _apply(x.reshape(1), None, code).reshape(())

@@ -24,6 +24,7 @@ Cases (keys a rule may name, per op):
   ``head_dim``, ``q_len``, ``kv_len``, ``causal``, ``window`` (bool), ``softcap`` (bool), ``grad`` (bool).
 - ``rms_norm``, ``layer_norm``: ``tokens``, ``hidden``, ``grad``.
 - ``glu`` (SwiGLU/GeGLU): ``tokens``, ``intermediate``, ``grad``.
+- ``gelu`` (the plain GELU of GPT-2 / GPT-NeoX MLPs): ``tokens``, ``features``, ``grad``.
 - ``qlora_linear`` (the fused QLoRA linear, :mod:`hf_fastkern.layers.fused_qlora`, vs PEFT's own 4-bit LoRA
   forward): ``tokens``, ``in_features``, ``out_features``, ``grad``.
 

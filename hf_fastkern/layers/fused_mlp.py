@@ -171,9 +171,10 @@ class GLUDownFunction(torch.autograd.Function):
         return dgate, dup, dw, db, dla, dlb, None, None, None, None
 
 
-# Below this many tokens per call a CUDA MLP stores h like the unpatched one instead of recomputing it: there h is
-# at most RECOMPUTE_MIN_TOKENS x intermediate elements per layer (64 MiB at 8192 bf16), while the recompute
-# node costs host time on every call. Measured on the H100 (benchmarks/bench_guard.py --profile, 2026-12-07,
+# Below this many tokens per call a CUDA MLP runs the unfused down(act(g, u)) (act in the inputs' dtype where the
+# routing table keeps it on PyTorch, so it saves what the unpatched MLP saves) instead of recomputing h: there h
+# is at most RECOMPUTE_MIN_TOKENS x intermediate elements per layer (64 MiB at 8192 bf16), while the recompute
+# node costs host time on every call. Not while the checkpoint planner decides the layer (recompute_min_tokens). Measured on the H100 (benchmarks/bench_guard.py --profile, 2026-12-07,
 # issue21-small-llama2048-B1x128, 4 layers): GLUDownFunction ~0.45 ms forward + ~0.84 ms backward of host
 # time per layer against ~0.3 ms for the unfused down(act(g, u)), which made that step 0.87x sdpa; from 2048
 # tokens (B2x1024) the step ran 1.01x with the recompute on. CPU tensors (tests, the interpreter) keep it.
@@ -182,6 +183,13 @@ RECOMPUTE_MIN_TOKENS = 4096
 # Instance attribute on a patched MLP module: True while the checkpoint planner (hf_fastkern.memory.checkpoint_plan)
 # keeps this layer's activations ("keep" mode), so the MLP stores h instead of recomputing it in backward.
 STORE_ACTIVATION = "_hf_fastkern_store_activation"
+
+
+def recompute_min_tokens(module: nn.Module) -> int:
+    """The ``min_tokens`` a patched MLP forward passes to :func:`glu_down`: RECOMPUTE_MIN_TOKENS, or 0 while the
+    checkpoint planner decides this layer (its "cheap" mode recomputes h at any size, and its calibration
+    measures that at a few hundred tokens)."""
+    return 0 if STORE_ACTIVATION in module.__dict__ else RECOMPUTE_MIN_TOKENS
 
 
 def recompute_for(module: nn.Module, recompute: bool) -> bool:
@@ -204,7 +212,8 @@ def _unfused(g: torch.Tensor, u: torch.Tensor, down: nn.Module, kind: str, appro
 
 
 def glu_down(gate: torch.Tensor, up: torch.Tensor | None, down: nn.Module, kind: str = "swiglu",
-             approximate: str | None = None, recompute: bool = True, inference: bool = False) -> torch.Tensor:
+             approximate: str | None = None, recompute: bool = True, inference: bool = False,
+             min_tokens: int = 0) -> torch.Tensor:
     """``down(swiglu(gate, up))`` or ``down(geglu(gate, up, approximate))``, recomputing the activation in
     backward instead of storing it when ``down`` allows it (see the module docstring).
 
@@ -214,11 +223,13 @@ def glu_down(gate: torch.Tensor, up: torch.Tensor | None, down: nn.Module, kind:
     recompute=False: the unfused path ``down(act(gate, up))`` (autograd stores ``h``).
     inference=True (the module is in eval mode) and no autograd: the unfused path too (nothing to save). Not for
     a training module: reentrant checkpointing's first pass runs without autograd and must match its recompute.
+    min_tokens: on CUDA, calls of fewer tokens take the unfused path (patched MLPs pass
+    :func:`recompute_min_tokens`).
     Returns [..., hidden] in the dtype the unfused path returns.
     """
     code = _code(kind, approximate)
     g, u = gate.chunk(2, dim=-1) if up is None else (gate, up)
-    if g.device.type == "cuda" and leading_rows(g) < RECOMPUTE_MIN_TOKENS:
+    if min_tokens and g.device.type == "cuda" and leading_rows(g) < min_tokens:
         recompute = False  # small steps: store h (see RECOMPUTE_MIN_TOKENS)
     if not recompute or (inference and not torch.is_grad_enabled()):
         # inference without autograd stores nothing, so there is nothing to save: the plain path, without this

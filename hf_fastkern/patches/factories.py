@@ -21,7 +21,7 @@ from hf_fastkern.kernels import rms_norm as _rms
 from hf_fastkern.layers import rope_attention as _rope_attention
 from hf_fastkern.layers.common import Unsupported, is_lora_linear, is_qlora_linear
 from hf_fastkern.layers.fused_lora import lora_linear_forward
-from hf_fastkern.layers.fused_mlp import glu_down, recompute_for
+from hf_fastkern.layers.fused_mlp import glu_down, recompute_for, recompute_min_tokens
 from hf_fastkern.layers.fused_qlora import qlora_linear_forward
 from hf_fastkern.layers.shared_cast import share_cast
 from hf_fastkern.memory.recompute import chunked_recompute
@@ -143,7 +143,7 @@ def gated_mlp_factory(gate: str = "gate_proj", up: str = "up_proj", down: str = 
             xg, xu = share_cast(x, (gm, um))  # one autocast cast of x, saved once (hf_fastkern.layers.shared_cast)
             g, u = gm(xg), um(xu)
             return glu_down(g, u, getattr(self, down), kind, approximate, recompute_for(self, recompute),
-                            inference=not self.training)
+                            inference=not self.training, min_tokens=recompute_min_tokens(self))
 
         return forward
 
@@ -169,7 +169,8 @@ def fused_gated_mlp_factory(gate_up: str = "gate_up_proj", down: str = "down_pro
         def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
             # up=None: glu_down takes the [gate | up] halves of this one tensor as views
             return glu_down(getattr(self, gate_up)(hidden_states), None, getattr(self, down), kind,
-                            approximate, recompute_for(self, recompute), inference=not self.training)
+                            approximate, recompute_for(self, recompute), inference=not self.training,
+                            min_tokens=recompute_min_tokens(self))
 
         return forward
 
