@@ -457,3 +457,18 @@ def test_mlp_recompute_threshold_yields_to_the_checkpoint_planner():
     assert fused_mlp.recompute_min_tokens(m) == 0 and fused_mlp.recompute_for(m, True)
     m.__dict__[fused_mlp.STORE_ACTIVATION] = True  # planner: keep
     assert fused_mlp.recompute_min_tokens(m) == 0 and not fused_mlp.recompute_for(m, True)
+
+
+def test_report_names_gelu_mlps_routed_to_stock(monkeypatch):
+    """GPT-NeoX's plain GELU MLP is patched, and the report says when the routing keeps its GELU on F.gelu."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from hf_fastkern import apply_fast_kernels, report
+    cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        vocab_size=64, max_position_embeddings=32)
+    model = GPTNeoXForCausalLM(cfg)
+    apply_fast_kernels(model, attention=False, cross_entropy=False)
+    assert "F.gelu" not in str(report(model))  # CPU: the kernel runs
+    monkeypatch.setenv(routing.MODE_ENV, routing.STOCK)
+    text = str(report(model))
+    assert "fallback mlp" in text and "its GELU runs F.gelu: routed to stock" in text, text

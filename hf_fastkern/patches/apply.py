@@ -161,14 +161,26 @@ def _bind_lora(ledger: Ledger, module: nn.Module, name: str, config: Any, left: 
           _qlora_status if is_qlora_linear(module) else _lora_status)
 
 
+def _gelu_status(fc_in: str, module: nn.Module) -> str:
+    """A plain GELU MLP as it runs now: the routing table may keep its activation on ``F.gelu``."""
+    weight = getattr(getattr(module, fc_in, None), "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return ""
+    why = routing.unrouted_reason("gelu", weight.device)
+    return f"its GELU runs F.gelu: routed to stock ({why})" if why else ""
+
+
 def _mlp_factory(recipe: Recipe, cls: str, opts: dict) -> tuple[ForwardFactory, Any]:
     factory = recipe.mlps[cls]
+    gelu_input = getattr(factory, "gelu_input", None)
     down_attr = getattr(factory, "recompute_down", None)
     if down_attr is not None:
         factory = functools.partial(factory, recompute=opts["mlp_recompute"])
     if opts["mlp_chunk_tokens"]:
         factory = chunked_mlp_factory(factory, opts["mlp_chunk_tokens"])
     status = functools.partial(_mlp_status, down_attr) if down_attr and opts["mlp_recompute"] else None
+    if gelu_input is not None:
+        status = functools.partial(_gelu_status, gelu_input)
     return factory, status
 
 

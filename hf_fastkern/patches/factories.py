@@ -195,6 +195,7 @@ def plain_mlp_factory(fc_in: str, fc_out: str, act_keys: tuple[str, ...],
 
         return forward
 
+    factory.gelu_input = fc_in  # type: ignore[attr-defined]  # read by apply_fast_kernels' report
     return factory
 
 
