@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (checks the script)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers per model (default 4; quick 2)")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds per side (default 3; quick 2)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per round, generate() calls up to 3 (default 5; quick 3)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps per round, generate() calls up to 3 (default 5; quick 3)")
     ap.add_argument("--cases", help="comma-separated case names (see --list)")
     ap.add_argument("--list", action="store_true", help="print the case names and exit")
     ap.add_argument("--profile", action="store_true",
