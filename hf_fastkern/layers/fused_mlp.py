@@ -175,9 +175,10 @@ class GLUDownFunction(torch.autograd.Function):
 # routing table keeps it on PyTorch, so it saves what the unpatched MLP saves) instead of recomputing h: there h
 # is at most RECOMPUTE_MIN_TOKENS x intermediate elements per layer (64 MiB at 8192 bf16), while the recompute
 # node costs host time on every call. Not while the checkpoint planner decides the layer (recompute_min_tokens).
-# Measured on the H100 (benchmarks/bench_guard.py --profile, 2026-12-07, issue21-small-llama2048-B1x128, 4 layers): GLUDownFunction ~0.45 ms forward + ~0.84 ms backward of host
-# time per layer against ~0.3 ms for the unfused down(act(g, u)), which made that step 0.87x sdpa; from 2048
-# tokens (B2x1024) the step ran 1.01x with the recompute on. CPU tensors (tests, the interpreter) keep it.
+# Measured on the H100 (benchmarks/bench_guard.py --profile, 2026-12-07, issue21-small-llama2048-B1x128, 4
+# layers): GLUDownFunction ~0.45 ms forward + ~0.84 ms backward of host time per layer against ~0.3 ms for the
+# unfused down(act(g, u)), which made that step 0.87x sdpa; from 2048 tokens (B2x1024) the step ran 1.01x with
+# the recompute on (2048-4096 not measured). CPU tensors (tests, the interpreter) keep it.
 RECOMPUTE_MIN_TOKENS = 4096
 
 # Instance attribute on a patched MLP module: True while the checkpoint planner (hf_fastkern.memory.checkpoint_plan)
