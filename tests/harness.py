@@ -636,3 +636,14 @@ def time_fwd_bwd_gpu(models: dict, x: torch.Tensor, dy: torch.Tensor, autocast: 
             x.grad = None
         peak[name] = torch.cuda.max_memory_allocated() / 2**30
     return ms, peak
+
+
+class CallCounter:
+    """Wraps a callable and counts its calls (which path a call took: monkeypatch it in place of the original)."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)

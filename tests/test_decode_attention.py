@@ -12,7 +12,7 @@ from hf_fastkern.kernels import attention as attn_mod
 from hf_fastkern.kernels import decode_attention as dec
 from hf_fastkern.kernels import reference
 from hf_fastkern.patches import attention as fk
-from tests.harness import dtype_ids
+from tests.harness import CallCounter, dtype_ids
 from tests.test_attention import _allowed
 from tests.tolerances import assert_close
 
@@ -169,15 +169,6 @@ def test_zero_length_cache_gives_zeros():
 # the transformers integration: who takes a KV-cache call
 
 
-class _Spy:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *a, **kw):
-        self.calls += 1
-        return self.fn(*a, **kw)
-
-
 def _call(q, k, v, mask=None):
     mod = torch.nn.Module()
     mod.is_causal = True
@@ -187,8 +178,8 @@ def _call(q, k, v, mask=None):
 def test_integration_routes_kv_cache_calls_without_grad(monkeypatch):
     """No gradients and 1-16 queries against more keys: the split-KV kernel; with gradients, or as many queries
     as keys, the FlashAttention-2 kernel (same answer within the table)."""
-    spy_dec = _Spy(dec.flash_decode_heads_first)
-    spy_fa = _Spy(attn_mod.flash_attention_heads_first)
+    spy_dec = CallCounter(dec.flash_decode_heads_first)
+    spy_fa = CallCounter(attn_mod.flash_attention_heads_first)
     monkeypatch.setattr(dec, "flash_decode_heads_first", spy_dec)
     monkeypatch.setattr(attn_mod, "flash_attention_heads_first", spy_fa)
     gen = torch.Generator().manual_seed(0)
@@ -215,7 +206,7 @@ def test_integration_padded_decode_matches_reference(window, monkeypatch):
     """A padded batch's cached step (left padding and a hole) through the integration, with and without a
     window shorter than the cache: the decode kernel runs and matches the oracle with SDPA's same-dtype error
     (the path unpatched transformers takes) as the baseline."""
-    spy = _Spy(dec.flash_decode_heads_first)
+    spy = CallCounter(dec.flash_decode_heads_first)
     monkeypatch.setattr(dec, "flash_decode_heads_first", spy)
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(2, 4, 2, 32, generator=gen).bfloat16()
@@ -241,7 +232,7 @@ def test_generate_left_padded_runs_the_decode_kernel(arch, monkeypatch):
     greedy tokens equal unpatched sdpa's."""
     from tests.test_patch_attention import VOCAB, model_pair
 
-    spy = _Spy(dec.flash_decode_heads_first)
+    spy = CallCounter(dec.flash_decode_heads_first)
     monkeypatch.setattr(dec, "flash_decode_heads_first", spy)
     ref, fast = model_pair(arch)
     ref, fast = ref.to(torch.bfloat16), fast.to(torch.bfloat16)

@@ -30,6 +30,7 @@ from hf_fastkern import FastKernels, apply_fast_kernels, report  # noqa: E402
 from hf_fastkern.integrations.trl_head import fastkern_head_active, use_fastkern_head  # noqa: E402
 from hf_fastkern.kernels import attention as fk_attention  # noqa: E402
 from hf_fastkern.patches.apply import is_patched  # noqa: E402
+from tests.harness import CallCounter  # noqa: E402
 from tests.test_patch_archs import ARCHS, VOCAB, build  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
@@ -96,26 +97,15 @@ def three_sft_runs(tmp_path, fk: FastKernels, dtype: torch.dtype = torch.float32
     return oracle, base, patched, trainer
 
 
-class Counter:
-    """Wraps a callable and counts its calls (to see which fused head ran)."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
-
-
 def test_options_are_checked_when_built():
     with pytest.raises(TypeError, match="unknown option"):
         FastKernels(atention=False)
 
 
 def test_sft_plain_one_fused_head(tmp_path, monkeypatch):
-    ours = Counter(fk_loss.fused_linear_cross_entropy)
+    ours = CallCounter(fk_loss.fused_linear_cross_entropy)
     monkeypatch.setattr(fk_loss, "fused_linear_cross_entropy", ours)
-    theirs = Counter(trl_utils._ChunkedLogProbFunction.apply)
+    theirs = CallCounter(trl_utils._ChunkedLogProbFunction.apply)
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", theirs)
     fk = FastKernels(verbose=False)
     # checkpointing off here (on in the PEFT case): the interpreter's time is the forward, run twice with it
@@ -156,7 +146,7 @@ def test_sft_peft_lora_fused(tmp_path):
 
 
 def test_sft_padding_free(tmp_path, monkeypatch):
-    varlen = Counter(fk_attention.flash_attention_varlen)
+    varlen = CallCounter(fk_attention.flash_attention_varlen)
     monkeypatch.setattr(fk_attention, "flash_attention_varlen", varlen)
     fk = FastKernels(verbose=False)
     # bf16 weights: the attention kernel takes bf16/fp16 (fp32 falls back to SDPA by design)
@@ -172,7 +162,7 @@ def test_sft_padding_free_gpu(tmp_path, monkeypatch, use_peft):
     """The Triton kernels on the GPU: padding-free SFT in bf16 (varlen attention), with and without LoRA."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    varlen = Counter(fk_attention.flash_attention_varlen)
+    varlen = CallCounter(fk_attention.flash_attention_varlen)
     monkeypatch.setattr(fk_attention, "flash_attention_varlen", varlen)
     fk = FastKernels(verbose=False)
     oracle, base, patched, _ = three_sft_runs(tmp_path, fk, torch.bfloat16, "cuda", padding_free=True,
@@ -201,7 +191,7 @@ def test_packed_equals_separate(monkeypatch):
     """A padding-free packed batch (TRL's collator) gives each sequence's loss and the summed gradients of the
     same sequences run one by one: varlen attention, RoPE on the packed position_ids, the fused loss masking
     the boundaries as TRL's labels say. bf16 weights (the attention kernel's dtypes), fp64 oracle."""
-    varlen = Counter(fk_attention.flash_attention_varlen)
+    varlen = CallCounter(fk_attention.flash_attention_varlen)
     monkeypatch.setattr(fk_attention, "flash_attention_varlen", varlen)
     rows = sft_rows(3, seed=3)
     ref = build(LLAMA)
@@ -284,11 +274,11 @@ def test_trainer_plain_and_second_train_idempotent(tmp_path):
 def test_trl_fused_head_same_loss_and_grads(head, monkeypatch):
     """TRL's fused_lm_head=True call on a patched model gives the unpatched model's loss, per-token log-probs
     and gradients, with exactly one fused head running: TRL's (ours steps aside) or ours (use_fastkern_head)."""
-    ours = Counter(fk_trl_head.fused_linear_cross_entropy)
+    ours = CallCounter(fk_trl_head.fused_linear_cross_entropy)
     monkeypatch.setattr(fk_trl_head, "fused_linear_cross_entropy", ours)
-    loss_ours = Counter(fk_loss.fused_linear_cross_entropy)
+    loss_ours = CallCounter(fk_loss.fused_linear_cross_entropy)
     monkeypatch.setattr(fk_loss, "fused_linear_cross_entropy", loss_ours)
-    theirs = Counter(trl_utils._ChunkedLogProbFunction.apply)
+    theirs = CallCounter(trl_utils._ChunkedLogProbFunction.apply)
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", theirs)
     ref = build(LLAMA)
     ref.train()
@@ -326,7 +316,7 @@ def test_sft_fastkern_head_switch(tmp_path, monkeypatch):
     """FastKernels(lm_head="fastkern") in SFTTrainer: our head answers TRL's calls and trains to the same losses
     (wiring test: kernels as their PyTorch reference)."""
     monkeypatch.setenv("HF_FASTKERN_FORCE_REFERENCE", "1")
-    ours = Counter(fk_trl_head.fused_linear_cross_entropy)
+    ours = CallCounter(fk_trl_head.fused_linear_cross_entropy)
     monkeypatch.setattr(fk_trl_head, "fused_linear_cross_entropy", ours)
     fk = FastKernels(verbose=False, lm_head="fastkern")
     oracle, base, patched, trainer = three_sft_runs(tmp_path, fk)

@@ -12,6 +12,7 @@ from hf_fastkern.kernels import layer_norm as ln_mod
 from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels import rms_norm as rms_mod
 from hf_fastkern.patches import attention as fk
+from tests.harness import CallCounter
 from tests.tolerances import assert_close
 
 
@@ -393,13 +394,12 @@ def test_gelu_call_site_routes_to_f_gelu_without_a_rule(table, monkeypatch, tmp_
     dtype (what the unpatched module runs), with the reference's values; a table rule sends it to the kernel."""
     from hf_fastkern.kernels import activations
     _cuda_like(monkeypatch)
-    launches = []
-    real_apply = activations._apply
-    monkeypatch.setattr(activations, "_apply", lambda *a: launches.append(a) or real_apply(*a))
+    launches = CallCounter(activations._apply)
+    monkeypatch.setattr(activations, "_apply", launches)
     x = torch.randn(5, 96, dtype=torch.bfloat16)
     for approximate in ("none", "tanh"):
         out = activations.gelu(x, approximate)
-        assert not launches
+        assert launches.calls == 0
         assert torch.equal(out, reference.gelu(x, approximate))  # one rounding of the fp32 result, both ways
     rule = {"match": {"features": 96}, "choice": "kernel", "ratio": 1.2}
     tmp = tmp_path / "gelu.json"
@@ -407,7 +407,7 @@ def test_gelu_call_site_routes_to_f_gelu_without_a_rule(table, monkeypatch, tmp_
     monkeypatch.setenv(routing.TABLE_ENV, str(tmp))
     routing.reset()
     activations.gelu(x.float(), "tanh")
-    assert len(launches) == 1
+    assert launches.calls == 1
 
 
 def test_rows_of_several_runs_count_with_the_worst_run():
@@ -430,16 +430,15 @@ def test_glu_routed_to_stock_runs_transformers_expression_in_dtype(table, monkey
     MLPs do (not the fp32 reference, whose backward saves fp32 copies)."""
     from hf_fastkern.kernels import activations
     _cuda_like(monkeypatch)
-    launches = []
-    real_apply = activations._apply
-    monkeypatch.setattr(activations, "_apply", lambda *a: launches.append(a) or real_apply(*a))
+    launches = CallCounter(activations._apply)
+    monkeypatch.setattr(activations, "_apply", launches)
     g = torch.randn(3, 7, 40, dtype=torch.bfloat16, requires_grad=True)  # a shape no other test uses
     u = torch.randn(3, 7, 40, dtype=torch.bfloat16, requires_grad=True)
     out = activations.swiglu(g, u)
     assert torch.equal(out, torch.nn.functional.silu(g) * u) and out.dtype == torch.bfloat16
     out = activations.geglu(g, u, "tanh")
     assert torch.equal(out, torch.nn.functional.gelu(g, approximate="tanh") * u)
-    assert not launches
+    assert launches.calls == 0
     # saved for backward: bf16 tensors only (the reference path would save fp32 upcasts)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
