@@ -3,7 +3,7 @@
 Every case runs the op's real entry point twice in one process, once with ``HF_FASTKERN_ROUTING=kernel`` and
 once with ``HF_FASTKERN_ROUTING=stock`` (so what is timed is exactly what the routing switches between: for
 attention ``fastkern_attention_forward`` taking our kernel or the SDPA/eager path unpatched transformers runs;
-for norms and activations the Triton entry or the PyTorch reference), median of CUDA-event timings
+for norms, activations and RoPE the Triton entry or the PyTorch reference), median of CUDA-event timings
 (``triton.testing.do_bench``), training cases forward + backward. ``ratio = stock_ms / kernel_ms``.
 
 Rules: per family (fixed keys, one swept length), the interval between two neighbouring grid points goes to the
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from hf_fastkern import apply_fast_kernels
-from hf_fastkern.kernels import activations, layer_norm, rms_norm, routing
+from hf_fastkern.kernels import activations, layer_norm, rms_norm, rope, routing
 from hf_fastkern.patches import attention as fk
 
 from .harness import bench_ms, environment
@@ -62,7 +62,18 @@ def family_rules(op: str, fixed: dict[str, Any], sweep: str, points: list[tuple[
         win = min(r0, r1) >= margin
         rules.append({"match": {**fixed, sweep: [x0, x1]}, "choice": "kernel" if win else "stock",
                       "ratio": round(min(r0, r1), 3), "source": f"{source} (between grid points)"})
+    if op in OPEN_ABOVE and len(points) >= 2 and min(points[-1][1], points[-2][1]) >= margin:
+        (x0, r0), (x1, r1) = points[-2:]
+        rules.append({"match": {**fixed, sweep: [x1, None]}, "choice": "kernel", "ratio": round(min(r0, r1), 3),
+                      "source": f"{source} (above the grid: the top two points won)"})
     return rules
+
+
+# Bandwidth-bound ops whose kernel-vs-stock ratio does not fall as tokens grow (both paths stream the same
+# tensors; stock also writes fp32 intermediates): when the two largest grid points both won, the kernel keeps
+# the range above the grid too. Without this a long-context step (262K-393K tokens) would fall off the grid onto
+# the stock norms, slower and holding fp32 copies of [tokens, hidden]. Attention and QLoRA stay bounded.
+OPEN_ABOVE = ("rms_norm", "layer_norm", "glu", "gelu", "rope")
 
 
 def provenance(command: str, gpu: str, versions: dict, date: str, note: str = "") -> dict:
@@ -87,7 +98,8 @@ def _load(path: str) -> dict | None:
 
 
 def seed_rules(src: str) -> tuple[dict[str, list[dict]], list[str], dict]:
-    """Rules from committed results in ``src`` (attention.json, rms_norm.json, layer_norm.json, activations.json)."""
+    """Rules from committed results in ``src`` (attention.json, rms_norm.json, layer_norm.json, activations.json,
+    rope.json)."""
     rules: dict[str, list[dict]] = {}
     used, env = [], {}
     att = _load(os.path.join(src, "attention.json"))
@@ -109,7 +121,7 @@ def seed_rules(src: str) -> tuple[dict[str, list[dict]], list[str], dict]:
                                 list(worst.items()), "attention.json fwd+bwd vs sdpa_cudnn")
         rules["attention"] = out
     for op, fname, dim in (("rms_norm", "rms_norm.json", "hidden"), ("layer_norm", "layer_norm.json", "hidden"),
-                           ("glu", "activations.json", "intermediate")):
+                           ("glu", "activations.json", "intermediate"), ("rope", "rope.json", "head_dim")):
         doc = _load(os.path.join(src, fname))
         if not doc:
             continue
@@ -118,8 +130,13 @@ def seed_rules(src: str) -> tuple[dict[str, list[dict]], list[str], dict]:
         for r in doc["rows"]:
             if r.get("impl") not in ("fastkern", "torch") or r.get("dtype") != "bf16":
                 continue
-            size = r.get("H", r.get("I"))
-            ms.setdefault((r["op"], r["mode"], size, r["T"]), {})[r["impl"]] = float(r["ms"])
+            if op == "rope":  # q [B, H, S, D] and k [B, HK, S, D]: tokens B x S, per head_dim
+                size, t = r["D"], r["B"] * r["S"]
+            else:
+                size, t = r.get("H", r.get("I")), r["T"]
+            key = (r["op"], r["mode"], size, t)
+            # several rows at one point (rope: B4 x 2048 and B1 x 8192): each impl's slowest
+            ms.setdefault(key, {})[r["impl"]] = max(float(r["ms"]), ms.get(key, {}).get(r["impl"], 0.0))
         fams: dict[tuple, dict[int, float]] = {}
         for (_op, mode, size, t), m in ms.items():
             if "fastkern" not in m or "torch" not in m:
@@ -207,12 +224,13 @@ class _Module(torch.nn.Module):
 
 
 def _timed(fn: Callable[[], Any], grad: bool, leaves: list[torch.Tensor]) -> dict[str, float]:
-    """stock and kernel medians of ``fn`` (forward, or forward + backward when ``grad``)."""
+    """stock and kernel medians of ``fn`` (forward, or forward + backward when ``grad``: through every output
+    that requires grad, e.g. RoPE's q and k, not attention's None weights)."""
     def run():
         y = fn()
         if grad:
-            y = y[0] if isinstance(y, tuple) else y
-            y.backward(torch.ones_like(y))
+            ys = [t for t in (y if isinstance(y, tuple) else (y,)) if isinstance(t, torch.Tensor) and t.requires_grad]
+            torch.autograd.backward(ys, [torch.ones_like(t) for t in ys])
     out = {}
     saved = os.environ.get(routing.MODE_ENV)
     try:
@@ -301,8 +319,9 @@ def norm_grid(quick: bool, smoke: bool) -> list[tuple[str, dict, str, list]]:
     toks = (16, 128, 512, 2048, 8192, 32768) if not quick else (16, 128, 1024, 8192)
     hiddens = (2048, 4096, 8192) if not quick else (2048, 4096)
     inters = (8192, 14336) if not quick else (8192,)
+    head_dims = (64, 128) if not quick else (128,)
     if smoke:
-        toks, hiddens, inters = (4, 16), (64,), (128,)
+        toks, hiddens, inters, head_dims = (4, 16), (64,), (128,), (16,)
     fams = []
     for grad in (True, False):
         for hd in hiddens:
@@ -313,11 +332,24 @@ def norm_grid(quick: bool, smoke: bool) -> list[tuple[str, dict, str, list]]:
             fams.append(("glu", {"grad": grad, "intermediate": i}, "tokens", [(t, [dict(t=t, n=i)]) for t in toks]))
             # the plain GELU of GPT-2 / GPT-NeoX MLPs (intermediate = 4 x hidden)
             fams.append(("gelu", {"grad": grad, "features": i}, "tokens", [(t, [dict(t=t, n=i)]) for t in toks]))
+        for d in head_dims:  # RoPE at Llama-3-8B's heads (32 q, 8 kv); tokens = batch x seq
+            fams.append(("rope", {"grad": grad, "head_dim": d}, "tokens", [(t, [dict(t=t, n=d)]) for t in toks]))
     return fams
+
+
+ROPE_HEADS = (32, 8)  # (q, kv) heads of the rope family's cases
 
 
 def _norm_fn(op: str, t: int, n: int, grad: bool, dev: str):
     dt = torch.bfloat16
+    if op == "rope":  # q/k as a Llama attention makes them: [1, seq, heads, d] viewed as [1, heads, seq, d]
+        hq, hk = ROPE_HEADS
+        q = torch.randn(1, t, hq, n, device=dev, dtype=dt, requires_grad=grad)
+        k = torch.randn(1, t, hk, n, device=dev, dtype=dt, requires_grad=grad)
+        ang = torch.arange(t, device=dev, dtype=torch.float32)[:, None] * torch.rand(n // 2, device=dev)
+        ang = torch.cat([ang, ang], -1)[None]
+        cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+        return (lambda: rope.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)), [q, k] if grad else []
     if op == "gelu":
         x = torch.randn(t, n, device=dev, dtype=dt, requires_grad=grad)
         return (lambda: activations.gelu(x, "tanh")), [x] if grad else []

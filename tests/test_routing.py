@@ -190,8 +190,9 @@ def test_family_rules_need_both_ends():
     rules = bench_routing.family_rules("glu", {"grad": True}, "tokens", [(16, 0.8), (128, 1.5), (1024, 1.3)], "s")
     t = routing.parse_table(_doc({"glu": rules}), "x")
     case = lambda n: {"tokens": n, "intermediate": 8, "grad": True}  # noqa: E731
-    assert [t.decide("glu", case(n))[0] for n in (16, 64, 128, 500, 1024, 2048)] == \
-        ["stock", "stock", "kernel", "kernel", "kernel", "stock"]
+    # above 1024: the top two points won, so a bandwidth-bound op keeps the kernel (next test)
+    assert [t.decide("glu", case(n))[0] for n in (8, 16, 64, 128, 500, 1024, 2048)] == \
+        ["stock", "stock", "stock", "kernel", "kernel", "kernel", "kernel"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ def test_bench_routing_qlora_part_cpu_smoke():
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("peft")
     rules, rows = bench_routing.measure(quick=False, smoke=True, log=lambda s: None, parts=("qlora",))
-    assert set(rules) == {"attention", "rms_norm", "layer_norm", "glu", "qlora_linear"}
+    assert set(rules) == set(routing.CASE_KEYS)
     assert len(rows) == 4 and all(r["op"] == "qlora_linear" and r["stock_ms"] > 0 for r in rows)
     doc = bench_routing.table_doc("cpu-smoke", bench_routing.provenance("c", "cpu", {}, "d"), rules)
     assert len(routing.parse_table(doc, "smoke.json").rules["qlora_linear"]) == 6
@@ -471,3 +472,68 @@ def test_report_names_gelu_mlps_routed_to_stock(monkeypatch):
     monkeypatch.setenv(routing.MODE_ENV, routing.STOCK)
     text = str(report(model))
     assert "fallback mlp" in text and "its GELU runs F.gelu: routed to stock" in text, text
+
+
+def test_bandwidth_bound_families_extend_above_the_grid_only_when_the_top_two_won():
+    """Norms, activations and RoPE keep the kernel above the largest measured point when the two largest points
+    both won (a long-context step must not fall onto the stock norms); attention never extends."""
+    pts = [(128, 0.8), (1024, 1.3), (8192, 1.5)]
+    case = lambda n: {"tokens": n, "head_dim": 128, "grad": True}  # noqa: E731
+    t = routing.parse_table(_doc({"rope": bench_routing.family_rules("rope", {"grad": True}, "tokens", pts, "s")}),
+                            "x")
+    assert [t.decide("rope", case(n))[0] for n in (64, 128, 500, 2000, 8192, 393216)] == \
+        ["stock", "stock", "stock", "kernel", "kernel", "kernel"]
+    lost_top = bench_routing.family_rules("rope", {"grad": True}, "tokens", [(1024, 1.3), (8192, 0.9)], "s")
+    assert routing.parse_table(_doc({"rope": lost_top}), "x").decide("rope", case(65536))[0] == "stock"
+    one_point = bench_routing.family_rules("rope", {"grad": True}, "tokens", [(8192, 2.0)], "s")
+    assert routing.parse_table(_doc({"rope": one_point}), "x").decide("rope", case(65536))[0] == "stock"
+    att = bench_routing.family_rules("attention", {"kind": "dense"}, "kv_len", [(1024, 1.3), (8192, 1.5)], "s")
+    assert routing.parse_table(_doc({"attention": att}), "x").decide(
+        "attention", _attn(q_len=16384, kv_len=16384))[0] == "stock"
+
+
+def test_seed_rules_read_rope_json():
+    rules, _, env = bench_routing.seed_rules("benchmarks/results/h100")
+    t = routing.parse_table(bench_routing.table_doc("h100", bench_routing.provenance("c", env["gpu"], {}, "d"),
+                                                    rules), "seed")
+    # rope.json: the fused q+k RoPE at 4 x 2048 and 1 x 8192 tokens, Llama-3-8B heads, against torch eager
+    assert t.decide("rope", {"tokens": 8192, "head_dim": 128, "grad": True})[0] == "kernel"
+    assert t.decide("rope", {"tokens": 128, "head_dim": 128, "grad": True})[0] == "stock"  # not measured
+
+
+def test_rope_call_site_routes_per_case(table, monkeypatch, tmp_path):
+    """RoPE follows the table: without a rule transformers' expression runs (bitwise the reference, no launch);
+    with a rule covering the case the fused q+k kernel runs."""
+    from hf_fastkern.kernels import rope as rope_mod
+    _cuda_like(monkeypatch)
+    launches = CallCounter(rope_mod.RopeQKFunction.apply)
+    monkeypatch.setattr(rope_mod.RopeQKFunction, "apply", launches)
+    q = torch.randn(1, 4, 6, 16, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 2, 6, 16, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = torch.randn(1, 6, 16, dtype=torch.bfloat16), torch.randn(1, 6, 16, dtype=torch.bfloat16)
+    got = rope_mod.apply_rope(q, k, cos, sin)
+    want = reference.rope(q, k, cos, sin)
+    assert launches.calls == 0 and all(torch.equal(a, b) for a, b in zip(got, want))
+    rule = {"match": {"tokens": [1, 64], "head_dim": 16}, "choice": "kernel", "ratio": 1.3}
+    tmp = tmp_path / "rope.json"
+    tmp.write_text(json.dumps(_doc({"rope": [rule]})))
+    monkeypatch.setenv(routing.TABLE_ENV, str(tmp))
+    routing.reset()
+    rope_mod.apply_rope(q, k, cos, sin)
+    assert launches.calls == 1
+    rope_mod.apply_rope(q.expand(16, -1, -1, -1), k.expand(16, -1, -1, -1), cos, sin)  # 96 tokens: outside
+    assert launches.calls == 1
+
+
+def test_report_names_rope_routed_to_stock(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_fastkern import apply_fast_kernels, report
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg)
+    apply_fast_kernels(model, attention=False, cross_entropy=False)
+    assert "apply_rotary_pos_emb: routed" not in str(report(model))
+    monkeypatch.setenv(routing.MODE_ENV, routing.STOCK)
+    text = str(report(model))
+    assert "fallback rope" in text and "its rotation runs apply_rotary_pos_emb: routed to stock" in text, text

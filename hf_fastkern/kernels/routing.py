@@ -27,6 +27,9 @@ Cases (keys a rule may name, per op):
 - ``gelu`` (the plain GELU of GPT-2 / GPT-NeoX MLPs): ``tokens``, ``features``, ``grad``.
 - ``qlora_linear`` (the fused QLoRA linear, :mod:`hf_fastkern.layers.fused_qlora`, vs PEFT's own 4-bit LoRA
   forward): ``tokens``, ``in_features``, ``out_features``, ``grad``.
+- ``rope`` (the fused q+k rotary embedding vs transformers' ``apply_rotary_pos_emb``): ``tokens`` (batch x seq),
+  ``head_dim``, ``grad``. At a few hundred tokens both are launch-bound and transformers' ~14 small ops per layer
+  can beat one Triton launch whose argument binding costs more host time (issue 21).
 
 Decisions are cached per (GPU class, op, case), so a call pays one dictionary lookup after the first.
 """
@@ -60,6 +63,7 @@ CASE_KEYS: dict[str, tuple[str, ...]] = {
     "glu": ("tokens", "intermediate", "grad"),
     "gelu": ("tokens", "features", "grad"),
     "qlora_linear": ("tokens", "in_features", "out_features", "grad"),
+    "rope": ("tokens", "head_dim", "grad"),
 }
 ATTENTION_KINDS = ("dense", "decode", "padded", "packed")
 PROVENANCE_KEYS = ("command", "gpu", "versions", "date")
