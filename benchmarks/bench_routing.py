@@ -69,11 +69,13 @@ def family_rules(op: str, fixed: dict[str, Any], sweep: str, points: list[tuple[
     return rules
 
 
-# Bandwidth-bound ops whose kernel-vs-stock ratio does not fall as tokens grow (both paths stream the same
-# tensors; stock also writes fp32 intermediates): when the two largest grid points both won, the kernel keeps
-# the range above the grid too. Without this a long-context step (262K-393K tokens) would fall off the grid onto
-# the stock norms, slower and holding fp32 copies of [tokens, hidden]. Attention and QLoRA stay bounded.
-OPEN_ABOVE = ("rms_norm", "layer_norm", "glu", "gelu", "rope")
+# Ops whose kernel-vs-stock ratio does not fall as tokens grow: the norms, activations and RoPE are
+# bandwidth-bound (both paths stream the same tensors; stock also writes fp32 intermediates), and the QLoRA node
+# runs the same GEMMs as PEFT minus elementwise passes that also scale with tokens. When the two largest grid
+# points both won, the kernel keeps the range above the grid too. Without this a long-context step (262K-393K
+# tokens) would fall off the grid onto the stock norms, slower and holding fp32 copies of [tokens, hidden].
+# Attention stays bounded (its stock side, cuDNN, changes algorithm with length).
+OPEN_ABOVE = ("rms_norm", "layer_norm", "glu", "gelu", "rope", "qlora_linear")
 
 
 def provenance(command: str, gpu: str, versions: dict, date: str, note: str = "") -> dict:
