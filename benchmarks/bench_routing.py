@@ -211,8 +211,26 @@ def rules_from_rows(rows: list[dict], source: str) -> dict[str, list[dict]]:
 
 
 def merge_rules(first: dict[str, list[dict]], then: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """``first``'s rules ahead of ``then``'s, per op (the first matching rule decides)."""
-    return {op: first.get(op, []) + then.get(op, []) for op in dict.fromkeys([*first, *then])}
+    """``first``'s rules ahead of ``then``'s, per op (the first matching rule decides). An open range above
+    ``first``'s grid (``OPEN_ABOVE``) is an extrapolation, not a measurement: it is cut where ``then`` measured
+    a point of the same family above it, so that point still decides."""
+    out = {}
+    for op in dict.fromkeys([*first, *then]):
+        later = then.get(op, [])
+        mine = []
+        for r in first.get(op, []):
+            rng = [(k, v) for k, v in r["match"].items() if isinstance(v, list) and v[1] is None]
+            if rng:
+                key, (lo, _) = rng[0]
+                fixed = {k: v for k, v in r["match"].items() if k != key}
+                above = [v[0] for t in later for k, v in t["match"].items()
+                         if k == key and isinstance(v, list) and v[0] is not None and v[0] > lo
+                         and {k2: v2 for k2, v2 in t["match"].items() if k2 != key} == fixed]
+                if above:
+                    r = {**r, "match": {**r["match"], key: [lo, min(above) - 1]}}
+            mine.append(r)
+        out[op] = mine + later
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -537,3 +537,15 @@ def test_report_names_rope_routed_to_stock(monkeypatch):
     monkeypatch.setenv(routing.MODE_ENV, routing.STOCK)
     text = str(report(model))
     assert "fallback rope" in text and "its rotation runs apply_rotary_pos_emb: routed to stock" in text, text
+
+
+def test_open_range_above_a_measured_grid_stops_at_a_seeded_point():
+    """A measured family that extends above its grid must not hide a point the seed measured higher up."""
+    measured = {"layer_norm": bench_routing.family_rules("layer_norm", {"grad": True, "hidden": 2048}, "tokens",
+                                                         [(1024, 1.3), (8192, 1.5)], "rows")}
+    seeded = {"layer_norm": bench_routing.family_rules("layer_norm", {"grad": True, "hidden": 2048}, "tokens",
+                                                       [(16384, 0.4), (65536, 1.3)], "seed")}
+    t = routing.parse_table(_doc(bench_routing.merge_rules(measured, seeded)), "x")
+    case = lambda n: {"tokens": n, "hidden": 2048, "grad": True}  # noqa: E731
+    assert [t.decide("layer_norm", case(n))[0] for n in (8192, 12000, 16384, 40000, 65536, 10**6)] == \
+        ["kernel", "kernel", "stock", "stock", "kernel", "stock"]
