@@ -34,7 +34,7 @@ Design:
 Bad input: labels outside ``[0, vocab)`` that are not ``ignore_index`` raise ``ValueError`` naming the value
 and its position. Without gradients the check runs in the call (one host sync). When the loss will be
 differentiated it is deferred (``PendingLabelCheck``): launched in the forward, read and raised in the loss's
-backward (or by a later call if no backward runs), so a training step's forward never waits for the GPU. The loss of such a step
+backward (or at the next call), so a training step's forward never waits for the GPU. The loss of such a step
 is NaN. ``HF_FASTKERN_LABEL_CHECK=sync`` checks in the forward always; ``HF_FASTKERN_SKIP_LABEL_CHECK=1`` skips
 the check (it is also skipped while ``torch.compile`` traces). Unchecked out-of-range labels never read out of
 bounds: their loss is NaN.
@@ -292,19 +292,17 @@ class CEFunction(torch.autograd.Function):
     times an autograd.Function's host time). Inputs as ``ce_fwd``; returns the per-row loss [rows] fp32."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap, label_check=None):
+    def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap):
         rows, lse = _ce_fwd_impl(logits, labels, ignore_index, label_smoothing, z_loss, softcap)
         ctx.save_for_backward(logits, labels, lse)
         ctx.opts = (ignore_index, label_smoothing, z_loss, softcap)
-        ctx.label_check = label_check
         return rows
 
     @staticmethod
     def backward(ctx, g_loss):
-        if ctx.label_check is not None:  # the forward's deferred label check: raises here for a bad label
-            ctx.label_check.finish()
+        finish_label_check()  # the forward's deferred label check: raises here for a bad label
         logits, labels, lse = ctx.saved_tensors
-        return _ce_bwd_impl(g_loss, logits, labels, lse, *ctx.opts), None, None, None, None, None, None
+        return _ce_bwd_impl(g_loss, logits, labels, lse, *ctx.opts), None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -501,18 +499,16 @@ class FLCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap, reduce,
-                need_dh, need_dw, need_db, chunk, label_check=None):
+                need_dh, need_dw, need_db, chunk):
         out = _flce_fwd_impl(hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap,
                              reduce, need_dh, need_dw, need_db, chunk)
         _flce_setup(ctx, (hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap,
                           reduce, need_dh, need_dw, need_db, chunk), out)
-        ctx.label_check = label_check
         return out[0]
 
     @staticmethod
     def backward(ctx, g_loss):
-        if ctx.label_check is not None:  # the forward's deferred label check: raises here for a bad label
-            ctx.label_check.finish()
+        finish_label_check()  # the forward's deferred label check: raises here for a bad label
         need_dh, need_dw, need_db = ctx.needs
         if ctx.reduce:
             if ctx.consumed:
@@ -529,7 +525,7 @@ class FLCEFunction(torch.autograd.Function):
             dh, dw, db = _flce_bwd_impl(g_loss, hidden, weight, bias, labels, lse, *ctx.opts, need_dh, need_dw,
                                         need_db, ctx.chunk)
         return (dh if need_dh else None, dw if need_dw else None, db if need_db and ctx.has_bias else None,
-                None, None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -590,82 +586,57 @@ class PendingLabelCheck:
     forward makes the host wait for the GPU's queue to drain before it can launch the backward: in steps that are
     partly host-bound (a few hundred tokens) that is time the unpatched model never loses, since transformers'
     own loss does not sync. So the reduction is launched in the forward and its two numbers copied to pinned host
-    memory without waiting (an event on the labels' device marks the copy).
-
-    The check belongs to its loss's autograd node: the node's backward calls :meth:`finish` (CUDA runs backward
-    on autograd's own device thread, so nothing thread-local would reach it), which waits for the event (long
-    passed by then) and raises the forward-time ``ValueError`` for a bad label; the loss of that step is NaN.
-    :meth:`finish` is idempotent (it raises again on every call for a bad label). A loss that never gets a
-    backward is reported by a later call of this module, once its copy has landed (:func:`_reap`, no wait).
-    ``HF_FASTKERN_LABEL_CHECK=sync`` checks in the forward instead (one host sync per call)."""
-    __slots__ = ("labels", "vocab", "ignore_index", "host", "event", "error", "done")
+    memory without waiting; :meth:`finish` reads them (by then long arrived) in the loss's backward, or at the
+    next call if no backward ran, and raises there. The loss of a step with a bad label is NaN and its backward
+    raises the same ``ValueError`` as the forward-time check. ``HF_FASTKERN_LABEL_CHECK=sync`` checks in the
+    forward instead (one host sync per call)."""
+    __slots__ = ("labels", "vocab", "ignore_index", "host", "event")
 
     def __init__(self, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
         self.labels, self.vocab, self.ignore_index = labels, vocab, ignore_index
-        self.error: ValueError | None = None
-        self.done = False
         rng = _label_range(labels, ignore_index)
         if rng.is_cuda:
             self.host = torch.empty(2, dtype=rng.dtype, pin_memory=True)
             self.host.copy_(rng, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(rng.device))  # the stream the copy was queued on
+            self.event.record()
         else:
             self.host, self.event = rng, None
 
-    def ready(self) -> bool:
-        return self.done or self.event is None or self.event.query()
-
     def finish(self) -> None:
-        if not self.done:
-            if self.event is not None:
-                self.event.synchronize()
-            lo, hi = self.host.tolist()
-            try:
-                _raise_bad_label(self.labels, self.vocab, self.ignore_index, lo, hi)
-            except ValueError as e:
-                self.error = e
-            self.done, self.labels, self.host, self.event = True, None, None, None
-            with _UNREAD_LOCK:
-                if self in _UNREAD:
-                    _UNREAD.remove(self)
-        if self.error is not None:
-            raise ValueError(str(self.error))
+        if self.event is not None:
+            self.event.synchronize()
+        lo, hi = self.host.tolist()
+        labels, self.labels = self.labels, None
+        _raise_bad_label(labels, self.vocab, self.ignore_index, lo, hi)
 
 
-# checks started and not read yet (any thread), oldest first; a later call reports those whose copy landed
-_UNREAD: list[PendingLabelCheck] = []
-_UNREAD_LOCK = threading.Lock()
-_MAX_UNREAD = 64
+# the check started by the last training call in this thread and not read yet (at most one)
+_PENDING = threading.local()
 
 
-def _reap() -> None:
-    """Read the unread checks whose copy has landed (never waits), raising for a bad label."""
-    with _UNREAD_LOCK:
-        ready = [c for c in _UNREAD if c.ready()]
-    for c in ready:
-        c.finish()
+def finish_label_check() -> None:
+    """Read the pending label check, if any, raising ``ValueError`` for a bad label (the loss's backward calls
+    this; so does the next call, so a step without a backward still reports it)."""
+    pending = getattr(_PENDING, "check", None)
+    if pending is not None:
+        _PENDING.check = None
+        pending.finish()
 
 
-def start_label_check(labels: torch.Tensor, vocab: int, ignore_index: int) -> PendingLabelCheck | None:
-    """Check the labels of a call whose loss will be differentiated: deferred (:class:`PendingLabelCheck`,
-    returned for the loss's node to finish) unless ``HF_FASTKERN_LABEL_CHECK=sync`` (checked now, None)."""
-    _reap()
+def start_label_check(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Check the labels of a call whose loss will be differentiated: deferred (:class:`PendingLabelCheck`)
+    unless ``HF_FASTKERN_LABEL_CHECK=sync``. Finishes the previous call's pending check first."""
+    finish_label_check()
     if _skip_label_check(labels):
-        return None
+        return
     mode = env_get("HF_FASTKERN_LABEL_CHECK", "deferred")
     if mode == "sync":
         check_label_range(labels, vocab, ignore_index)
-        return None
-    if mode != "deferred":
+    elif mode == "deferred":
+        _PENDING.check = PendingLabelCheck(labels, vocab, ignore_index)
+    else:
         raise ValueError(f"HF_FASTKERN_LABEL_CHECK must be 'deferred' or 'sync', got {mode!r}")
-    check = PendingLabelCheck(labels, vocab, ignore_index)
-    with _UNREAD_LOCK:
-        _UNREAD.append(check)
-        overflow = _UNREAD[:-_MAX_UNREAD]  # forward after forward without backward: bound what is kept
-    for c in overflow:
-        c.finish()
-    return check
 
 
 def _raise_bad_label(labels: torch.Tensor, vocab: int, ignore_index: int, lo: int, hi: int) -> None:
@@ -682,16 +653,13 @@ def _raise_bad_label(labels: torch.Tensor, vocab: int, ignore_index: int, lo: in
 
 
 def _check_labels_for(x: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int,
-                      *more: torch.Tensor | None) -> PendingLabelCheck | None:
-    """The label check of one call: deferred to its loss's backward when the loss will be differentiated
-    (returned, for the autograd node), else now. Nothing while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return None
+                      *more: torch.Tensor | None) -> None:
+    """The label check of one call: deferred to the backward when the loss will be differentiated, else now."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *more)):
-        return start_label_check(labels, vocab, ignore_index)
-    _reap()
-    check_label_range(labels, vocab, ignore_index)
-    return None
+        start_label_check(labels, vocab, ignore_index)
+    else:
+        finish_label_check()
+        check_label_range(labels, vocab, ignore_index)
 
 
 def _denominator(labels: torch.Tensor, reduction: str, ignore_index: int,
@@ -744,11 +712,10 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     if not use_kernel("cross_entropy", device_check([z2])):
         out = reference.cross_entropy(z2, y, **kw)
         return out.reshape(labels.shape) if reduction == "none" else out
-    label_check = _check_labels_for(z2, labels, vocab, ignore_index)
+    _check_labels_for(z2, labels, vocab, ignore_index)
     args = (_rowwise(z2), y.contiguous(), int(ignore_index), float(label_smoothing), float(z_loss),
             float(softcap or 0.0))
-    rows = torch.ops.hf_fastkern.ce_fwd(*args)[0] if torch.compiler.is_compiling() \
-        else CEFunction.apply(*args, label_check)
+    rows = torch.ops.hf_fastkern.ce_fwd(*args)[0] if torch.compiler.is_compiling() else CEFunction.apply(*args)
     if reduction == "none":
         # no view node when labels are already 1-D (an autograd node costs host time in backward)
         return rows if rows.shape == labels.shape else rows.reshape(labels.shape)
@@ -802,7 +769,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                                              num_items_in_batch=num_items_in_batch)
         return out.reshape(labels.shape) if reduction == "none" else out
-    label_check = _check_labels_for(h2, labels, vocab, ignore_index, weight, bias)
+    _check_labels_for(h2, labels, vocab, ignore_index, weight, bias)
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and h2.requires_grad
     need_dw = grad_on and weight.requires_grad
@@ -815,8 +782,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0), reduce,
             need_dh, need_dw, need_db, int(chunk))
     # eager: the autograd.Function over the same launchers; the custom op is what torch.compile traces
-    loss = torch.ops.hf_fastkern.flce_fwd(*args)[0] if torch.compiler.is_compiling() \
-        else FLCEFunction.apply(*args, label_check)
+    loss = torch.ops.hf_fastkern.flce_fwd(*args)[0] if torch.compiler.is_compiling() else FLCEFunction.apply(*args)
     if reduce or loss.shape == labels.shape:
         return loss
     return loss.reshape(labels.shape)
