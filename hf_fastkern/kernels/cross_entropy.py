@@ -32,12 +32,9 @@ Design:
   several times an autograd.Function's host time (rms_norm.py), which decides host-bound training steps.
 
 Bad input: labels outside ``[0, vocab)`` that are not ``ignore_index`` raise ``ValueError`` naming the value
-and its position. Without gradients the check runs in the call (one host sync). When the loss will be
-differentiated it is deferred (``PendingLabelCheck``): launched in the forward, read and raised in the loss's
-backward (or at the next call), so a training step's forward never waits for the GPU. The loss of such a step
-is NaN. ``HF_FASTKERN_LABEL_CHECK=sync`` checks in the forward always; ``HF_FASTKERN_SKIP_LABEL_CHECK=1`` skips
-the check (it is also skipped while ``torch.compile`` traces). Unchecked out-of-range labels never read out of
-bounds: their loss is NaN.
+and its position. That check costs one host sync per call; set ``HF_FASTKERN_SKIP_LABEL_CHECK=1`` to skip it
+(it is also skipped while ``torch.compile`` traces). Unchecked out-of-range labels never read out of bounds:
+their loss is NaN.
 Limits: the last dimension of logits/hidden/weight must be contiguous (otherwise it is copied once); the
 backward of the scalar reductions runs once (``retain_graph`` double backward is refused). Offsets are int64,
 so tokens x vocab may exceed 2**31.
@@ -45,7 +42,6 @@ so tokens x vocab may exceed 2**31.
 import functools
 import math
 import os
-import threading
 from typing import Optional
 
 import torch
@@ -300,7 +296,6 @@ class CEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss):
-        finish_label_check()  # the forward's deferred label check: raises here for a bad label
         logits, labels, lse = ctx.saved_tensors
         return _ce_bwd_impl(g_loss, logits, labels, lse, *ctx.opts), None, None, None, None, None
 
@@ -508,7 +503,6 @@ class FLCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss):
-        finish_label_check()  # the forward's deferred label check: raises here for a bad label
         need_dh, need_dw, need_db = ctx.needs
         if ctx.reduce:
             if ctx.consumed:
@@ -556,90 +550,20 @@ def _check_labels_tensor(labels: torch.Tensor, n_tok: int, what: str) -> None:
                          f"got shape {tuple(labels.shape)}")
 
 
-def _label_range(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """[min, max] of the labels with ``ignore_index`` replaced by 0 (a valid label), on their device: one
-    fused reduction. Only a failing check pays for locating the first bad label (:func:`_raise_bad_label`)."""
-    lo, hi = torch.where(labels == ignore_index, 0, labels).aminmax()
-    return torch.stack((lo, hi))
-
-
-def _skip_label_check(labels: torch.Tensor) -> bool:
-    return env_get("HF_FASTKERN_SKIP_LABEL_CHECK", "0") == "1" or torch.compiler.is_compiling() \
-        or labels.numel() == 0
-
-
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Raise ``ValueError`` naming the first label outside ``[0, vocab)`` that is not ``ignore_index``.
 
     One fused device reduction and one host sync; skipped under ``HF_FASTKERN_SKIP_LABEL_CHECK=1`` and while
-    ``torch.compile`` traces (unchecked bad labels give a NaN loss, never an out-of-bounds read). Training calls
-    use :func:`start_label_check` instead (no sync in the forward).
+    ``torch.compile`` traces (unchecked bad labels give a NaN loss, never an out-of-bounds read).
     """
-    if _skip_label_check(labels):
+    if env_get("HF_FASTKERN_SKIP_LABEL_CHECK", "0") == "1" or torch.compiler.is_compiling():
         return
-    lo, hi = _label_range(labels, ignore_index).tolist()
-    _raise_bad_label(labels, vocab, ignore_index, lo, hi)
-
-
-class PendingLabelCheck:
-    """A label check whose answer is read later (issue 21). A host sync in the middle of a training step's
-    forward makes the host wait for the GPU's queue to drain before it can launch the backward: in steps that are
-    partly host-bound (a few hundred tokens) that is time the unpatched model never loses, since transformers'
-    own loss does not sync. So the reduction is launched in the forward and its two numbers copied to pinned host
-    memory without waiting; :meth:`finish` reads them (by then long arrived) in the loss's backward, or at the
-    next call if no backward ran, and raises there. The loss of a step with a bad label is NaN and its backward
-    raises the same ``ValueError`` as the forward-time check. ``HF_FASTKERN_LABEL_CHECK=sync`` checks in the
-    forward instead (one host sync per call)."""
-    __slots__ = ("labels", "vocab", "ignore_index", "host", "event")
-
-    def __init__(self, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-        self.labels, self.vocab, self.ignore_index = labels, vocab, ignore_index
-        rng = _label_range(labels, ignore_index)
-        if rng.is_cuda:
-            self.host = torch.empty(2, dtype=rng.dtype, pin_memory=True)
-            self.host.copy_(rng, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host, self.event = rng, None
-
-    def finish(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-        lo, hi = self.host.tolist()
-        labels, self.labels = self.labels, None
-        _raise_bad_label(labels, self.vocab, self.ignore_index, lo, hi)
-
-
-# the check started by the last training call in this thread and not read yet (at most one)
-_PENDING = threading.local()
-
-
-def finish_label_check() -> None:
-    """Read the pending label check, if any, raising ``ValueError`` for a bad label (the loss's backward calls
-    this; so does the next call, so a step without a backward still reports it)."""
-    pending = getattr(_PENDING, "check", None)
-    if pending is not None:
-        _PENDING.check = None
-        pending.finish()
-
-
-def start_label_check(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Check the labels of a call whose loss will be differentiated: deferred (:class:`PendingLabelCheck`)
-    unless ``HF_FASTKERN_LABEL_CHECK=sync``. Finishes the previous call's pending check first."""
-    finish_label_check()
-    if _skip_label_check(labels):
+    if labels.numel() == 0:
         return
-    mode = env_get("HF_FASTKERN_LABEL_CHECK", "deferred")
-    if mode == "sync":
-        check_label_range(labels, vocab, ignore_index)
-    elif mode == "deferred":
-        _PENDING.check = PendingLabelCheck(labels, vocab, ignore_index)
-    else:
-        raise ValueError(f"HF_FASTKERN_LABEL_CHECK must be 'deferred' or 'sync', got {mode!r}")
-
-
-def _raise_bad_label(labels: torch.Tensor, vocab: int, ignore_index: int, lo: int, hi: int) -> None:
+    # Fast path, one reduction and one sync: ignored labels are replaced by 0 (a valid label), then the range
+    # [min, max] of what is left is read once. Only a failing check pays for locating the first bad label.
+    lo, hi = torch.where(labels == ignore_index, 0, labels).aminmax()
+    lo, hi = torch.stack((lo, hi)).tolist()
     if lo < 0 or hi >= vocab:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if not bool(bad.any()):  # vocab 0 with every label ignored
@@ -650,16 +574,6 @@ def _raise_bad_label(labels: torch.Tensor, vocab: int, ignore_index: int, lo: in
         where = f"labels[{', '.join(map(str, pos))}]" if labels.dim() else "labels"
         raise ValueError(f"{where} = {value} is out of range: labels must be in [0, {vocab}) "
                          f"(the vocabulary size) or equal ignore_index={ignore_index}")
-
-
-def _check_labels_for(x: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int,
-                      *more: torch.Tensor | None) -> None:
-    """The label check of one call: deferred to the backward when the loss will be differentiated, else now."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *more)):
-        start_label_check(labels, vocab, ignore_index)
-    else:
-        finish_label_check()
-        check_label_range(labels, vocab, ignore_index)
 
 
 def _denominator(labels: torch.Tensor, reduction: str, ignore_index: int,
@@ -712,7 +626,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     if not use_kernel("cross_entropy", device_check([z2])):
         out = reference.cross_entropy(z2, y, **kw)
         return out.reshape(labels.shape) if reduction == "none" else out
-    _check_labels_for(z2, labels, vocab, ignore_index)
+    check_label_range(labels, vocab, ignore_index)
     args = (_rowwise(z2), y.contiguous(), int(ignore_index), float(label_smoothing), float(z_loss),
             float(softcap or 0.0))
     rows = torch.ops.hf_fastkern.ce_fwd(*args)[0] if torch.compiler.is_compiling() else CEFunction.apply(*args)
@@ -769,7 +683,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                                              num_items_in_batch=num_items_in_batch)
         return out.reshape(labels.shape) if reduction == "none" else out
-    _check_labels_for(h2, labels, vocab, ignore_index, weight, bias)
+    check_label_range(labels, vocab, ignore_index)
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and h2.requires_grad
     need_dw = grad_on and weight.requires_grad
