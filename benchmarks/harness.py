@@ -147,6 +147,39 @@ def bench_ms(fn: Callable[[], object], grad_to_none=None, warmup: int = 25, rep:
     return sorted(times)[len(times) // 2]
 
 
+def loop_ms(fn: Callable[[], object], grad_to_none=None, loops: int = 5, loop_ms_target: float = 20.0,
+            warmup: int = 3) -> float:
+    """Median milliseconds per call of ``fn`` run back to back: each loop launches ``fn`` n times without a cache
+    flush or a sync in between and synchronizes once at its end (wall clock), so a call costs what it costs
+    inside a step: its host time where launching is the bottleneck (a few hundred tokens), its GPU time where the
+    GPU is. ``do_bench`` (``bench_ms``) times each call between CUDA events after an L2 flush, which gives the
+    host a head start and hides launch cost; routing small sizes by it picked kernels that made host-bound
+    steps slower (docs/routing.md). ``grad_to_none``: tensors whose ``.grad`` is reset before each call."""
+    def one():
+        if grad_to_none is not None:
+            for t in grad_to_none:
+                t.grad = None
+        fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        one()
+    sync()
+    t0 = time.perf_counter()
+    one()
+    sync()
+    first = (time.perf_counter() - t0) * 1e3
+    n = max(1, min(1000, int(loop_ms_target / max(first, 1e-3))))
+    times = []
+    for _ in range(loops):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            one()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3 / n)
+    return sorted(times)[len(times) // 2]
+
+
 def peak_mib(fn: Callable[[], object]) -> float | None:
     """Peak extra CUDA memory (MiB) that one call of ``fn`` allocates above what was live before."""
     if not torch.cuda.is_available():

@@ -387,7 +387,8 @@ def test_bench_routing_qlora_part_cpu_smoke():
     assert set(rules) == set(routing.CASE_KEYS)
     assert len(rows) == 4 and all(r["op"] == "qlora_linear" and r["stock_ms"] > 0 for r in rows)
     doc = bench_routing.table_doc("cpu-smoke", bench_routing.provenance("c", "cpu", {}, "d"), rules)
-    assert len(routing.parse_table(doc, "smoke.json").rules["qlora_linear"]) == 6
+    # per grad family: 2 points + 1 interval, and an open range above when both points won (CPU timing decides)
+    assert 6 <= len(routing.parse_table(doc, "smoke.json").rules["qlora_linear"]) <= 8
 
 
 def test_gelu_call_site_routes_to_f_gelu_without_a_rule(table, monkeypatch, tmp_path):
@@ -501,44 +502,6 @@ def test_seed_rules_read_rope_json():
     assert t.decide("rope", {"tokens": 128, "head_dim": 128, "grad": True})[0] == "stock"  # not measured
 
 
-def test_rope_call_site_routes_per_case(table, monkeypatch, tmp_path):
-    """RoPE follows the table: without a rule transformers' expression runs (bitwise the reference, no launch);
-    with a rule covering the case the fused q+k kernel runs."""
-    from hf_fastkern.kernels import rope as rope_mod
-    _cuda_like(monkeypatch)
-    launches = CallCounter(rope_mod.RopeQKFunction.apply)
-    monkeypatch.setattr(rope_mod.RopeQKFunction, "apply", launches)
-    q = torch.randn(1, 4, 6, 16, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, 2, 6, 16, dtype=torch.bfloat16, requires_grad=True)
-    cos, sin = torch.randn(1, 6, 16, dtype=torch.bfloat16), torch.randn(1, 6, 16, dtype=torch.bfloat16)
-    got = rope_mod.apply_rope(q, k, cos, sin)
-    want = reference.rope(q, k, cos, sin)
-    assert launches.calls == 0 and all(torch.equal(a, b) for a, b in zip(got, want))
-    rule = {"match": {"tokens": [1, 64], "head_dim": 16}, "choice": "kernel", "ratio": 1.3}
-    tmp = tmp_path / "rope.json"
-    tmp.write_text(json.dumps(_doc({"rope": [rule]})))
-    monkeypatch.setenv(routing.TABLE_ENV, str(tmp))
-    routing.reset()
-    rope_mod.apply_rope(q, k, cos, sin)
-    assert launches.calls == 1
-    rope_mod.apply_rope(q.expand(16, -1, -1, -1), k.expand(16, -1, -1, -1), cos, sin)  # 96 tokens: outside
-    assert launches.calls == 1
-
-
-def test_report_names_rope_routed_to_stock(monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hf_fastkern import apply_fast_kernels, report
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
-    model = LlamaForCausalLM(cfg)
-    apply_fast_kernels(model, attention=False, cross_entropy=False)
-    assert "apply_rotary_pos_emb: routed" not in str(report(model))
-    monkeypatch.setenv(routing.MODE_ENV, routing.STOCK)
-    text = str(report(model))
-    assert "fallback rope" in text and "its rotation runs apply_rotary_pos_emb: routed to stock" in text, text
-
-
 def test_open_range_above_a_measured_grid_stops_at_a_seeded_point():
     """A measured family that extends above its grid must not hide a point the seed measured higher up."""
     measured = {"layer_norm": bench_routing.family_rules("layer_norm", {"grad": True, "hidden": 2048}, "tokens",
@@ -549,3 +512,18 @@ def test_open_range_above_a_measured_grid_stops_at_a_seeded_point():
     case = lambda n: {"tokens": n, "hidden": 2048, "grad": True}  # noqa: E731
     assert [t.decide("layer_norm", case(n))[0] for n in (8192, 12000, 16384, 40000, 65536, 10**6)] == \
         ["kernel", "kernel", "stock", "stock", "kernel", "stock"]
+
+
+def test_loop_timing_runs_calls_back_to_back_and_resets_grads():
+    """bench_routing times each side with harness.loop_ms: warm-up, one probe call, then loops of n calls (one
+    sync per loop), each call after resetting the leaves' .grad; the result is per call."""
+    from benchmarks.harness import loop_ms
+    x = torch.ones(3, requires_grad=True)
+    seen = []
+
+    def fn():
+        seen.append(x.grad)
+        (x * 2).sum().backward()
+    ms = loop_ms(fn, grad_to_none=[x], loops=3, loop_ms_target=0.0, warmup=2)
+    assert ms > 0 and len(seen) == 2 + 1 + 3  # n = 1 per loop when the target is 0
+    assert all(g is None for g in seen)  # every call started from a reset gradient

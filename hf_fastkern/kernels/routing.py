@@ -28,8 +28,9 @@ Cases (keys a rule may name, per op):
 - ``qlora_linear`` (the fused QLoRA linear, :mod:`hf_fastkern.layers.fused_qlora`, vs PEFT's own 4-bit LoRA
   forward): ``tokens``, ``in_features``, ``out_features``, ``grad``.
 - ``rope`` (the fused q+k rotary embedding vs transformers' ``apply_rotary_pos_emb``): ``tokens`` (batch x seq),
-  ``head_dim``, ``grad``. At a few hundred tokens both are launch-bound and transformers' ~14 small ops per layer
-  can beat one Triton launch whose argument binding costs more host time (issue 21).
+  ``head_dim``, ``grad``. Measured by ``bench_routing.py`` (part ``norms``) and kept in tables, **not consulted
+  yet**: :func:`hf_fastkern.kernels.rope.apply_rope` runs the kernel wherever it applies (docs/routing.md says
+  why: no H100 rows yet, and the per-op timing method misjudged small sizes).
 
 Decisions are cached per (GPU class, op, case), so a call pays one dictionary lookup after the first.
 """
