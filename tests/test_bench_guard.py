@@ -39,5 +39,6 @@ def test_cpu_smoke_writes_ratios(tmp_path):
         assert "error" not in r, r
         assert r["sdpa_ms"] > 0 and r["fastkern_ms"] > 0
         assert abs(r["ratio"] - r["sdpa_ms"] / r["fastkern_ms"]) < 1e-9
+        assert len(r["round_ratios"]) == r["rounds"] and all(x > 0 for x in r["round_ratios"])
         assert "patched" in r["patch_report"]
     assert doc["summary"]["measured"] == len(rows) and doc["summary"]["errors"] == 0
