@@ -210,7 +210,7 @@ def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, pro
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     tokens = c.batch * (c.new_tokens if c.mode == "generate" else c.seq)
     # each round's own ratio (its unpatched median / its patched median, measured seconds apart): their spread is
-    # the noise a single ratio carries on this machine (2026-12-07, H200: 0.95 and 1.16 for one case)
+    # the noise a single ratio carries (2026-12-07, H200: two runs of one case, same table, gave 0.95 and 1.16)
     round_ratios = [a / b for a, b in zip(times["sdpa"], times["fastkern"])]
     row = {**asdict(c), "layers": layers, "sdpa_ms": ms["sdpa"], "fastkern_ms": ms["fastkern"],
            "ratio": ms["sdpa"] / ms["fastkern"], "round_ratios": [round(x, 3) for x in round_ratios],

@@ -11,7 +11,8 @@ several loops, so launch-bound sizes count their host time as a step pays it; ro
 
 Rules: per family (fixed keys, one swept length), the interval between two neighbouring grid points goes to the
 kernel only when the kernel won at both ends (by ``--margin``), and a family's variants (batch sizes, q_len 1
-and 16 for decoding) must all win; everything else, and everything outside the grid, is stock.
+and 16 for decoding) must all win; everything else, and everything outside the grid, is stock, except above the
+grid of the bandwidth-bound families when their two largest points won (``OPEN_ABOVE``).
 
     python -m benchmarks.bench_routing --out hf_fastkern/kernels/routing/h100.json [--quick] [--json rows.json]
     python -m benchmarks.bench_routing --seed-from benchmarks/results/h100 --out hf_fastkern/kernels/routing/h100.json
@@ -21,7 +22,7 @@ double quant, bf16 compute, r 16 fp32 adapters, bf16 autocast) at the Llama-3-8B
 QLoRA linear (:mod:`hf_fastkern.layers.fused_qlora`) against PEFT's own forward.
 
 ``--seed-from DIR`` builds a table from committed benchmark JSON instead (attention.json vs SDPA-cuDNN,
-rms_norm/layer_norm/activations.json vs torch eager), stating those files and their commands as provenance;
+rms_norm/layer_norm/activations/rope.json vs torch eager), stating those files and their commands as provenance;
 no GPU needed. ``--cpu-smoke``: a tiny grid on the CPU (interpreter), to check the script, not to route.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from hf_fastkern import apply_fast_kernels
-from hf_fastkern.kernels import activations, layer_norm, rms_norm, rope, routing
+from hf_fastkern.kernels import activations, layer_norm, reference, rms_norm, rope, routing
 from hf_fastkern.patches import attention as fk
 
 from .harness import environment, loop_ms
@@ -136,19 +137,18 @@ def seed_rules(src: str) -> tuple[dict[str, list[dict]], list[str], dict]:
             if r.get("impl") not in ("fastkern", "torch") or r.get("dtype") != "bf16":
                 continue
             if op == "rope":  # q [B, H, S, D] and k [B, HK, S, D]: tokens B x S, per head_dim
-                size, t = r["D"], r["B"] * r["S"]
+                size, t, variant = r["D"], r["B"] * r["S"], (r["B"], r["S"])
             else:
-                size, t = r.get("H", r.get("I")), r["T"]
-            key = (r["op"], r["mode"], size, t)
-            # several rows at one point (rope: B4 x 2048 and B1 x 8192): each impl's slowest
-            ms.setdefault(key, {})[r["impl"]] = max(float(r["ms"]), ms.get(key, {}).get(r["impl"], 0.0))
+                size, t, variant = r.get("H", r.get("I")), r["T"], None
+            # several rows at one point (rope: B4 x 2048 and B1 x 8192) are variants: the worst ratio counts
+            ms.setdefault((r["op"], r["mode"], size, t, variant), {})[r["impl"]] = float(r["ms"])
         fams: dict[tuple, dict[int, float]] = {}
-        for (_op, mode, size, t), m in ms.items():
+        for (_op, mode, size, t, _variant), m in ms.items():
             if "fastkern" not in m or "torch" not in m:
                 continue
             ratio = m["torch"] / m["fastkern"]
             key = (mode == "fwd+bwd", size)
-            # glu: every activation measured at that point must win (swiglu, geglu)
+            # glu: every activation measured at that point must win (swiglu, geglu); rope: every variant
             fams.setdefault(key, {})[t] = min(fams.get(key, {}).get(t, ratio), ratio)
         out = []
         for (grad, size), pts in sorted(fams.items()):
@@ -215,8 +215,9 @@ def rules_from_rows(rows: list[dict], source: str) -> dict[str, list[dict]]:
 
 def merge_rules(first: dict[str, list[dict]], then: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """``first``'s rules ahead of ``then``'s, per op (the first matching rule decides). An open range above
-    ``first``'s grid (``OPEN_ABOVE``) is an extrapolation, not a measurement: it is cut where ``then`` measured
-    a point of the same family above it, so that point still decides."""
+    ``first``'s grid (``OPEN_ABOVE``) is an extrapolation, not a measurement: where ``then`` measured a point of
+    the same family above it, the range ends at that point when the point won (both ends won) and is dropped
+    when it lost, so ``then``'s own rules decide from there."""
     out = {}
     for op in dict.fromkeys([*first, *then]):
         later = then.get(op, [])
@@ -230,7 +231,12 @@ def merge_rules(first: dict[str, list[dict]], then: dict[str, list[dict]]) -> di
                          if k == key and isinstance(v, list) and v[0] is not None and v[0] > lo
                          and {k2: v2 for k2, v2 in t["match"].items() if k2 != key} == fixed]
                 if above:
-                    r = {**r, "match": {**r["match"], key: [lo, min(above) - 1]}}
+                    nxt = min(above)
+                    won = any(t["choice"] == "kernel" and t["match"].get(key) == [nxt, nxt]
+                              and {k2: v2 for k2, v2 in t["match"].items() if k2 != key} == fixed for t in later)
+                    if not won:  # a kernel interval needs both ends won: up to a lost point, nothing is vouched
+                        continue
+                    r = {**r, "match": {**r["match"], key: [lo, nxt]}}
             mine.append(r)
         out[op] = mine + later
     return out
@@ -249,11 +255,15 @@ class _Module(torch.nn.Module):
 def _timed(fn: Callable[[], Any], grad: bool, leaves: list[torch.Tensor]) -> dict[str, float]:
     """stock and kernel medians of ``fn`` (forward, or forward + backward when ``grad``: through every output
     that requires grad, e.g. RoPE's q and k, not attention's None weights)."""
+    seeds: list[torch.Tensor] = []  # the output gradients, made once (an allocation per call would be timed too)
+
     def run():
         y = fn()
         if grad:
             ys = [t for t in (y if isinstance(y, tuple) else (y,)) if isinstance(t, torch.Tensor) and t.requires_grad]
-            torch.autograd.backward(ys, [torch.ones_like(t) for t in ys])
+            if len(seeds) != len(ys) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(seeds, ys)):
+                seeds[:] = [torch.ones_like(t) for t in ys]
+            torch.autograd.backward(ys, seeds)
     out = {}
     saved = os.environ.get(routing.MODE_ENV)
     try:
@@ -373,7 +383,12 @@ def _norm_fn(op: str, t: int, n: int, grad: bool, dev: str):
         ang = torch.arange(t, device=dev, dtype=torch.float32)[:, None] * torch.rand(n // 2, device=dev)
         ang = torch.cat([ang, ang], -1)[None]
         cos, sin = ang.cos().to(dt), ang.sin().to(dt)
-        return (lambda: rope.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)), [q, k] if grad else []
+        def fn():
+            # apply_rope does not read the routing table yet (docs/routing.md), so the stock side is chosen here:
+            # transformers' expression (the reference) under HF_FASTKERN_ROUTING=stock, the kernel's entry else
+            f = reference.rope if routing.mode() == routing.STOCK else rope.apply_rope
+            return f(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return fn, [q, k] if grad else []
     if op == "gelu":
         x = torch.randn(t, n, device=dev, dtype=dt, requires_grad=grad)
         return (lambda: activations.gelu(x, "tanh")), [x] if grad else []
@@ -478,7 +493,7 @@ def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print, parts:
                     t = _timed(fn, fixed.get("grad", False), leaves)
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
-                    rows.append({"op": op, **fixed, sweep: x, **kw, "error": "out of memory",
+                    rows.append({"op": op, **fixed, sweep: x, **kw, "error": "out of memory", "timing": "loop_ms",
                                  "family": {"fixed": fixed, "sweep": sweep, "x": x}})
                     worst = 0.0
                     continue

@@ -152,9 +152,10 @@ def loop_ms(fn: Callable[[], object], grad_to_none=None, loops: int = 5, loop_ms
     """Median milliseconds per call of ``fn`` run back to back: each loop launches ``fn`` n times without a cache
     flush or a sync in between and synchronizes once at its end (wall clock), so a call costs what it costs
     inside a step: its host time where launching is the bottleneck (a few hundred tokens), its GPU time where the
-    GPU is. ``do_bench`` (``bench_ms``) times each call between CUDA events after an L2 flush, which gives the
-    host a head start and hides launch cost; routing small sizes by it picked kernels that made host-bound
-    steps slower (docs/routing.md). ``grad_to_none``: tensors whose ``.grad`` is reset before each call."""
+    GPU is. ``do_bench`` (``bench_ms``) times each call between CUDA events after an L2 flush kernel, which
+    gives the host a head start and hides launch cost up to the flush's length (docs/routing.md).
+    ``grad_to_none``: tensors whose ``.grad`` is reset before each call. Warm-up: ``warmup`` calls; n is sized
+    so that a loop lasts about ``loop_ms_target`` ms (1 to 1,000 calls)."""
     def one():
         if grad_to_none is not None:
             for t in grad_to_none:

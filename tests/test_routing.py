@@ -165,12 +165,20 @@ def test_shipped_tables_parse_and_carry_provenance():
     assert h100.decide("attention", _attn(kind="decode", q_len=1, kv_len=32768, grad=False))[0] == "stock"
 
 
-def test_describe_prints_the_table(table, monkeypatch, capsys):
+def test_describe_prints_the_table(table, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(routing, "gpu_class", lambda device=None: "fakegpu")
     routing.print_routing()
     out = capsys.readouterr().out
     assert "Fake GPU" in out and "bench_routing.py --out x.json" in out
     assert "kernel kind=dense, head_dim=128, kv_len 64..8192" in out
+    # an op the table holds but no call site reads is named as such, its rules not listed as if in force
+    doc = _doc({"rope": [{"match": {"tokens": [1, None]}, "choice": "kernel", "ratio": 1.5}]})
+    path = tmp_path / "rope_table.json"
+    path.write_text(json.dumps(doc))
+    monkeypatch.setenv(routing.TABLE_ENV, str(path))
+    routing.reset()
+    text = "\n".join(routing.describe())
+    assert "rope: 1 rule(s), measured but not consulted yet" in text and "tokens 1.." not in text
     monkeypatch.setattr(routing, "gpu_class", lambda device=None: None)
     assert "routing does not apply" in routing.describe()[0]
 
@@ -510,8 +518,29 @@ def test_open_range_above_a_measured_grid_stops_at_a_seeded_point():
                                                        [(16384, 0.4), (65536, 1.3)], "seed")}
     t = routing.parse_table(_doc(bench_routing.merge_rules(measured, seeded)), "x")
     case = lambda n: {"tokens": n, "hidden": 2048, "grad": True}  # noqa: E731
+    # the seed's 16384 lost: the measured open range is dropped, the seed decides from 8192 up
     assert [t.decide("layer_norm", case(n))[0] for n in (8192, 12000, 16384, 40000, 65536, 10**6)] == \
-        ["kernel", "kernel", "stock", "stock", "kernel", "stock"]
+        ["kernel", "stock", "stock", "stock", "kernel", "stock"]
+    # the seed's next point won: the range runs up to it
+    seeded_win = {"layer_norm": bench_routing.family_rules("layer_norm", {"grad": True, "hidden": 2048}, "tokens",
+                                                           [(16384, 1.4), (65536, 0.8)], "seed")}
+    t = routing.parse_table(_doc(bench_routing.merge_rules(measured, seeded_win)), "x")
+    assert [t.decide("layer_norm", case(n))[0] for n in (12000, 16384, 40000)] == ["kernel", "kernel", "stock"]
+
+
+def test_rope_family_times_the_reference_on_the_stock_side(monkeypatch):
+    """apply_rope does not read the routing table, so bench_routing's rope case picks its side itself: the
+    reference expression under HF_FASTKERN_ROUTING=stock (no kernel launch), the kernel otherwise."""
+    from hf_fastkern.kernels import rope as rope_mod
+    launches = CallCounter(rope_mod.RopeQKFunction.apply)
+    monkeypatch.setattr(rope_mod.RopeQKFunction, "apply", launches)
+    fn, leaves = bench_routing._norm_fn("rope", 4, 16, True, "cpu")
+    monkeypatch.setenv(routing.MODE_ENV, routing.STOCK)
+    fn()
+    assert launches.calls == 0
+    monkeypatch.setenv(routing.MODE_ENV, routing.KERNEL)
+    fn()
+    assert launches.calls == 1 and len(leaves) == 2
 
 
 def test_loop_timing_runs_calls_back_to_back_and_resets_grads():

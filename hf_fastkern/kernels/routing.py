@@ -30,7 +30,7 @@ Cases (keys a rule may name, per op):
 - ``rope`` (the fused q+k rotary embedding vs transformers' ``apply_rotary_pos_emb``): ``tokens`` (batch x seq),
   ``head_dim``, ``grad``. Measured by ``bench_routing.py`` (part ``norms``) and kept in tables, **not consulted
   yet**: :func:`hf_fastkern.kernels.rope.apply_rope` runs the kernel wherever it applies (docs/routing.md says
-  why: no H100 rows yet, and the per-op timing method misjudged small sizes).
+  why: no H100 rows yet, and the H200 rows were timed per call with ``do_bench``, which hides launch cost).
 
 Decisions are cached per (GPU class, op, case), so a call pays one dictionary lookup after the first.
 """
@@ -67,6 +67,8 @@ CASE_KEYS: dict[str, tuple[str, ...]] = {
     "rope": ("tokens", "head_dim", "grad"),
 }
 ATTENTION_KINDS = ("dense", "decode", "padded", "packed")
+# ops a table may hold rules for that no call site reads yet (what runs instead)
+NOT_CONSULTED = {"rope": "the fused RoPE kernel runs wherever it applies (docs/routing.md)"}
 PROVENANCE_KEYS = ("command", "gpu", "versions", "date")
 _MAX_NARROWED = 1 << 12
 
@@ -385,6 +387,9 @@ def describe(device: torch.device | str | None = None) -> list[str]:
     if p.get("note"):
         lines.append(f"  note: {p['note']}")
     for op, rules in table.rules.items():
+        if op in NOT_CONSULTED:
+            lines.append(f"  {op}: {len(rules)} rule(s), measured but not consulted yet: {NOT_CONSULTED[op]}")
+            continue
         lines.append(f"  {op}: {len(rules)} rule(s), first match wins, no match -> stock")
         for r in rules:
             ratio = "" if r.ratio is None else f"  stock/kernel {r.ratio:.2f}"
