@@ -227,15 +227,13 @@ def merge_rules(first: dict[str, list[dict]], then: dict[str, list[dict]]) -> di
             if rng:
                 key, (lo, _) = rng[0]
                 fixed = {k: v for k, v in r["match"].items() if k != key}
-                above = [v[0] for t in later for k, v in t["match"].items()
-                         if k == key and isinstance(v, list) and v[0] is not None and v[0] > lo
-                         and {k2: v2 for k2, v2 in t["match"].items() if k2 != key} == fixed]
-                if above:
-                    nxt = min(above)
-                    won = any(t["choice"] == "kernel" and t["match"].get(key) == [nxt, nxt]
-                              and {k2: v2 for k2, v2 in t["match"].items() if k2 != key} == fixed for t in later)
-                    if not won:  # a kernel interval needs both ends won: up to a lost point, nothing is vouched
-                        continue
+                # the seed's rules of the same family that start above this range's start
+                kin = [t for t in later if isinstance(t["match"].get(key), list) and t["match"][key][0] is not None
+                       and t["match"][key][0] > lo and {k: v for k, v in t["match"].items() if k != key} == fixed]
+                if kin:
+                    nxt = min(t["match"][key][0] for t in kin)
+                    if not any(t["choice"] == "kernel" and t["match"][key] == [nxt, nxt] for t in kin):
+                        continue  # a kernel interval needs both ends won: up to a lost point, nothing is vouched
                     r = {**r, "match": {**r["match"], key: [lo, nxt]}}
             mine.append(r)
         out[op] = mine + later
