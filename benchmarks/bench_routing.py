@@ -51,6 +51,15 @@ MARGIN = 1.02  # the kernel must be this much faster (stock_ms / kernel_ms) to b
 # intervals -> rules
 
 
+# Ops whose kernel-vs-stock ratio does not fall as tokens grow: the norms, activations and RoPE are
+# bandwidth-bound (both paths stream the same tensors; stock also writes fp32 intermediates), and the QLoRA node
+# runs the same GEMMs as PEFT minus elementwise passes that also scale with tokens. When the two largest grid
+# points both won, the kernel keeps the range above the grid too. Without this a long-context step (262K-393K
+# tokens) would fall off the grid onto the stock norms, slower and holding fp32 copies of [tokens, hidden].
+# Attention stays bounded (its stock side, cuDNN, changes algorithm with length).
+OPEN_ABOVE = ("rms_norm", "layer_norm", "glu", "gelu", "rope", "qlora_linear")
+
+
 def family_rules(op: str, fixed: dict[str, Any], sweep: str, points: list[tuple[int, float]], source: str,
                  margin: float = MARGIN) -> list[dict]:
     """Rules for one family: ``points`` [(sweep value, ratio)] sorted; [x_i, x_{i+1}] is kernel when both ends won.
@@ -71,15 +80,6 @@ def family_rules(op: str, fixed: dict[str, Any], sweep: str, points: list[tuple[
         rules.append({"match": {**fixed, sweep: [x1, None]}, "choice": "kernel", "ratio": round(min(r0, r1), 3),
                       "source": f"{source} (above the grid: the top two points won)"})
     return rules
-
-
-# Ops whose kernel-vs-stock ratio does not fall as tokens grow: the norms, activations and RoPE are
-# bandwidth-bound (both paths stream the same tensors; stock also writes fp32 intermediates), and the QLoRA node
-# runs the same GEMMs as PEFT minus elementwise passes that also scale with tokens. When the two largest grid
-# points both won, the kernel keeps the range above the grid too. Without this a long-context step (262K-393K
-# tokens) would fall off the grid onto the stock norms, slower and holding fp32 copies of [tokens, hidden].
-# Attention stays bounded (its stock side, cuDNN, changes algorithm with length).
-OPEN_ABOVE = ("rms_norm", "layer_norm", "glu", "gelu", "rope", "qlora_linear")
 
 
 def provenance(command: str, gpu: str, versions: dict, date: str, note: str = "") -> dict:
@@ -253,19 +253,21 @@ class _Module(torch.nn.Module):
 def _timed(fn: Callable[[], Any], grad: bool, leaves: list[torch.Tensor]) -> dict[str, float]:
     """stock and kernel medians of ``fn`` (forward, or forward + backward when ``grad``: through every output
     that requires grad, e.g. RoPE's q and k, not attention's None weights)."""
-    seeds: list[torch.Tensor] = []  # the output gradients, made once (an allocation per call would be timed too)
+    # the output gradients, made at each path's first call (an allocation per call would be timed too)
+    seeds: list[torch.Tensor] = []
 
     def run():
         y = fn()
         if grad:
             ys = [t for t in (y if isinstance(y, tuple) else (y,)) if isinstance(t, torch.Tensor) and t.requires_grad]
-            if len(seeds) != len(ys) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(seeds, ys)):
-                seeds[:] = [torch.ones_like(t) for t in ys]
+            if not seeds:
+                seeds.extend(torch.ones_like(t) for t in ys)
             torch.autograd.backward(ys, seeds)
     out = {}
     saved = os.environ.get(routing.MODE_ENV)
     try:
         for path in (routing.STOCK, routing.KERNEL):
+            seeds.clear()  # the two paths may return other dtypes
             os.environ[routing.MODE_ENV] = path
             ctx = torch.enable_grad() if grad else torch.no_grad()
             with ctx:
