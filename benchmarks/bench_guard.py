@@ -15,6 +15,10 @@ embedding and head are the full vocabulary's). Issue 21's four rows are cases ``
     python -m benchmarks.bench_guard --out guard.json [--quick] [--layers 4] [--cases NAME,...]
     python -m benchmarks.bench_guard --cpu-smoke --out guard_smoke.json   (toy sizes, CPU, checks the script)
 
+``--variant NAME:VAR=VALUE`` adds a patched side with those environment variables set to every round (an
+in-process A/B of two patched paths: two runs of one case have differed by 0.2 in ratio on one machine);
+``--sync-audit`` counts the synchronizing calls of one unit of work per side and the lines that made them.
+
 To register with ``hf-fastkern bench``: the module exposes ``main(argv)`` and ``run_cases(...)``; the registry
 entry is ``guard`` -> ``benchmarks/bench_guard.py`` (``--quick`` maps to the registry's quick mode).
 """
@@ -168,41 +172,113 @@ def _profile(run, device: str) -> dict[str, str]:
     return out
 
 
-def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, profile: bool = False) -> dict:
-    """Alternate unpatched / patched rounds on one model; the median per-step time of each side (``profile``:
-    then one profiled unit of work per side)."""
+@dataclass(frozen=True)
+class Variant:
+    """A third (fourth, ...) side of every round: the patched model with some environment variables set, e.g.
+    ``async_check:HF_FASTKERN_LABEL_CHECK=async``. An A/B of two patched paths in one process and one model,
+    interleaved with the unpatched rounds, so machine drift hits every side alike (two separate runs of one
+    case on one machine have differed by 0.2 in ratio)."""
+    name: str
+    env: tuple[tuple[str, str], ...]
+
+
+def parse_variant(spec: str) -> Variant:
+    """``NAME:VAR=VALUE[,VAR=VALUE...]`` -> Variant (ValueError naming what is wrong)."""
+    name, sep, rest = spec.partition(":")
+    if not sep or not name or name in ("sdpa", "fastkern") or not rest:
+        raise ValueError(f"variant {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE...] with NAME not sdpa/fastkern")
+    env = []
+    for item in rest.split(","):
+        var, eq, val = item.partition("=")
+        if not eq or not var:
+            raise ValueError(f"variant {spec!r}: {item!r} is not VAR=VALUE")
+        env.append((var, val))
+    return Variant(name, tuple(env))
+
+
+def _set_env(pairs: tuple[tuple[str, str], ...], saved: dict[str, str | None]) -> None:
+    """Restore what earlier sides set (``saved``), then set ``pairs`` (remembering the values they replace)."""
+    for var, val in saved.items():
+        if val is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = val
+    saved.clear()
+    for var, val in pairs:
+        saved[var] = os.environ.get(var)
+        os.environ[var] = val
+
+
+def _sync_audit(run, device: str) -> dict[str, int]:
+    """One unit of work under ``torch.cuda.set_sync_debug_mode("warn")``: how many synchronizing calls each
+    source line made (a sync inside a step stalls the host until the GPU drains, and a host-bound step then
+    loses its head start; the stock step has none outside ``generate()``'s own checks)."""
+    if device != "cuda":
+        return {}
+    import warnings
+    counts: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{os.path.relpath(w.filename) if w.filename.startswith(os.getcwd()) else w.filename}:{w.lineno}"
+            counts[where] = counts.get(where, 0) + 1
+    return counts
+
+
+def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, profile: bool = False,
+                 variants: tuple[Variant, ...] = (), sync_audit: bool = False) -> dict:
+    """Alternate unpatched / patched (/ each variant) rounds on one model; the median per-step time of each side
+    (``profile``: then one profiled unit of work per side; ``sync_audit``: the synchronizing calls of one unit
+    of work per side)."""
     model = build_model(c, layers, device)
     run = _timer(c, model, device)
-    times: dict[str, list[float]] = {"sdpa": [], "fastkern": []}
+    sides = ["sdpa", "fastkern"] + [v.name for v in variants]
+    side_env = {"sdpa": (), "fastkern": (), **{v.name: v.env for v in variants}}
+    times: dict[str, list[float]] = {s: [] for s in sides}
     peaks: dict[str, float] = {}
+    syncs: dict[str, dict[str, int]] = {}
     report = ""
+    saved: dict[str, str | None] = {}
     n_steps = min(steps, 3) if c.mode == "generate" else steps
-    for r in range(rounds):
-        for side in ("sdpa", "fastkern"):
-            if side == "fastkern":
-                report = str(apply_fast_kernels(model))
-            else:
+    try:
+        for r in range(rounds):
+            for side in sides:
                 revert_fast_kernels(model)
-            # warm-up after every switch, both sides alike: the first round's compile/autotune and allocator
-            # growth, and in later rounds the first call after (re)patching, which is not a steady-state step
-            run()
-            if r == 0 and c.mode == "train":
+                _set_env(side_env[side], saved)
+                if side != "sdpa":
+                    rep = apply_fast_kernels(model)
+                    report = str(rep) if side == "fastkern" else report
+                # warm-up after every switch, every side alike: the first round's compile/autotune and allocator
+                # growth, and in later rounds the first call after (re)patching, which is not a steady-state step
                 run()
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            ts = [run() for _ in range(n_steps)]
-            times[side].append(statistics.median(ts))
-            if device == "cuda":
-                peaks[side] = max(peaks.get(side, 0.0), torch.cuda.max_memory_allocated() / 2**30)
-    profiles = {}
-    if profile:
+                if r == 0 and c.mode == "train":
+                    run()
+                if sync_audit and r == 0:
+                    syncs[side] = _sync_audit(run, device)
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                ts = [run() for _ in range(n_steps)]
+                times[side].append(statistics.median(ts))
+                if device == "cuda":
+                    peaks[side] = max(peaks.get(side, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+        profiles = {}
+        if profile:
+            for side in sides:
+                revert_fast_kernels(model)
+                _set_env(side_env[side], saved)
+                if side != "sdpa":
+                    apply_fast_kernels(model)
+                run()  # the first call after a switch is not a steady-state one (as above)
+                profiles[side] = _profile(run, device)
+    finally:
+        _set_env((), saved)
         revert_fast_kernels(model)
-        run()  # the first call after a switch is not a steady-state one (as above)
-        profiles["sdpa"] = _profile(run, device)
-        apply_fast_kernels(model)
-        run()
-        profiles["fastkern"] = _profile(run, device)
-    revert_fast_kernels(model)
     del model, run
     gc.collect()
     if device == "cuda":
@@ -216,6 +292,14 @@ def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, pro
            "ratio": ms["sdpa"] / ms["fastkern"], "round_ratios": [round(x, 3) for x in round_ratios],
            "sdpa_tok_s": tokens / ms["sdpa"] * 1e3, "fastkern_tok_s": tokens / ms["fastkern"] * 1e3,
            "rounds": rounds, "patch_report": report[:600]}
+    if variants:
+        row["variants"] = {
+            v.name: {"env": dict(v.env), "ms": ms[v.name], "ratio": ms["sdpa"] / ms[v.name],
+                     "vs_fastkern": ms["fastkern"] / ms[v.name],
+                     "round_ratios": [round(a / b, 3) for a, b in zip(times["sdpa"], times[v.name])]}
+            for v in variants}
+    if syncs:
+        row["syncs"] = syncs
     if profiles:
         row["profile"] = profiles
     if peaks:
@@ -305,13 +389,14 @@ def smoke_cases() -> list[Case]:
 
 
 def run_cases(cases: list[Case], layers: int, device: str, rounds: int, steps: int, log=print,
-              flush=None, profile: bool = False) -> list[dict]:
+              flush=None, profile: bool = False, variants: tuple[Variant, ...] = (),
+              sync_audit: bool = False) -> list[dict]:
     """One row per case; ``flush(rows)`` after each (a time limit keeps the rows measured so far)."""
     rows = []
     for c in cases:
         t0 = time.time()
         try:
-            row = measure_case(c, layers, device, rounds, steps, profile)
+            row = measure_case(c, layers, device, rounds, steps, profile, variants, sync_audit)
         except torch.OutOfMemoryError as e:
             row = {**asdict(c), "layers": layers, "error": f"out of memory: {str(e)[:200]}"}
         except Exception as e:  # one broken case never hides the others; the row says what broke
@@ -326,6 +411,11 @@ def run_cases(cases: list[Case], layers: int, device: str, rounds: int, steps: i
         else:
             log(f"{c.name}: sdpa {row['sdpa_ms']:.1f} ms, fastkern {row['fastkern_ms']:.1f} ms, "
                 f"ratio {row['ratio']:.3f}, per round {row['round_ratios']} ({row['secs']} s)")
+            for name, v in row.get("variants", {}).items():
+                log(f"    {name}: {v['ms']:.1f} ms, ratio {v['ratio']:.3f} ({v['vs_fastkern']:.3f}x fastkern), "
+                    f"per round {v['round_ratios']}")
+            for side, where in row.get("syncs", {}).items():
+                log(f"    syncs {side}: {sum(where.values())} {dict(sorted(where.items(), key=lambda x: -x[1])[:6])}")
         if flush is not None:
             flush(rows)
     return rows
@@ -353,7 +443,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the case names and exit")
     ap.add_argument("--profile", action="store_true",
                     help="also one torch.profiler step per side and case: top ops by host and device time")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                    help="one more patched side per round with these environment variables set (repeatable), "
+                         "e.g. async_check:HF_FASTKERN_LABEL_CHECK=async")
+    ap.add_argument("--sync-audit", action="store_true",
+                    help="count the synchronizing calls of one unit of work per side (CUDA sync debug mode)")
     args = ap.parse_args(argv)
+    try:
+        variants = tuple(parse_variant(v) for v in args.variant)
+    except ValueError as e:
+        ap.error(str(e))
+    if len({v.name for v in variants}) != len(variants):
+        ap.error("variant names must differ")
     if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
         # the kernel modules read TRITON_INTERPRET when imported: rerun this script with it set
         import subprocess
@@ -394,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1, default=str)
         return doc
-    doc = write(run_cases(cases, layers, device, rounds, steps, flush=write, profile=args.profile))
+    doc = write(run_cases(cases, layers, device, rounds, steps, flush=write, profile=args.profile, variants=variants,
+                          sync_audit=args.sync_audit))
     s = doc["summary"]
     print(f"wrote {args.out}: {s['measured']}/{s['cases']} cases, min ratio {s['min_ratio']}, "
           f"below 0.98: {s['below_0.98']}")

@@ -3,6 +3,9 @@ issue's rows, and a CPU smoke run writes well-formed JSON with a ratio per case.
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from benchmarks import bench_guard
 
@@ -42,3 +45,24 @@ def test_cpu_smoke_writes_ratios(tmp_path):
         assert len(r["round_ratios"]) == r["rounds"] and all(x > 0 for x in r["round_ratios"])
         assert "patched" in r["patch_report"]
     assert doc["summary"]["measured"] == len(rows) and doc["summary"]["errors"] == 0
+
+
+def test_variant_sides_and_parsing(tmp_path, monkeypatch):
+    """--variant adds a patched side per round with its environment set only during that side (restored after),
+    and its ratios are reported beside the default patched side's."""
+    with pytest.raises(ValueError, match="NAME:VAR=VALUE"):
+        bench_guard.parse_variant("fastkern:X=1")
+    with pytest.raises(ValueError, match="is not VAR=VALUE"):
+        bench_guard.parse_variant("a:X")
+    v = bench_guard.parse_variant("async_check:HF_FASTKERN_LABEL_CHECK=async,HF_X=1")
+    assert v.env == (("HF_FASTKERN_LABEL_CHECK", "async"), ("HF_X", "1"))
+    monkeypatch.delenv("HF_FASTKERN_LABEL_CHECK", raising=False)
+    out = tmp_path / "guard.json"
+    assert bench_guard.main(["--cpu-smoke", "--out", str(out), "--cases", "llama-toy-train", "--rounds", "2",
+                             "--variant", "async_check:HF_FASTKERN_LABEL_CHECK=async", "--sync-audit"]) == 0
+    assert "HF_FASTKERN_LABEL_CHECK" not in os.environ
+    row = json.loads(out.read_text())["rows"][0]
+    var = row["variants"]["async_check"]
+    assert var["env"] == {"HF_FASTKERN_LABEL_CHECK": "async"} and len(var["round_ratios"]) == 2
+    assert abs(var["ratio"] - row["sdpa_ms"] / var["ms"]) < 1e-9
+    assert abs(var["vs_fastkern"] - row["fastkern_ms"] / var["ms"]) < 1e-9

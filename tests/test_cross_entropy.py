@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_fastkern.kernels import cross_entropy as ce_mod
 from hf_fastkern.kernels import reference
 from hf_fastkern.kernels.cross_entropy import (
     CEFunction,
@@ -17,6 +18,7 @@ from hf_fastkern.kernels.cross_entropy import (
     cross_entropy,
     default_chunk,
     fused_linear_cross_entropy,
+    resolve_label_checks,
 )
 from tests.harness import (
     ALL,
@@ -368,6 +370,130 @@ def test_label_range_check_one_sync_gpu():
         torch.cuda.set_sync_debug_mode("default")
     syncs = [r for r in rec if "synchroniz" in str(r.message)]
     assert len(syncs) == 1, [str(r.message) for r in syncs]
+
+
+@pytest.fixture
+def async_labels(monkeypatch):
+    monkeypatch.setenv("HF_FASTKERN_LABEL_CHECK", "async")
+    resolve_label_checks()
+    yield
+    ce_mod._PENDING.clear()
+
+
+def test_async_label_check_matches_sync_on_valid_labels(device, async_labels, monkeypatch):
+    """HF_FASTKERN_LABEL_CHECK=async changes when a bad label is reported, nothing else: valid labels give the
+    sync mode's loss and gradients bit for bit, and no check stays pending once settled."""
+    h, w, _ = _flce_inputs(12, 8, 50, torch.float32, False, device)
+    y = _labels(12, 50).to(device)
+    y[3] = -100
+    got = []
+    for mode in ("async", "sync"):
+        monkeypatch.setenv("HF_FASTKERN_LABEL_CHECK", mode)
+        hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = fused_linear_cross_entropy(hh, ww, y)
+        loss.backward()
+        got.append((loss.detach(), hh.grad, ww.grad))
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+    resolve_label_checks()
+    assert not ce_mod._PENDING
+
+
+def test_async_label_check_bad_batch_is_nan_with_zero_grads_then_raises(device, async_labels):
+    """A bad label found after the fact: that call's loss is NaN and its gradients exactly zero (no NaN reaches
+    the weights), and the ValueError, naming value and position as the sync check does, comes from the
+    backward when the values are in, else from the next call."""
+    h, w, _ = _flce_inputs(6, 8, 50, torch.float32, False, device)
+    y = torch.randint(0, 50, (2, 3), device=device)
+    y[1, 2] = 50
+    hh, ww = h.reshape(2, 3, 8).detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hh, ww, y)
+    assert torch.isnan(loss)
+    msg = r"earlier call .*labels\[1, 2\] = 50 is out of range"
+    with pytest.raises(ValueError, match=msg):
+        loss.backward()
+        # on a GPU the values may not be on the host yet at the backward: the next call raises
+        assert torch.equal(hh.grad, torch.zeros_like(hh)) and torch.equal(ww.grad, torch.zeros_like(ww))
+        fused_linear_cross_entropy(h, w, y.reshape(-1).clamp(max=49))
+    assert not ce_mod._PENDING
+
+
+def test_async_label_check_zero_grads_before_the_raise(device, async_labels):
+    """The gradients a bad batch leaves (before its error is read) are zero, not NaN: shown with the error
+    raised by the settling call after the backward."""
+    h, w, _ = _flce_inputs(6, 8, 50, torch.float32, False, device)
+    y = torch.randint(0, 50, (6,), device=device)
+    y[4] = -5
+    hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hh, ww, y)
+    ce_mod._PENDING[-1].event = _NeverReady()  # as if the copy were still in flight at the backward
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.equal(hh.grad, torch.zeros_like(hh)) and torch.equal(ww.grad, torch.zeros_like(ww))
+    with pytest.raises(ValueError, match=r"labels\[4\] = -5 is out of range"):
+        resolve_label_checks()
+
+
+class _NeverReady:
+    """A stand-in event that has not completed until waited for."""
+
+    def __init__(self):
+        self.done = False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+
+def test_async_label_check_waits_only_for_checks_two_calls_old(device, async_labels):
+    """The next call leaves the previous call's check pending (no wait) and waits only for older ones."""
+    h, w, _ = _flce_inputs(6, 8, 50, torch.float32, False, device)
+    y = _labels(6, 50).to(device)
+    fused_linear_cross_entropy(h, w, y)
+    first = ce_mod._PENDING[-1].event = _NeverReady()
+    fused_linear_cross_entropy(h, w, y)
+    assert len(ce_mod._PENDING) == 2 and not first.done
+    fused_linear_cross_entropy(h, w, y)
+    assert first.done and 1 <= len(ce_mod._PENDING) <= 2
+    resolve_label_checks()
+    assert not ce_mod._PENDING
+
+
+def test_label_check_mode_rejects_unknown(device, monkeypatch):
+    monkeypatch.setenv("HF_FASTKERN_LABEL_CHECK", "later")
+    h, w, _ = _flce_inputs(4, 8, 50, torch.float32, False, device)
+    with pytest.raises(ValueError, match="HF_FASTKERN_LABEL_CHECK must be one of sync, async"):
+        fused_linear_cross_entropy(h, w, _labels(4, 50).to(device))
+
+
+@pytest.mark.gpu
+def test_async_label_check_no_sync_in_the_step_gpu(async_labels):
+    """On the device: forward + backward of the fused loss with the asynchronous check make no synchronizing
+    call (CUDA sync debug mode), and a bad label is still reported."""
+    import warnings
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    h = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(32000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 32000, (2048,), device="cuda")
+    fused_linear_cross_entropy(h, w, y).backward()  # warm-up: compile, pinned-memory pool
+    resolve_label_checks()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            fused_linear_cross_entropy(h, w, y).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(r.message) for r in rec if "synchroniz" in str(r.message)]
+    assert not syncs, syncs
+    y[5] = 32000
+    with pytest.raises(ValueError, match=r"labels\[5\] = 32000 is out of range"):
+        fused_linear_cross_entropy(h, w, y).backward()
+        resolve_label_checks()
 
 
 def test_default_chunk():

@@ -374,7 +374,8 @@ def _flce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     if reduce:
         dh, dw, db = _grad_buffers(hidden, weight, bias, need_dh, need_dw, need_db)
         # per-token gradient scale 1/denom; 0 when denom is 0 (then every row is ignored and gets zeros anyway)
-        inv = torch.where(denom != 0, 1.0 / denom, torch.zeros_like(denom)).reshape(1)
+        # or NaN (an asynchronous label check found a bad label: that call's gradients are zero)
+        inv = torch.nan_to_num(1.0 / denom, nan=0.0, posinf=0.0).reshape(1)
     else:
         dh = dw = db = None
         inv = denom.reshape(1)
@@ -510,6 +511,8 @@ class FLCEFunction(torch.autograd.Function):
                                    "(its gradients are scaled in place); retain_graph double backward is "
                                    "unsupported")
             ctx.consumed = True
+            if _PENDING:
+                resolve_label_checks(wait=False)  # raise before the optimizer step if the values are in already
             dh, dw, db = ctx.saved_tensors
             g1 = g_loss.reshape(1).float().contiguous()
             for t in (dh, dw, db):
@@ -550,30 +553,116 @@ def _check_labels_tensor(labels: torch.Tensor, n_tok: int, what: str) -> None:
                          f"got shape {tuple(labels.shape)}")
 
 
+LABEL_CHECK_ENV = "HF_FASTKERN_LABEL_CHECK"
+LABEL_CHECK_MODES = ("sync", "async")
+
+
+def label_check_mode() -> str:
+    """``HF_FASTKERN_LABEL_CHECK``: ``sync`` (default) or ``async`` (see :func:`check_label_range_async`)."""
+    m = env_get(LABEL_CHECK_ENV, "sync")
+    if m not in LABEL_CHECK_MODES:
+        raise ValueError(f"{LABEL_CHECK_ENV} must be one of {', '.join(LABEL_CHECK_MODES)}, got {m!r}")
+    return m
+
+
+def _label_check_skipped(labels: torch.Tensor) -> bool:
+    return (env_get("HF_FASTKERN_SKIP_LABEL_CHECK", "0") == "1" or torch.compiler.is_compiling()
+            or labels.numel() == 0)
+
+
+def _label_range(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """[min, max] of the labels that are not ``ignore_index`` (those count as 0, a valid label): one reduction."""
+    lo, hi = torch.where(labels == ignore_index, 0, labels).aminmax()
+    return torch.stack((lo, hi))
+
+
+def _raise_out_of_range(labels: torch.Tensor, vocab: int, ignore_index: int, earlier: str = "") -> None:
+    """Locate the first label outside ``[0, vocab)`` that is not ``ignore_index`` and raise (return if none)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if not bool(bad.any()):  # vocab 0 with every label ignored, or labels changed in place since
+        return
+    flat = int(bad.reshape(-1).nonzero()[0, 0])
+    pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), labels.shape))
+    value = int(labels.reshape(-1)[flat])
+    where = f"labels[{', '.join(map(str, pos))}]" if labels.dim() else "labels"
+    raise ValueError(f"{earlier}{where} = {value} is out of range: labels must be in [0, {vocab}) "
+                     f"(the vocabulary size) or equal ignore_index={ignore_index}")
+
+
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Raise ``ValueError`` naming the first label outside ``[0, vocab)`` that is not ``ignore_index``.
 
     One fused device reduction and one host sync; skipped under ``HF_FASTKERN_SKIP_LABEL_CHECK=1`` and while
     ``torch.compile`` traces (unchecked bad labels give a NaN loss, never an out-of-bounds read).
     """
-    if env_get("HF_FASTKERN_SKIP_LABEL_CHECK", "0") == "1" or torch.compiler.is_compiling():
-        return
-    if labels.numel() == 0:
+    if _PENDING:
+        resolve_label_checks()  # asynchronous checks of earlier calls (this call syncs anyway)
+    if _label_check_skipped(labels):
         return
     # Fast path, one reduction and one sync: ignored labels are replaced by 0 (a valid label), then the range
     # [min, max] of what is left is read once. Only a failing check pays for locating the first bad label.
-    lo, hi = torch.where(labels == ignore_index, 0, labels).aminmax()
-    lo, hi = torch.stack((lo, hi)).tolist()
+    lo, hi = _label_range(labels, ignore_index).tolist()
     if lo < 0 or hi >= vocab:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        if not bool(bad.any()):  # vocab 0 with every label ignored
-            return
-        flat = int(bad.reshape(-1).nonzero()[0, 0])
-        pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), labels.shape))
-        value = int(labels.reshape(-1)[flat])
-        where = f"labels[{', '.join(map(str, pos))}]" if labels.dim() else "labels"
-        raise ValueError(f"{where} = {value} is out of range: labels must be in [0, {vocab}) "
-                         f"(the vocabulary size) or equal ignore_index={ignore_index}")
+        _raise_out_of_range(labels, vocab, ignore_index)
+
+
+class _PendingCheck:
+    """One asynchronous label check: its [min, max] on its way to (pinned) host memory, and what to name."""
+    __slots__ = ("host", "event", "labels", "vocab", "ignore_index")
+
+    def __init__(self, host, event, labels, vocab, ignore_index):
+        self.host, self.event, self.labels, self.vocab, self.ignore_index = host, event, labels, vocab, ignore_index
+
+
+_PENDING: list[_PendingCheck] = []
+
+
+def check_label_range_async(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor | None:
+    """The label check without a host sync inside the step (``HF_FASTKERN_LABEL_CHECK=async``).
+
+    A sync in the loss's forward makes the host wait for the GPU to finish the forward before it may launch the
+    backward: in a host-bound step that head start is lost (stock transformers' loss has no sync). Here the
+    [min, max] reduction is copied to pinned host memory behind an event and read when it has arrived: in this
+    loss's backward if it is there by then, else at the next call of the fused loss (which waits only for a
+    check two calls old). Returns a 0-d bool device tensor, False when a label is out of range: the caller
+    makes that call's loss NaN and its gradients zero, so a bad batch never writes NaN into the weights before
+    the ``ValueError`` (the same message as the sync check, saying it was an earlier call) is raised.
+    Returns None when the check is skipped (as :func:`check_label_range`).
+    """
+    resolve_label_checks(keep=1)
+    if _label_check_skipped(labels):
+        return None
+    rng = _label_range(labels, ignore_index)
+    if labels.device.type == "cuda":
+        host = torch.empty(2, dtype=rng.dtype, pin_memory=True)
+        host.copy_(rng, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:  # no stream to run ahead of: the values are there
+        host, event = rng, None
+    _PENDING.append(_PendingCheck(host, event, labels, vocab, ignore_index))
+    return (rng[0] >= 0) & (rng[1] < vocab)
+
+
+def resolve_label_checks(keep: int = 0, wait: bool = True) -> None:
+    """Read the asynchronous label checks whose values have reached the host, oldest first, and raise for the
+    first out-of-range one. ``keep``: the newest checks that may stay pending; older ones are waited for
+    (``wait``) or left for later (``wait=False``: never blocks). Call with no arguments to settle every check,
+    e.g. after the last training step."""
+    while _PENDING:
+        p = _PENDING[0]
+        if p.event is not None and not p.event.query():
+            if not wait or len(_PENDING) <= keep:
+                return
+            p.event.synchronize()
+        _PENDING.pop(0)
+        lo, hi = p.host.tolist()
+        if lo < 0 or hi >= p.vocab:
+            _PENDING.clear()
+            _raise_out_of_range(p.labels, p.vocab, p.ignore_index,
+                                earlier="fused_linear_cross_entropy, label check of this or an earlier call "
+                                        f"({LABEL_CHECK_ENV}=async: that call's loss is NaN and its gradients "
+                                        "zero): ")
 
 
 def _denominator(labels: torch.Tensor, reduction: str, ignore_index: int,
@@ -683,15 +772,22 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                                              num_items_in_batch=num_items_in_batch)
         return out.reshape(labels.shape) if reduction == "none" else out
-    check_label_range(labels, vocab, ignore_index)
+    reduce = reduction != "none"
+    labels_ok = None
+    if reduce and label_check_mode() == "async":
+        labels_ok = check_label_range_async(labels, vocab, ignore_index)
+    else:
+        check_label_range(labels, vocab, ignore_index)
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and h2.requires_grad
     need_dw = grad_on and weight.requires_grad
     need_db = grad_on and bias is not None and bias.requires_grad
     chunk = chunk_size or default_chunk(n_tok, vocab, h2.element_size())
-    reduce = reduction != "none"
     denom = (_denominator(y, reduction, ignore_index, num_items_in_batch, h2.device) if reduce
              else torch.ones((), device=h2.device, dtype=torch.float32))
+    if labels_ok is not None:
+        # a bad label (found after the fact): loss NaN, gradients zero (the scale 1/denom becomes 0)
+        denom = torch.where(labels_ok, denom, float("nan"))
     args = (_rowwise(h2), _rowwise(weight), bias.contiguous() if bias is not None else None, y.contiguous(), denom,
             int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0), reduce,
             need_dh, need_dw, need_db, int(chunk))
@@ -702,4 +798,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return loss.reshape(labels.shape)
 
 
-__all__ = ["cross_entropy", "fused_linear_cross_entropy", "check_label_range", "default_chunk"]
+__all__ = ["cross_entropy", "fused_linear_cross_entropy", "check_label_range", "check_label_range_async",
+           "resolve_label_checks", "default_chunk"]
