@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from hf_fastkern import apply_fast_kernels
-from hf_fastkern.kernels import activations, layer_norm, reference, rms_norm, rope, routing
+from hf_fastkern.kernels import activations, layer_norm, rms_norm, rope, routing
 from hf_fastkern.patches import attention as fk
 
 from .harness import environment, loop_ms
@@ -353,7 +353,7 @@ def norm_grid(quick: bool, smoke: bool) -> list[tuple[str, dict, str, list]]:
     toks = (1, 16, 128, 512, 2048, 8192, 32768) if not quick else (1, 16, 128, 1024, 8192)
     hiddens = (2048, 4096, 8192) if not quick else (2048, 4096)
     inters = (8192, 14336) if not quick else (8192,)
-    head_dims = (64, 128) if not quick else (128,)
+    head_dims = (64, 128, 256)  # Llama-3.2-1B, Llama-3-8B, Gemma / Pythia (rotary 64 of 256)
     if smoke:
         toks, hiddens, inters, head_dims = (4, 16), (64,), (128,), (16,)
     fams = []
@@ -383,11 +383,8 @@ def _norm_fn(op: str, t: int, n: int, grad: bool, dev: str):
         ang = torch.arange(t, device=dev, dtype=torch.float32)[:, None] * torch.rand(n // 2, device=dev)
         ang = torch.cat([ang, ang], -1)[None]
         cos, sin = ang.cos().to(dt), ang.sin().to(dt)
-        def fn():
-            # apply_rope does not read the routing table yet (docs/routing.md), so the stock side is chosen here:
-            # transformers' expression (the reference) under HF_FASTKERN_ROUTING=stock, the kernel's entry else
-            f = reference.rope if routing.mode() == routing.STOCK else rope.apply_rope
-            return f(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        def fn():  # apply_rope reads HF_FASTKERN_ROUTING (stock: transformers' expression) like every routed op
+            return rope.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return fn, [q, k] if grad else []
     if op == "gelu":
         x = torch.randn(t, n, device=dev, dtype=dt, requires_grad=grad)

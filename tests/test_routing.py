@@ -171,14 +171,15 @@ def test_describe_prints_the_table(table, monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "Fake GPU" in out and "bench_routing.py --out x.json" in out
     assert "kernel kind=dense, head_dim=128, kv_len 64..8192" in out
-    # an op the table holds but no call site reads is named as such, its rules not listed as if in force
+    # RoPE without a rule in the table keeps the kernel, and info says so; with rules they are listed
+    assert "rope: no rule: the fused RoPE kernel runs wherever it applies" in out
     doc = _doc({"rope": [{"match": {"tokens": [1, None]}, "choice": "kernel", "ratio": 1.5}]})
     path = tmp_path / "rope_table.json"
     path.write_text(json.dumps(doc))
     monkeypatch.setenv(routing.TABLE_ENV, str(path))
     routing.reset()
     text = "\n".join(routing.describe())
-    assert "rope: 1 rule(s), measured but not consulted yet" in text and "tokens 1.." not in text
+    assert "rope: 1 rule(s), first match wins" in text and "kernel tokens 1.." in text and "no rule" not in text
     monkeypatch.setattr(routing, "gpu_class", lambda device=None: None)
     assert "routing does not apply" in routing.describe()[0]
 
@@ -529,8 +530,8 @@ def test_open_range_above_a_measured_grid_stops_at_a_seeded_point():
 
 
 def test_rope_family_times_the_reference_on_the_stock_side(monkeypatch):
-    """apply_rope does not read the routing table, so bench_routing's rope case picks its side itself: the
-    reference expression under HF_FASTKERN_ROUTING=stock (no kernel launch), the kernel otherwise."""
+    """bench_routing's rope case times what apply_rope routes between: transformers' expression under
+    HF_FASTKERN_ROUTING=stock (no kernel launch), the kernel otherwise."""
     from hf_fastkern.kernels import rope as rope_mod
     launches = CallCounter(rope_mod.RopeQKFunction.apply)
     monkeypatch.setattr(rope_mod.RopeQKFunction, "apply", launches)
@@ -556,3 +557,44 @@ def test_loop_timing_runs_calls_back_to_back_and_resets_grads():
     ms = loop_ms(fn, grad_to_none=[x], loops=3, loop_ms_target=0.0, warmup=2)
     assert ms > 0 and len(seen) == 2 + 1 + 3  # n = 1 per loop when the target is 0
     assert all(g is None for g in seen)  # every call started from a reset gradient
+
+
+def test_rope_call_site_routes_per_case(table, monkeypatch, tmp_path):
+    """RoPE follows the table: a table without a rope rule keeps the kernel (as before RoPE was routed); a table
+    with rope rules runs the kernel where a rule says so and transformers' expression (bitwise the reference,
+    no launch) elsewhere."""
+    from hf_fastkern.kernels import rope as rope_mod
+    _cuda_like(monkeypatch)
+    launches = CallCounter(rope_mod.RopeQKFunction.apply)
+    monkeypatch.setattr(rope_mod.RopeQKFunction, "apply", launches)
+    q = torch.randn(1, 4, 6, 16, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 2, 6, 16, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = torch.randn(1, 6, 16, dtype=torch.bfloat16), torch.randn(1, 6, 16, dtype=torch.bfloat16)
+    assert "rope" not in table.rules
+    rope_mod.apply_rope(q, k, cos, sin)
+    assert launches.calls == 1
+    rule = {"match": {"tokens": [1, 64], "head_dim": 16}, "choice": "kernel", "ratio": 1.3}
+    tmp = tmp_path / "rope.json"
+    tmp.write_text(json.dumps(_doc({"rope": [rule]})))
+    monkeypatch.setenv(routing.TABLE_ENV, str(tmp))
+    routing.reset()
+    rope_mod.apply_rope(q, k, cos, sin)
+    assert launches.calls == 2
+    qq, kk = q.expand(16, -1, -1, -1), k.expand(16, -1, -1, -1)  # 96 tokens: outside the rule
+    got = rope_mod.apply_rope(qq, kk, cos, sin)
+    want = reference.rope(qq, kk, cos, sin)
+    assert launches.calls == 2 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_report_names_rope_routed_to_stock(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_fastkern import apply_fast_kernels, report
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg)
+    apply_fast_kernels(model, attention=False, cross_entropy=False)
+    assert "apply_rotary_pos_emb: routed" not in str(report(model))
+    monkeypatch.setenv(routing.MODE_ENV, routing.STOCK)
+    text = str(report(model))
+    assert "fallback rope" in text and "its rotation runs apply_rotary_pos_emb: routed to stock" in text, text

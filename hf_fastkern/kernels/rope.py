@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fastkern.kernels import reference
+from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels._triton_utils import INTERPRET, cdiv, round_to
 from hf_fastkern.kernels.dispatch import device_check, use_kernel
 
@@ -206,6 +206,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     why = _unsupported(q, k, cos, sin, unsqueeze_dim)
     if not use_kernel("rope", (False, why) if why else device_check((q, k, cos, sin))):
         return reference.rope(q, k, cos, sin, unsqueeze_dim)
+    if not routing.use_kernel("rope", q.device, tokens=q.shape[0] * q.shape[2], head_dim=q.shape[-1],
+                              grad=routing.records_grad(q, k)):
+        return reference.rope(q, k, cos, sin, unsqueeze_dim)  # the table measured stock faster here
     cos, sin = _rows_unit(cos), _rows_unit(sin)
     q, k = _rows_unit(q), _rows_unit(k)
     dt = torch.promote_types(q.dtype, cos.dtype)  # result_type of two tensors (traceable by dynamo)

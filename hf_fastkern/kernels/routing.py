@@ -28,9 +28,10 @@ Cases (keys a rule may name, per op):
 - ``qlora_linear`` (the fused QLoRA linear, :mod:`hf_fastkern.layers.fused_qlora`, vs PEFT's own 4-bit LoRA
   forward): ``tokens``, ``in_features``, ``out_features``, ``grad``.
 - ``rope`` (the fused q+k rotary embedding vs transformers' ``apply_rotary_pos_emb``): ``tokens`` (batch x seq),
-  ``head_dim``, ``grad``. Measured by ``bench_routing.py`` (part ``norms``) and kept in tables, **not consulted
-  yet**: :func:`hf_fastkern.kernels.rope.apply_rope` runs the kernel wherever it applies (docs/routing.md says
-  why: no H100 rows yet, and the H200 rows were timed per call with ``do_bench``, which hides launch cost).
+  ``head_dim``, ``grad``. At a few hundred tokens both are launch-bound and transformers' ~14 small ops can beat
+  one Triton launch whose argument binding costs more host time (issue 21). RoPE joined routing after tables
+  had been measured without it, so a table with **no** rope rule leaves RoPE on the kernel, as before routing
+  (:data:`KERNEL_WITHOUT_RULES`); a table with rope rules decides like any other op (no match: stock).
 
 Decisions are cached per (GPU class, op, case), so a call pays one dictionary lookup after the first.
 """
@@ -67,8 +68,9 @@ CASE_KEYS: dict[str, tuple[str, ...]] = {
     "rope": ("tokens", "head_dim", "grad"),
 }
 ATTENTION_KINDS = ("dense", "decode", "padded", "packed")
-# ops a table may hold rules for that no call site reads yet (what runs instead)
-NOT_CONSULTED = {"rope": "the fused RoPE kernel runs wherever it applies (docs/routing.md)"}
+# ops that joined routing after tables were measured without them: a table holding no rule for such an op says
+# nothing about it, so the kernel runs there as it did before the op was routed (a table with rules decides)
+KERNEL_WITHOUT_RULES = {"rope": "the fused RoPE kernel runs wherever it applies, as before RoPE was routed"}
 PROVENANCE_KEYS = ("command", "gpu", "versions", "date")
 _MAX_NARROWED = 1 << 12
 
@@ -129,7 +131,10 @@ class RoutingTable:
         return hit
 
     def decide(self, op: str, case: dict[str, Any]) -> tuple[str, str]:
-        """(choice, why) for ``op`` at ``case``: the first matching rule, else stock."""
+        """(choice, why) for ``op`` at ``case``: the first matching rule, else stock (see
+        :data:`KERNEL_WITHOUT_RULES` for an op the table has no rule for)."""
+        if op in KERNEL_WITHOUT_RULES and not self.rules.get(op):
+            return KERNEL, f"{os.path.basename(self.path)} has no {op} rule: {KERNEL_WITHOUT_RULES[op]}"
         for rule in self._candidates(op, case):
             if rule.matches(case):
                 ratio = f", stock/kernel time {rule.ratio:.2f}" if rule.ratio is not None else ""
@@ -340,6 +345,8 @@ def unrouted_reason(op: str, device: torch.device) -> str:
     table = load_table(cls)
     if table is None:
         return f"no routing table for GPU class {cls!r}"
+    if op in KERNEL_WITHOUT_RULES and not table.rules.get(op):
+        return ""
     if not any(r.choice == KERNEL for r in table.rules.get(op, ())):
         return f"no {op} case measured faster in {os.path.basename(table.path)} (benchmarks/bench_routing.py)"
     return ""
@@ -386,10 +393,10 @@ def describe(device: torch.device | str | None = None) -> list[str]:
              f"  versions: {', '.join(f'{k} {v}' for k, v in (p.get('versions') or {}).items())}"]
     if p.get("note"):
         lines.append(f"  note: {p['note']}")
+    for op, why in KERNEL_WITHOUT_RULES.items():
+        if not table.rules.get(op):
+            lines.append(f"  {op}: no rule: {why}")
     for op, rules in table.rules.items():
-        if op in NOT_CONSULTED:
-            lines.append(f"  {op}: {len(rules)} rule(s), measured but not consulted yet: {NOT_CONSULTED[op]}")
-            continue
         lines.append(f"  {op}: {len(rules)} rule(s), first match wins, no match -> stock")
         for r in rules:
             ratio = "" if r.ratio is None else f"  stock/kernel {r.ratio:.2f}"

@@ -170,6 +170,15 @@ def _gelu_status(fc_in: str, module: nn.Module) -> str:
     return f"its GELU runs F.gelu: routed to stock ({why})" if why else ""
 
 
+def _rope_status(module: nn.Module) -> str:
+    """A RoPE attention as it runs now: the routing table may keep the rotation on transformers' expression."""
+    weight = next((p for p in module.parameters(recurse=True)), None)
+    if weight is None:
+        return ""
+    why = routing.unrouted_reason("rope", weight.device)
+    return f"its rotation runs apply_rotary_pos_emb: routed to stock ({why})" if why else ""
+
+
 def _mlp_factory(recipe: Recipe, cls: str, opts: dict) -> tuple[ForwardFactory, Any]:
     factory = recipe.mlps[cls]
     gelu_input = getattr(factory, "gelu_input", None)
@@ -192,7 +201,7 @@ def _patch_modules(base: nn.Module, ledger: Ledger, recipe: Recipe | None, opts:
         cls = type(module).__name__
         seen.add(cls)
         if opts["rope"] and recipe is not None and cls in recipe.rope_attention:
-            _bind(ledger, module, name, "rope", recipe.rope_attention[cls], config, left)
+            _bind(ledger, module, name, "rope", recipe.rope_attention[cls], config, left, _rope_status)
         elif opts["lora"] and (is_lora_linear(module) or is_qlora_linear(module)):
             _bind_lora(ledger, module, name, config, left)
         elif opts["norm"] and recipe is not None and cls in recipe.norms:
