@@ -35,6 +35,9 @@ Bad input: labels outside ``[0, vocab)`` that are not ``ignore_index`` raise ``V
 and its position. That check costs one host sync per call; set ``HF_FASTKERN_SKIP_LABEL_CHECK=1`` to skip it
 (it is also skipped while ``torch.compile`` traces). Unchecked out-of-range labels never read out of bounds:
 their loss is NaN.
+``HF_FASTKERN_LABEL_CHECK=async`` (fused loss, 'mean'/'sum') checks without a sync inside the step: the bad
+batch's loss is NaN and its gradients zero, and the ValueError follows at its backward or the next call
+(:func:`check_label_range_async`, docs/cross_entropy.md).
 Limits: the last dimension of logits/hidden/weight must be contiguous (otherwise it is copied once); the
 backward of the scalar reductions runs once (``retain_graph`` double backward is refused). Offsets are int64,
 so tokens x vocab may exceed 2**31.
