@@ -320,7 +320,7 @@ def _chunk_grads(dl: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, start:
                  dw: torch.Tensor | None, db: torch.Tensor | None) -> None:
     """Accumulate one chunk's dlogits [c, vocab] into d_hidden rows, d_weight and d_bias."""
     if dh is not None:
-        torch.mm(dl, weight, out=dh[start:start + dl.shape[0]])
+        torch.mm(dl, weight, out=dh if dl.shape[0] == dh.shape[0] else dh[start:start + dl.shape[0]])
     if dw is not None:
         if start == 0:
             # the first chunk writes d_weight, which saves zero-filling (and re-reading) 1 GiB at 128K x 4096
@@ -339,6 +339,14 @@ def _flce_loop(hidden, weight, bias, labels, gscale, opts, chunk, loss, lse, dh,
     per_row = gscale.numel() > 1
     # the op computes in the dtype it was given: autocast around the caller must not re-cast its matmuls
     with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if 0 < n_tok <= chunk:  # one chunk (every host-bound step): the whole tensors, no slice views
+            _chunk_logits(hidden, weight, bias, buf)
+            if not recompute:
+                _launch_fwd(buf, labels, loss, lse, *opts)
+            if want_grad:
+                _launch_bwd(buf, buf, labels, lse, gscale, *opts)
+                _chunk_grads(buf, hidden, weight, 0, dh, dw, db)
+            return
         for s in range(0, n_tok, chunk):
             e = min(s + chunk, n_tok)
             h = hidden[s:e]
@@ -378,7 +386,7 @@ def _flce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         dh, dw, db = _grad_buffers(hidden, weight, bias, need_dh, need_dw, need_db)
         # per-token gradient scale 1/denom; 0 when denom is 0 (then every row is ignored and gets zeros anyway)
         # or NaN (an asynchronous label check found a bad label: that call's gradients are zero)
-        inv = torch.nan_to_num(1.0 / denom, nan=0.0, posinf=0.0).reshape(1)
+        inv = denom.reciprocal().nan_to_num_(nan=0.0, posinf=0.0).reshape(1)
     else:
         dh = dw = db = None
         inv = denom.reshape(1)
@@ -675,7 +683,7 @@ def _denominator(labels: torch.Tensor, reduction: str, ignore_index: int,
         return torch.ones((), device=device, dtype=torch.float32)
     if num_items_in_batch is not None:
         return torch.as_tensor(num_items_in_batch, dtype=torch.float32).to(device).reshape(())
-    return (labels != ignore_index).sum().to(torch.float32)
+    return (labels != ignore_index).sum(dtype=torch.float32)
 
 
 def _autocast_cast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
