@@ -192,6 +192,8 @@ def parse_variant(spec: str) -> Variant:
         var, eq, val = item.partition("=")
         if not eq or not var:
             raise ValueError(f"variant {spec!r}: {item!r} is not VAR=VALUE")
+        if any(var == v for v, _ in env):
+            raise ValueError(f"variant {spec!r}: {var} is set twice")
         env.append((var, val))
     return Variant(name, tuple(env))
 
@@ -212,18 +214,20 @@ def _set_env(pairs: tuple[tuple[str, str], ...], saved: dict[str, str | None]) -
 def _sync_audit(run, device: str) -> dict[str, int]:
     """One unit of work under ``torch.cuda.set_sync_debug_mode("warn")``: how many synchronizing calls each
     source line made (a sync inside a step stalls the host until the GPU drains, and a host-bound step then
-    loses its head start; the stock step has none outside ``generate()``'s own checks)."""
+    loses its head start; the stock step has none outside ``generate()``'s own checks). Explicit waits
+    (``torch.cuda.synchronize``, ``Event.synchronize``, the timer's own per-step sync) are not counted."""
     if device != "cuda":
         return {}
     import warnings
     counts: dict[str, int] = {}
+    before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             run()
         finally:
-            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.set_sync_debug_mode(before)
     for w in caught:
         if "synchroniz" in str(w.message):
             where = f"{os.path.relpath(w.filename) if w.filename.startswith(os.getcwd()) else w.filename}:{w.lineno}"
@@ -244,16 +248,21 @@ def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, pro
     peaks: dict[str, float] = {}
     syncs: dict[str, dict[str, int]] = {}
     report = ""
+    reports: dict[str, str] = {}
     saved: dict[str, str | None] = {}
     n_steps = min(steps, 3) if c.mode == "generate" else steps
     try:
         for r in range(rounds):
-            for side in sides:
+            # the unpatched side first, then the patched sides in an order that rotates every round (a side
+            # that always follows another would carry that order's bias into the A/B)
+            patched = sides[1:]
+            k = r % len(patched)
+            for side in ["sdpa"] + patched[k:] + patched[:k]:
                 revert_fast_kernels(model)
                 _set_env(side_env[side], saved)
                 if side != "sdpa":
-                    rep = apply_fast_kernels(model)
-                    report = str(rep) if side == "fastkern" else report
+                    reports[side] = str(apply_fast_kernels(model))
+                    report = reports[side] if side == "fastkern" else report
                 # warm-up after every switch, every side alike: the first round's compile/autotune and allocator
                 # growth, and in later rounds the first call after (re)patching, which is not a steady-state step
                 run()
@@ -296,7 +305,8 @@ def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, pro
         row["variants"] = {
             v.name: {"env": dict(v.env), "ms": ms[v.name], "ratio": ms["sdpa"] / ms[v.name],
                      "vs_fastkern": ms["fastkern"] / ms[v.name],
-                     "round_ratios": [round(a / b, 3) for a, b in zip(times["sdpa"], times[v.name])]}
+                     "round_ratios": [round(a / b, 3) for a, b in zip(times["sdpa"], times[v.name])],
+                     "peak_GiB": peaks.get(v.name), "patch_report": reports.get(v.name, "")[:600]}
             for v in variants}
     if syncs:
         row["syncs"] = syncs

@@ -21,6 +21,12 @@ Part ``qlora`` (only where bitsandbytes and PEFT import): op ``qlora_linear``, a
 double quant, bf16 compute, r 16 fp32 adapters, bf16 autocast) at the Llama-3-8B projection shapes, the fused
 QLoRA linear (:mod:`hf_fastkern.layers.fused_qlora`) against PEFT's own forward.
 
+Part ``loss``: op ``fused_loss``, a patched causal LM's training loss: the fused linear cross-entropy (label check
+included) against the model's own head + transformers' ``ForCausalLMLoss`` expression, swept over the fp32 logits
+the stock loss would make (``logits_mib``). Timed alone, back to back, its label check's host sync waits only for
+the loss's own work; inside a step it waits for the whole forward, so the whole-model guard
+(``bench_guard.py``) is the arbiter of a rule that keeps the kernel at small sizes.
+
 ``--seed-from DIR`` builds a table from committed benchmark JSON instead (attention.json vs SDPA-cuDNN,
 rms_norm/layer_norm/activations/rope.json vs torch eager), stating those files and their commands as provenance;
 no GPU needed. ``--cpu-smoke``: a tiny grid on the CPU (interpreter), to check the script, not to route.
@@ -37,6 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from hf_fastkern import apply_fast_kernels
 from hf_fastkern.kernels import activations, layer_norm, rms_norm, rope, routing
@@ -58,6 +65,10 @@ MARGIN = 1.02  # the kernel must be this much faster (stock_ms / kernel_ms) to b
 # tokens) would fall off the grid onto the stock norms, slower and holding fp32 copies of [tokens, hidden].
 # Attention stays bounded (its stock side, cuDNN, changes algorithm with length).
 OPEN_ABOVE = ("rms_norm", "layer_norm", "glu", "gelu", "rope", "qlora_linear")
+# Ops whose stock side holds memory that grows without bound: the stock loss materialises the [tokens, vocab]
+# logits (fp32: 4 GiB at 8K tokens x 128K vocabulary, 190 GiB at 393K). Above their grid the kernel runs
+# whatever the top points measured: being slower there is not the risk, running out of memory is.
+KERNEL_ABOVE = ("fused_loss",)
 
 
 def family_rules(op: str, fixed: dict[str, Any], sweep: str, points: list[tuple[int, float]], source: str,
@@ -79,6 +90,10 @@ def family_rules(op: str, fixed: dict[str, Any], sweep: str, points: list[tuple[
         (x0, r0), (x1, r1) = points[-2:]
         rules.append({"match": {**fixed, sweep: [x1, None]}, "choice": "kernel", "ratio": round(min(r0, r1), 3),
                       "source": f"{source} (above the grid: the top two points won)"})
+    elif op in KERNEL_ABOVE and points:
+        # the first rule that matches wins: the top point keeps its own measured rule; above it, the kernel
+        rules.append({"match": {**fixed, sweep: [points[-1][0], None]}, "choice": "kernel", "ratio": None,
+                      "source": f"{source} (above the grid: the stock side's memory grows without bound)"})
     return rules
 
 
@@ -457,12 +472,47 @@ def qlora_available() -> str:
     return f"{', '.join(missing)} not installed" if missing else ""
 
 
-PARTS = ("attention-train", "attention-forward", "decode", "norms", "qlora")
+def loss_grid(quick: bool, smoke: bool) -> list[tuple[str, dict, str, list]]:
+    """The training loss of a patched causal LM (op ``fused_loss``), swept over the fp32 logits the stock loss
+    would make (MiB): each point is one or two (tokens, vocab, hidden) cases of about that size, Llama-3.2-1B's
+    head (32000 x 2048 here, a Llama-2-sized vocabulary) and Llama-3-8B's (128256 x 4096); the worse ratio
+    decides the point."""
+    small, big = (32000, 2048), (128256, 4096)
+    pts = [(16, [(128, *small)]), (62, [(512, *small), (128, *big)]), (250, [(2048, *small), (512, *big)]),
+           (1000, [(8192, *small), (2048, *big)]), (4008, [(8192, *big)])]
+    if quick:
+        pts = pts[:4]
+    if smoke:
+        pts = [(0, [(4, 96, 16)]), (1, [(16, 128, 16)])]
+    return [("fused_loss", {"grad": grad}, "logits_mib",
+             [(x, [dict(t=t, v=v, h=h) for t, v, h in cases]) for x, cases in pts]) for grad in (True, False)]
+
+
+def _loss_fn(t: int, v: int, h: int, grad: bool, dev: str):
+    """Stock: the model's own head and transformers' ForCausalLMLoss (bf16 logits, upcast to fp32, cross-entropy
+    with ignore_index -100, the mean over valid tokens); kernel: the fused linear cross-entropy on the hidden
+    state (label check included). HF_FASTKERN_ROUTING picks the side, as the patched forward's table would."""
+    from hf_fastkern.kernels.cross_entropy import fused_linear_cross_entropy
+    x = torch.randn(t, h, device=dev, dtype=torch.bfloat16, requires_grad=grad)
+    w = (torch.randn(v, h, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_(grad)
+    y = torch.randint(0, v, (t,), device=dev)
+    y[-1] = -100  # the shifted labels' padding
+
+    def fn():
+        if routing.mode() == routing.STOCK:
+            return F.cross_entropy(F.linear(x, w).float(), y, ignore_index=-100)
+        return fused_linear_cross_entropy(x, w, y)
+    return fn, [x, w] if grad else []
+
+
+PARTS = ("attention-train", "attention-forward", "decode", "norms", "qlora", "loss")
 
 
 def _part_of(op: str, fixed: dict) -> str:
     if op == "qlora_linear":
         return "qlora"
+    if op == "fused_loss":
+        return "loss"
     if op != "attention":
         return "norms"
     if fixed["kind"] == "decode":
@@ -516,6 +566,10 @@ def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print, parts:
     for op, fixed, sweep, pts in norm_grid(quick, smoke):
         def make(kw, op=op, grad=fixed["grad"]):
             return _norm_fn(op, kw["t"], kw["n"], grad, dev)
+        one(op, fixed, sweep, pts, make)
+    for op, fixed, sweep, pts in loss_grid(quick, smoke):
+        def make(kw, grad=fixed["grad"]):
+            return _loss_fn(kw["t"], kw["v"], kw["h"], grad, dev)
         one(op, fixed, sweep, pts, make)
     why = qlora_available() if "qlora" in parts else ""
     if why:

@@ -10,12 +10,13 @@ Importing the package registers "fastkern" as an ``attn_implementation`` with tr
 """
 from hf_fastkern.integrations.callbacks import FastKernMetricsCallback
 from hf_fastkern.integrations.trainer import FastKernels
+from hf_fastkern.kernels.cross_entropy import resolve_label_checks
 from hf_fastkern.patches.apply import apply_fast_kernels, report, revert_fast_kernels
 from hf_fastkern.patches.attention import register_fastkern_attention
 from hf_fastkern.patches.ledger import PatchReport
 
 __version__ = "0.1.0"
-__all__ = ["apply_fast_kernels", "revert_fast_kernels", "report", "PatchReport", "FastKernMetricsCallback",
+__all__ = ["apply_fast_kernels", "resolve_label_checks", "revert_fast_kernels", "report", "PatchReport", "FastKernMetricsCallback",
            "FastKernels", "register_fastkern_attention", "__version__"]
 
 register_fastkern_attention()

@@ -54,6 +54,8 @@ def test_variant_sides_and_parsing(tmp_path, monkeypatch):
         bench_guard.parse_variant("fastkern:X=1")
     with pytest.raises(ValueError, match="is not VAR=VALUE"):
         bench_guard.parse_variant("a:X")
+    with pytest.raises(ValueError, match="X is set twice"):
+        bench_guard.parse_variant("a:X=1,X=2")
     v = bench_guard.parse_variant("async_check:HF_FASTKERN_LABEL_CHECK=async,HF_X=1")
     assert v.env == (("HF_FASTKERN_LABEL_CHECK", "async"), ("HF_X", "1"))
     monkeypatch.delenv("HF_FASTKERN_LABEL_CHECK", raising=False)

@@ -434,6 +434,37 @@ def test_async_label_check_zero_grads_before_the_raise(device, async_labels):
         resolve_label_checks()
 
 
+def test_async_label_check_zero_grads_whatever_reaches_the_loss(device, async_labels):
+    """A NaN loss makes d f(loss) / d loss NaN for most f (here loss**2): the gradients stay exactly zero."""
+    h, w, _ = _flce_inputs(6, 8, 50, torch.float32, False, device)
+    y = torch.randint(0, 50, (6,), device=device)
+    y[1] = 77
+    hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hh, ww, y)
+    ce_mod._PENDING[-1].event = _NeverReady()
+    (loss ** 2).backward()
+    assert torch.equal(hh.grad, torch.zeros_like(hh)) and torch.equal(ww.grad, torch.zeros_like(ww))
+    with pytest.raises(ValueError, match=r"labels\[1\] = 77"):
+        resolve_label_checks()
+
+
+def test_async_label_check_reports_every_bad_batch_and_a_changed_tensor(device, async_labels):
+    """Each bad batch is reported once, also after an earlier error was caught; labels changed in place since
+    their call are reported by value range (the position is gone)."""
+    h, w, _ = _flce_inputs(4, 8, 50, torch.float32, False, device)
+    first, second = _labels(4, 50).to(device), _labels(4, 50).to(device)
+    first[0], second[2] = 60, -7
+    for y in (first, second):
+        fused_linear_cross_entropy(h, w, y)
+        ce_mod._PENDING[-1].event = _NeverReady()
+    with pytest.raises(ValueError, match=r"labels\[0\] = 60"):
+        resolve_label_checks()
+    second.fill_(1)  # changed in place before its check was read
+    with pytest.raises(ValueError, match=r"a label in \[-7, .*position is unknown"):
+        resolve_label_checks()
+    assert not ce_mod._PENDING
+
+
 class _NeverReady:
     """A stand-in event that has not completed until waited for."""
 

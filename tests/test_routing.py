@@ -179,7 +179,8 @@ def test_describe_prints_the_table(table, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv(routing.TABLE_ENV, str(path))
     routing.reset()
     text = "\n".join(routing.describe())
-    assert "rope: 1 rule(s), first match wins" in text and "kernel tokens 1.." in text and "no rule" not in text
+    assert "rope: 1 rule(s), first match wins" in text and "kernel tokens 1.." in text and "rope: no rule" not in text
+    assert "fused_loss: no rule: the fused linear cross-entropy computes every training loss" in text
     monkeypatch.setattr(routing, "gpu_class", lambda device=None: None)
     assert "routing does not apply" in routing.describe()[0]
 
@@ -598,3 +599,102 @@ def test_report_names_rope_routed_to_stock(monkeypatch):
     monkeypatch.setenv(routing.MODE_ENV, routing.STOCK)
     text = str(report(model))
     assert "fallback rope" in text and "its rotation runs apply_rotary_pos_emb: routed to stock" in text, text
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def test_fused_loss_call_site_routes_per_case(table, monkeypatch, tmp_path):
+    """The patched causal LM's training loss follows the table (op fused_loss, keyed on the fp32 logits the
+    stock loss would make): no rule -> the fused loss (no logits returned, as before routing); a stock rule ->
+    the model's own forward with labels (logits returned, the unpatched loss); above the rule -> fused."""
+    from hf_fastkern import apply_fast_kernels
+    from hf_fastkern.kernels import cross_entropy as ce_mod
+    from hf_fastkern.patches import loss as loss_mod
+    _cuda_like(monkeypatch)
+    calls = CallCounter(ce_mod.fused_linear_cross_entropy)
+    monkeypatch.setattr(loss_mod, "fused_linear_cross_entropy", calls)
+    model = _tiny_llama()
+    ref = _tiny_llama()
+    apply_fast_kernels(model, attention=False, norm=False, mlp=False, rope=False)
+    model.train()
+    ref.train()
+    ids = torch.randint(0, 64, (2, 8))
+    assert "fused_loss" not in table.rules
+    out = model(input_ids=ids, labels=ids)
+    assert calls.calls == 1 and out.logits is None
+    # 2 x 8 tokens x 64 vocab x 4 bytes = 4 KiB of fp32 logits: 0 MiB; stock there, kernel from 1 MiB up
+    rules = [{"match": {"logits_mib": [0, 0], "grad": True}, "choice": "stock", "ratio": 0.8},
+             {"match": {"logits_mib": [0, None], "grad": True}, "choice": "kernel"}]
+    path = tmp_path / "loss.json"
+    path.write_text(json.dumps(_doc({"fused_loss": rules})))
+    monkeypatch.setenv(routing.TABLE_ENV, str(path))
+    routing.reset()
+    out = model(input_ids=ids, labels=ids)
+    want = ref(input_ids=ids, labels=ids)
+    assert calls.calls == 1 and out.logits is not None
+    assert torch.equal(out.loss, want.loss) and torch.equal(out.logits, want.logits)
+    rules[0]["match"]["logits_mib"] = [-1, -1]  # nothing is stock any more
+    path.write_text(json.dumps(_doc({"fused_loss": rules})))
+    routing.reset()
+    assert model(input_ids=ids, labels=ids).logits is None and calls.calls == 2
+
+
+def test_report_names_the_loss_routed_to_stock(monkeypatch):
+    from hf_fastkern import apply_fast_kernels, report
+    model = _tiny_llama()
+    apply_fast_kernels(model, attention=False, norm=False, mlp=False, rope=False)
+    assert "routed to stock" not in str(report(model))
+    monkeypatch.setenv(routing.MODE_ENV, routing.STOCK)
+    text = str(report(model))
+    assert "the model's own loss runs: routed to stock" in text, text
+
+
+def test_fused_loss_rules_keep_the_kernel_above_the_grid():
+    """Whatever the top points measured, above the fused loss's grid the kernel runs (the stock loss's logits
+    grow without bound); other ops' rules stop at their grid."""
+    rules = bench_routing.family_rules("fused_loss", {"grad": True}, "logits_mib", [(16, 0.7), (1000, 0.9)], "s")
+    t = routing.parse_table(_doc({"fused_loss": rules}), "x")
+    case = lambda m: {"logits_mib": m, "grad": True}  # noqa: E731
+    assert [t.decide("fused_loss", case(m))[0] for m in (8, 16, 500, 1000, 1001, 190_000)] == \
+        ["stock", "stock", "stock", "stock", "kernel", "kernel"]
+    att = bench_routing.family_rules("glu", {"grad": True}, "tokens", [(16, 0.7), (1000, 0.9)], "s")
+    assert routing.parse_table(_doc({"glu": att}), "x").decide(
+        "glu", {"tokens": 5000, "intermediate": 8, "grad": True})[0] == "stock"
+
+
+def test_bench_routing_loss_part_cpu_smoke():
+    rules, rows = bench_routing.measure(quick=False, smoke=True, log=lambda s: None, parts=("loss",))
+    assert {r["op"] for r in rows} == {"fused_loss"} and len(rows) == 4
+    assert all(r["stock_ms"] > 0 and r["kernel_ms"] > 0 and "logits_mib" in r for r in rows)
+    doc = bench_routing.table_doc("cpu-smoke", bench_routing.provenance("c", "cpu", {}, "d"), rules)
+    t = routing.parse_table(doc, "smoke.json")
+    assert t.decide("fused_loss", {"logits_mib": 10**5, "grad": True})[0] == "kernel"
+
+
+def test_ops_routed_late_keep_the_kernel_where_the_table_is_silent(tmp_path, monkeypatch):
+    """RoPE and the fused loss joined routing after tables existed: a case whose family (exact keys: head_dim and
+    grad for RoPE) has no rule runs the kernel, a GPU class without a table too; a family with rules decides."""
+    doc = _doc({"rope": [{"match": {"tokens": [1, 512], "head_dim": 128, "grad": True}, "choice": "stock"}]})
+    t = routing.parse_table(doc, "x")
+    case = lambda n, d=128, g=True: {"tokens": n, "head_dim": d, "grad": g}  # noqa: E731
+    assert t.decide("rope", case(64))[0] == "stock"
+    assert t.decide("rope", case(4096))[0] == "stock"  # the family has rules: outside them, stock
+    assert t.decide("rope", case(64, d=256))[0] == "kernel"  # head_dim 256: no rule, as before routing
+    assert t.decide("rope", case(64, g=False))[0] == "kernel"
+    assert t.decide("fused_loss", {"logits_mib": 10, "grad": True})[0] == "kernel"
+    assert t.decide("rms_norm", {"tokens": 64, "hidden": 8, "grad": True})[0] == "stock"
+    monkeypatch.delenv(routing.TABLE_ENV, raising=False)
+    monkeypatch.delenv(routing.MODE_ENV, raising=False)
+    routing.reset()
+    assert routing.decide("rope", "no-such-gpu", case(64))[0] == "kernel"
+    assert routing.decide("fused_loss", "no-such-gpu", {"logits_mib": 1, "grad": True})[0] == "kernel"
+    assert routing.decide("rms_norm", "no-such-gpu", {"tokens": 64, "hidden": 8, "grad": True})[0] == "stock"
+    monkeypatch.setattr(routing, "gpu_class", lambda device=None: "no-such-gpu")
+    text = "\n".join(routing.describe("cuda"))
+    assert "except rope, fused_loss" in text

@@ -385,8 +385,7 @@ def _flce_fwd_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     if reduce:
         dh, dw, db = _grad_buffers(hidden, weight, bias, need_dh, need_dw, need_db)
         # per-token gradient scale 1/denom; 0 when denom is 0 (then every row is ignored and gets zeros anyway)
-        # or NaN (an asynchronous label check found a bad label: that call's gradients are zero)
-        inv = denom.reciprocal().nan_to_num_(nan=0.0, posinf=0.0).reshape(1)
+        inv = torch.where(denom != 0, 1.0 / denom, torch.zeros_like(denom)).reshape(1)
     else:
         dh = dw = db = None
         inv = denom.reshape(1)
@@ -506,7 +505,9 @@ class FLCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap, reduce,
-                need_dh, need_dw, need_db, chunk):
+                need_dh, need_dw, need_db, chunk, labels_ok=None):
+        # labels_ok: the asynchronous label check's device flag (reduce only): False zeroes the gradients
+        ctx.labels_ok = labels_ok
         out = _flce_fwd_impl(hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap,
                              reduce, need_dh, need_dw, need_db, chunk)
         _flce_setup(ctx, (hidden, weight, bias, labels, denom, ignore_index, label_smoothing, z_loss, softcap,
@@ -526,6 +527,10 @@ class FLCEFunction(torch.autograd.Function):
                 resolve_label_checks(wait=False)  # raise before the optimizer step if the values are in already
             dh, dw, db = ctx.saved_tensors
             g1 = g_loss.reshape(1).float().contiguous()
+            if ctx.labels_ok is not None:
+                # a bad label (found after the fact): exactly zero gradients, whatever reached the loss (its
+                # value is NaN, so d(f(loss))/d(loss) may be NaN too); finite gradients x 0 = 0
+                g1 = torch.where(ctx.labels_ok, g1, torch.zeros_like(g1))
             for t in (dh, dw, db):
                 _scale_launch(t, g1)
         else:
@@ -533,7 +538,7 @@ class FLCEFunction(torch.autograd.Function):
             dh, dw, db = _flce_bwd_impl(g_loss, hidden, weight, bias, labels, lse, *ctx.opts, need_dh, need_dw,
                                         need_db, ctx.chunk)
         return (dh if need_dh else None, dw if need_dw else None, db if need_db and ctx.has_bias else None,
-                None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -606,6 +611,8 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
     One fused device reduction and one host sync; skipped under ``HF_FASTKERN_SKIP_LABEL_CHECK=1`` and while
     ``torch.compile`` traces (unchecked bad labels give a NaN loss, never an out-of-bounds read).
     """
+    if torch.compiler.is_compiling():
+        return
     if _PENDING:
         resolve_label_checks()  # asynchronous checks of earlier calls (this call syncs anyway)
     if _label_check_skipped(labels):
@@ -626,6 +633,18 @@ class _PendingCheck:
 
 
 _PENDING: list[_PendingCheck] = []
+_ATEXIT: list[bool] = []
+
+
+def _settle_at_exit() -> None:
+    """The last calls' checks, at interpreter exit: a bad label there becomes a warning (nothing can be raised to)."""
+    import warnings
+    try:
+        resolve_label_checks()
+    except ValueError as e:
+        warnings.warn(f"hf_fastkern: {e}", stacklevel=1)
+    except Exception:  # CUDA torn down already: nothing left to read
+        pass
 
 
 def check_label_range_async(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor | None:
@@ -640,6 +659,8 @@ def check_label_range_async(labels: torch.Tensor, vocab: int, ignore_index: int)
     the ``ValueError`` (the same message as the sync check, saying it was an earlier call) is raised.
     Returns None when the check is skipped (as :func:`check_label_range`).
     """
+    if torch.compiler.is_compiling():
+        return None
     resolve_label_checks(keep=1)
     if _label_check_skipped(labels):
         return None
@@ -648,9 +669,13 @@ def check_label_range_async(labels: torch.Tensor, vocab: int, ignore_index: int)
         host = torch.empty(2, dtype=rng.dtype, pin_memory=True)
         host.copy_(rng, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(labels.device))  # the copy's stream (labels may be on cuda:1)
     else:  # no stream to run ahead of: the values are there
         host, event = rng, None
+    if not _PENDING and not _ATEXIT:
+        import atexit
+        atexit.register(_settle_at_exit)
+        _ATEXIT.append(True)
     _PENDING.append(_PendingCheck(host, event, labels, vocab, ignore_index))
     return (rng[0] >= 0) & (rng[1] < vocab)
 
@@ -669,11 +694,13 @@ def resolve_label_checks(keep: int = 0, wait: bool = True) -> None:
         _PENDING.pop(0)
         lo, hi = p.host.tolist()
         if lo < 0 or hi >= p.vocab:
-            _PENDING.clear()
-            _raise_out_of_range(p.labels, p.vocab, p.ignore_index,
-                                earlier="fused_linear_cross_entropy, label check of this or an earlier call "
-                                        f"({LABEL_CHECK_ENV}=async: that call's loss is NaN and its gradients "
-                                        "zero): ")
+            earlier = ("fused_linear_cross_entropy, label check of this or an earlier call "
+                       f"({LABEL_CHECK_ENV}=async: that call's loss is NaN and its gradients zero): ")
+            _raise_out_of_range(p.labels, p.vocab, p.ignore_index, earlier=earlier)
+            # the labels tensor changed in place since: its position is lost, its range was not
+            raise ValueError(f"{earlier}a label in [{lo}, {hi}] is out of range: labels must be in [0, {p.vocab}) "
+                             f"(the vocabulary size) or equal ignore_index={p.ignore_index} (the tensor changed "
+                             "in place since, so its position is unknown)")
 
 
 def _denominator(labels: torch.Tensor, reduction: str, ignore_index: int,
@@ -785,7 +812,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         return out.reshape(labels.shape) if reduction == "none" else out
     reduce = reduction != "none"
     labels_ok = None
-    if reduce and label_check_mode() == "async":
+    if label_check_mode() == "async" and reduce:
         labels_ok = check_label_range_async(labels, vocab, ignore_index)
     else:
         check_label_range(labels, vocab, ignore_index)
@@ -796,14 +823,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     chunk = chunk_size or default_chunk(n_tok, vocab, h2.element_size())
     denom = (_denominator(y, reduction, ignore_index, num_items_in_batch, h2.device) if reduce
              else torch.ones((), device=h2.device, dtype=torch.float32))
-    if labels_ok is not None:
-        # a bad label (found after the fact): loss NaN, gradients zero (the scale 1/denom becomes 0)
-        denom = torch.where(labels_ok, denom, float("nan"))
     args = (_rowwise(h2), _rowwise(weight), bias.contiguous() if bias is not None else None, y.contiguous(), denom,
             int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0), reduce,
             need_dh, need_dw, need_db, int(chunk))
     # eager: the autograd.Function over the same launchers; the custom op is what torch.compile traces
-    loss = torch.ops.hf_fastkern.flce_fwd(*args)[0] if torch.compiler.is_compiling() else FLCEFunction.apply(*args)
+    # (a bad label's row loss is NaN already, so the loss is; labels_ok zeroes the gradients in the backward)
+    loss = (torch.ops.hf_fastkern.flce_fwd(*args)[0] if torch.compiler.is_compiling()
+            else FLCEFunction.apply(*args, labels_ok))
     if reduce or loss.shape == labels.shape:
         return loss
     return loss.reshape(labels.shape)

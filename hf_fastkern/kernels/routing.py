@@ -32,6 +32,11 @@ Cases (keys a rule may name, per op):
   one Triton launch whose argument binding costs more host time (issue 21). RoPE joined routing after tables
   had been measured without it, so a table with **no** rope rule leaves RoPE on the kernel, as before routing
   (:data:`KERNEL_WITHOUT_RULES`); a table with rope rules decides like any other op (no match: stock).
+- ``fused_loss`` (a patched causal LM's training loss: the fused linear cross-entropy vs the model's own
+  ``lm_head`` + transformers' ``ForCausalLMLoss``): ``logits_mib`` (the fp32 logits the stock loss would
+  materialise, tokens x vocab x 4 bytes, in MiB: one number for both its cost and its memory), ``grad``. A small
+  step's fused loss costs a label check's host sync and ~30 small ops of host time against stock's ~15; a large
+  one saves GiB of logits. No rope-style history, but the same rule: without a rule, the kernel (as before).
 
 Decisions are cached per (GPU class, op, case), so a call pays one dictionary lookup after the first.
 """
@@ -66,11 +71,16 @@ CASE_KEYS: dict[str, tuple[str, ...]] = {
     "gelu": ("tokens", "features", "grad"),
     "qlora_linear": ("tokens", "in_features", "out_features", "grad"),
     "rope": ("tokens", "head_dim", "grad"),
+    "fused_loss": ("logits_mib", "grad"),
 }
 ATTENTION_KINDS = ("dense", "decode", "padded", "packed")
-# ops that joined routing after tables were measured without them: a table holding no rule for such an op says
-# nothing about it, so the kernel runs there as it did before the op was routed (a table with rules decides)
-KERNEL_WITHOUT_RULES = {"rope": "the fused RoPE kernel runs wherever it applies, as before RoPE was routed"}
+# ops that joined routing after tables were measured without them: a table holding no rule for a case's family
+# (the op's exact keys: head_dim and grad for RoPE) says nothing about it, and a GPU class without a table says
+# nothing at all, so the kernel runs there as it did before the op was routed (a family with rules decides)
+KERNEL_WITHOUT_RULES = {
+    "rope": "the fused RoPE kernel runs wherever it applies, as before RoPE was routed",
+    "fused_loss": "the fused linear cross-entropy computes every training loss, as before the loss was routed",
+}
 PROVENANCE_KEYS = ("command", "gpu", "versions", "date")
 _MAX_NARROWED = 1 << 12
 
@@ -133,9 +143,11 @@ class RoutingTable:
     def decide(self, op: str, case: dict[str, Any]) -> tuple[str, str]:
         """(choice, why) for ``op`` at ``case``: the first matching rule, else stock (see
         :data:`KERNEL_WITHOUT_RULES` for an op the table has no rule for)."""
-        if op in KERNEL_WITHOUT_RULES and not self.rules.get(op):
-            return KERNEL, f"{os.path.basename(self.path)} has no {op} rule: {KERNEL_WITHOUT_RULES[op]}"
-        for rule in self._candidates(op, case):
+        candidates = self._candidates(op, case)
+        if op in KERNEL_WITHOUT_RULES and not candidates:
+            # no rule of this case's family (head_dim, grad ...): the table says nothing about it
+            return KERNEL, f"{os.path.basename(self.path)} has no {op} rule for this case: {KERNEL_WITHOUT_RULES[op]}"
+        for rule in candidates:
             if rule.matches(case):
                 ratio = f", stock/kernel time {rule.ratio:.2f}" if rule.ratio is not None else ""
                 return rule.choice, f"{os.path.basename(self.path)}: {rule.source or 'rule'}{ratio}"
@@ -304,6 +316,8 @@ def decide(op: str, cls: str | None, case: dict[str, Any]) -> tuple[str, str]:
         return KERNEL, "not a CUDA device (the CPU interpreter runs the kernels)"
     table = load_table(cls)
     if table is None:
+        if op in KERNEL_WITHOUT_RULES:
+            return KERNEL, f"no routing table for GPU class {cls!r}: {KERNEL_WITHOUT_RULES[op]}"
         return STOCK, f"no routing table for GPU class {cls!r} (measure one with benchmarks/bench_routing.py)"
     return table.decide(op, case)
 
@@ -343,12 +357,14 @@ def unrouted_reason(op: str, device: torch.device) -> str:
         return "" if m == KERNEL else f"{MODE_ENV}={m}"
     cls = gpu_class(device)
     table = load_table(cls)
+    if op in KERNEL_WITHOUT_RULES and (table is None or not table.rules.get(op)):
+        return ""
     if table is None:
         return f"no routing table for GPU class {cls!r}"
-    if op in KERNEL_WITHOUT_RULES and not table.rules.get(op):
-        return ""
     if not any(r.choice == KERNEL for r in table.rules.get(op, ())):
-        return f"no {op} case measured faster in {os.path.basename(table.path)} (benchmarks/bench_routing.py)"
+        also = " (families it has no rule for keep the kernel)" if op in KERNEL_WITHOUT_RULES else ""
+        return (f"no {op} case measured faster in {os.path.basename(table.path)} (benchmarks/bench_routing.py)"
+                f"{also}")
     return ""
 
 
@@ -384,7 +400,8 @@ def describe(device: torch.device | str | None = None) -> list[str]:
         return [str(e)]
     if table is None:
         path, _ = table_path(cls)
-        return [f"GPU class {cls}: no routing table ({path} is absent), every routed op runs the stock path",
+        return [f"GPU class {cls}: no routing table ({path} is absent), every routed op runs the stock path except "
+                f"{', '.join(KERNEL_WITHOUT_RULES)} (the kernel, as before they were routed)",
                 "  measure one: python benchmarks/bench_routing.py --out table.json, then set "
                 f"{TABLE_ENV}=table.json"]
     p = table.provenance
@@ -397,6 +414,10 @@ def describe(device: torch.device | str | None = None) -> list[str]:
         if not table.rules.get(op):
             lines.append(f"  {op}: no rule: {why}")
     for op, rules in table.rules.items():
+        if not rules:
+            if op not in KERNEL_WITHOUT_RULES:
+                lines.append(f"  {op}: no rule: every case runs the stock path")
+            continue
         lines.append(f"  {op}: {len(rules)} rule(s), first match wins, no match -> stock")
         for r in rules:
             ratio = "" if r.ratio is None else f"  stock/kernel {r.ratio:.2f}"

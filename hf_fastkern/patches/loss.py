@@ -18,6 +18,10 @@ Mechanism (per model INSTANCE; classes and module globals are never touched):
   (gradient accumulation gives the loss of one big batch); ``ignore_index`` kwarg honoured;
   ``config.final_logit_softcapping`` (Gemma 2/3) is the kernel's softcap; MoE models add
   ``router_aux_loss_coef * aux_loss`` as they do themselves.
+- Routing (issue 21): per call, the routing table's op ``fused_loss`` (keyed on the fp32 logits the stock loss
+  would make, ``tokens x vocab x 4`` bytes) may send a step to the model's own forward with its labels, where
+  it measured faster (small, host-bound steps); that call's output then carries logits, as unpatched. A table
+  without ``fused_loss`` rules (every table measured before the op existed) keeps the fused loss everywhere.
 - Tied input/output embeddings: the head's weight *is* the embedding parameter, read once by the fused loss,
   so autograd accumulates both contributions into it once.
 
@@ -48,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hf_fastkern.kernels import routing
 from hf_fastkern.kernels.cross_entropy import fused_linear_cross_entropy
 from hf_fastkern.kernels.dispatch import warn_once
 from hf_fastkern.patches.ledger import unwrap
@@ -191,6 +196,9 @@ def _make_forward():
             return _call_with_positional(state, args, labels, kwargs)
         head = self.get_output_embeddings()
         why = "lm_head was replaced after enable_fused_loss" if head is not state.head else _head_problem(head)
+        if not why and not _routed_to_kernel(head, labels):
+            # the routing table measured the model's own loss faster at this size (a small, host-bound step)
+            return _call_with_positional(state, args, labels, kwargs)
         if why:
             warn_once(f"fused_loss:{why}", f"hf_fastkern: fused loss falls back to the standard loss: {why}.")
             return _call_with_positional(state, args, labels, kwargs)
@@ -214,6 +222,15 @@ def _make_forward():
         fields = {k: v for k, v in out.items() if k not in ("logits", "loss")}
         return type(out)(loss=loss, **fields)
     return forward
+
+
+def _routed_to_kernel(head: nn.Module, labels) -> bool:
+    """The routing table's choice for this call (op ``fused_loss``: the fp32 logits the stock loss would make)."""
+    weight = head.weight
+    if not isinstance(labels, torch.Tensor):
+        return True
+    mib = (labels.numel() * weight.shape[0] * 4) >> 20
+    return routing.use_kernel("fused_loss", weight.device, logits_mib=mib, grad=torch.is_grad_enabled())
 
 
 def _call_with_positional(state: _State, args: tuple, labels, kwargs: dict):
@@ -322,7 +339,8 @@ def fused_loss_status(model: nn.Module) -> str:
         return ""
     if _is_trl_fused_forward(model.__dict__.get("forward")) or _is_trl_fused_forward(state.prev_forward):
         return "TRL's fused LM head computes the training loss (its trainers call with fused_lm_head=True)"
-    return ""
+    why = routing.unrouted_reason("fused_loss", state.head.weight.device)
+    return f"the model's own loss runs: routed to stock ({why})" if why else ""
 
 
 def fused_loss_enabled(model: nn.Module) -> bool:
