@@ -590,6 +590,22 @@ def op_paths(device: str | None = None) -> list[dict]:
     return rows
 
 
+def _label_check_line() -> str:
+    """How the fused loss checks its labels here (docs/cross_entropy.md)."""
+    from hf_fastkern.kernels import cross_entropy as ce
+
+    if os.environ.get("HF_FASTKERN_SKIP_LABEL_CHECK") == "1":
+        return "skipped (HF_FASTKERN_SKIP_LABEL_CHECK=1: a bad label gives a NaN loss)"
+    try:
+        mode = ce.label_check_mode()
+    except ValueError as e:
+        return str(e)
+    if mode == "async":
+        return ("async (no host sync in the step; a bad batch: NaN loss, zero gradients, ValueError at its "
+                "backward or the next call)")
+    return "sync (one host sync per call; HF_FASTKERN_LABEL_CHECK=async avoids it)"
+
+
 def info(json_path: str | None = None) -> dict:
     import torch
 
@@ -601,6 +617,7 @@ def info(json_path: str | None = None) -> dict:
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
     env["HF_FASTKERN_FORCE_REFERENCE"] = os.environ.get("HF_FASTKERN_FORCE_REFERENCE")
     env["HF_FASTKERN_ATTENTION"] = os.environ.get("HF_FASTKERN_ATTENTION")
+    env["fused loss label check"] = _label_check_line()
     if torch.cuda.is_available():
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     print("hf_fastkern environment")

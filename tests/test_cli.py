@@ -76,6 +76,7 @@ def test_info_main_and_subprocess(tmp_path, capsys):
     doc = cli.info(str(tmp_path / "info.json"))
     text = capsys.readouterr().out
     assert "op paths for tensors on" in text
+    assert doc["env"]["fused loss label check"].startswith("sync (one host sync per call")
     ops = {(r["op"], r["dtype"]): r for r in doc["ops"]}
     assert set(d for _, d in ops) == {"bfloat16", "float16", "float32"}
     # attention has no fp32 kernel (DESIGN.md): it must name a reason whatever the device
