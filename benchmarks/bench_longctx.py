@@ -107,10 +107,10 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
         raise
 
 
-def run_trial(module: str, variant: str, seq: int, timeout: float, tiny: bool) -> dict:
-    """One long-context attempt as ``python -m module --trial VARIANT SEQ`` in a fresh process (this file and
-    bench_lora.py share it): the worker's result, or ok=False with oom / timeout / error."""
-    cmd = [sys.executable, "-m", module, "--trial", variant, str(seq)] + (["--tiny"] if tiny else [])
+def run_trial(module: str, variant: str, seq: int, timeout: float, tiny: bool, extra: tuple[str, ...] = ()) -> dict:
+    """One long-context attempt as ``python -m module --trial VARIANT SEQ [extra...]`` in a fresh process (this
+    file and bench_lora.py share it): the worker's result, or ok=False with oom / timeout / error."""
+    cmd = [sys.executable, "-m", module, "--trial", variant, str(seq)] + (["--tiny"] if tiny else []) + list(extra)
     # A trial is one step in a fresh process: full autotuning of every kernel at a new length would dominate
     # it (a 50K-token trial hit a 110 s limit on 2026-11-25). The quick configs change speed, not memory.
     env = {**os.environ, "HF_FASTKERN_QUICK_TUNE": "1"}

@@ -33,6 +33,9 @@ wraps them in its ``lora.bnb.Linear4bit``. The baseline is then HF + PEFT + bits
 ``prepare_model_for_kbit_training`` (it would up-cast the norms and embeddings to fp32 in every variant alike).
 Rows carry ``base: "nf4"``. The fused QLoRA linear runs on the GPU only where the routing table measured it
 faster (op ``qlora_linear``, ``bench_routing.py --parts qlora``); the patch report in the rows says which ran.
+``--qlora --longctx``: the long-context search over the 4-bit base (each trial subprocess gets ``--qlora``; rows
+say ``"qlora": true``), for issue 23's 393,216-token QLoRA step (``--longctx-start 393216``: the first trial is
+that length).
 
 Without a GPU, ``run()`` does a tiny CPU smoke pass (2-layer LoRA model, patched vs unpatched loss agreement).
 
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import subprocess
 import sys
@@ -248,11 +252,12 @@ def worker(variant: str, shapes, steps: int, warmup: int, cfg_kwargs: dict, dev:
     return rows
 
 
-def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
-    """One LoRA training step (forward, backward, AdamW) at batch 1, length ``seq``, in this process."""
+def trial_worker(variant: str, seq: int, tiny: bool, qlora: bool = False) -> dict:
+    """One LoRA training step (forward, backward, AdamW) at batch 1, length ``seq``, in this process
+    (``qlora``: over the 4-bit base)."""
     gpu_cap = harness.cap_gpu_memory()  # an 80 GB card emulated on a larger one
     cfg = dict(TINY if tiny else LLAMA_8B, max_position_embeddings=max(seq, 8192))
-    model, _ = build_model(variant, cfg, "cuda", longctx=True)
+    model, _ = build_model(variant, cfg, "cuda", longctx=True, qlora=qlora)
     opt = _optimizer(model, "cuda")
     ids = torch.randint(0, cfg["vocab_size"], (1, seq), device="cuda")
     try:
@@ -270,14 +275,15 @@ def trial_worker(variant: str, seq: int, tiny: bool) -> dict:
         raise
 
 
-def _trial(variant: str, seq: int, timeout: float, tiny: bool) -> dict:
+def _trial(variant: str, seq: int, timeout: float, tiny: bool, qlora: bool = False) -> dict:
     # bench_longctx names variants with their checkpointing ('fastkern_gc_offload'); here it is always on
-    return run_trial(__spec__.name, variant.replace("_gc", ""), seq, timeout, tiny)
+    return run_trial(__spec__.name, variant.replace("_gc", ""), seq, timeout, tiny, ("--qlora",) if qlora else ())
 
 
 def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | None = None,
-                 on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """Longest trainable batch-1 sequence per variant, with bench_longctx.search and this script's trial.
+                 on_rows: Callable[[list[dict]], None] | None = None, qlora: bool = False) -> list[dict]:
+    """Longest trainable batch-1 sequence per variant, with bench_longctx.search and this script's trial
+    (``qlora``: over the 4-bit base; rows say ``"qlora": true``).
 
     ``on_rows(rows)`` is called after every trial with the finished rows and the one in progress, so a run that a
     time limit kills mid-search still leaves what it measured (the caller saves it)."""
@@ -285,6 +291,8 @@ def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | Non
 
     def as_lora(row: dict, v: str) -> dict:
         row.update(bench="lora_longctx", impl=v, variant=v)
+        if qlora:
+            row["qlora"] = True
         # search() attaches the 1.5B e2e anchors by name; this scenario's anchors are the issue's
         row.pop("anchor", None)
         if ISSUE_ANCHORS.get(v):
@@ -300,8 +308,9 @@ def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | Non
         # bench_longctx's variant syntax: checkpointing is always on in this scenario
         name = f"{base}_gc" + ("_offload" if offload else "")
         saved = None if on_rows is None else (lambda partial, v=v: on_rows(rows + [as_lora(partial, v)]))
+        trial = functools.partial(_trial, qlora=True) if qlora else _trial
         rows.append(as_lora(search(name, start=s, budget_s=per, trial_timeout=per, tiny=tiny, grow=1.25,
-                                   trial=_trial, on_trial=saved), v))
+                                   trial=trial, on_trial=saved), v))
     return rows
 
 
@@ -439,11 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     extra = {"method": METHOD + (QLORA_METHOD if args.qlora else ""), "issue_anchors": ISSUE_ANCHORS,
              "targets_vs_sdpa": TARGETS_VS_SDPA}
-    if args.qlora and args.longctx:
-        _parser().error("--longctx with --qlora is not wired yet (the search's trials build bf16 bases)")
     cfg = TINY if args.tiny else LLAMA_8B
     if args.trial:
-        emit_result(trial_worker(args.trial[0], int(args.trial[1]), args.tiny))
+        emit_result(trial_worker(args.trial[0], int(args.trial[1]), args.tiny, args.qlora))
         return 0
     if args.worker:
         rows = worker(args.variant, _shapes(args.shapes), args.steps, args.warmup, cfg, args.device, args.profile,
@@ -468,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                     save(args.json, done + partial, dict(extra, partial=True))
 
             rows += longctx_rows(args.longctx_variants.split(","), args.longctx_budget, args.tiny, args.longctx_start,
-                                 on_rows=saved)
+                                 on_rows=saved, qlora=args.qlora)
     print_table(rows, COLS)
     for r in rows:
         if r.get("checkpoint_plan"):

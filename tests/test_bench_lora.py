@@ -64,3 +64,36 @@ def test_bench_lora_longctx_uses_the_longctx_search():
     assert len(seen) == len(tried) and all(len(rows) == 1 for rows in seen)
     assert seen[0][0]["bench"] == "lora_longctx" and seen[0][0]["in_progress"] and seen[0][0]["max_seq"] == 262144
     assert "anchor" not in seen[0][0]  # fastkern_offload has no issue anchor; the e2e one (245,760) is dropped
+
+
+def test_bench_lora_longctx_qlora_reaches_every_trial(monkeypatch):
+    """--qlora --longctx: each trial subprocess is started with --qlora (its worker builds the 4-bit base), the
+    rows say so, and the search starts where it is told (393,216 tokens, issue 23's target)."""
+    import subprocess
+
+    from benchmarks import bench_longctx, bench_lora
+
+    cmds = []
+
+    def fake_run(cmd, **kw):
+        cmds.append(cmd)
+        ok = int(cmd[cmd.index("--trial") + 2]) <= 400_000
+        return subprocess.CompletedProcess(cmd, 0, stdout="ok" if ok else "oom", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(bench_longctx, "worker_result",
+                        lambda stdout: dict(ok=True, peak_GiB=70.0, step_s=1.0) if stdout == "ok"
+                        else dict(ok=False, oom=True))
+    (row,) = bench_lora.longctx_rows(["fastkern_offload"], budget_s=30, start=393_216, qlora=True)
+    assert cmds and all("--qlora" in c and c[c.index("--trial") + 1] == "fastkern_offload" for c in cmds)
+    assert int(cmds[0][cmds[0].index("--trial") + 2]) == 393_216
+    assert row["qlora"] is True and row["bench"] == "lora_longctx"
+    built = {}
+    monkeypatch.setattr(bench_lora, "build_model", lambda *a, **kw: built.update(kw) or (_ for _ in ()).throw(
+        RuntimeError("stop after build")))
+    monkeypatch.setattr(bench_lora.harness, "cap_gpu_memory", lambda: None)
+    try:
+        bench_lora.trial_worker("fastkern", 1024, tiny=True, qlora=True)
+    except RuntimeError:
+        pass
+    assert built.get("qlora") is True and built.get("longctx") is True
