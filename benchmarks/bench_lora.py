@@ -258,6 +258,8 @@ def trial_worker(variant: str, seq: int, tiny: bool, qlora: bool = False) -> dic
     gpu_cap = harness.cap_gpu_memory()  # an 80 GB card emulated on a larger one
     cfg = dict(TINY if tiny else LLAMA_8B, max_position_embeddings=max(seq, 8192))
     model, _ = build_model(variant, cfg, "cuda", longctx=True, qlora=qlora)
+    # the step's peak, not the build's (a 4-bit base is quantized from a transient bf16 build, ~16 GB for 8B)
+    torch.cuda.reset_peak_memory_stats()
     opt = _optimizer(model, "cuda")
     ids = torch.randint(0, cfg["vocab_size"], (1, seq), device="cuda")
     try:
@@ -295,7 +297,7 @@ def longctx_rows(variants, budget_s: float, tiny: bool = False, start: int | Non
             row["qlora"] = True
         # search() attaches the 1.5B e2e anchors by name; this scenario's anchors are the issue's
         row.pop("anchor", None)
-        if ISSUE_ANCHORS.get(v):
+        if ISSUE_ANCHORS.get(v) and not qlora:  # the anchors are bf16-base numbers
             row["anchor"] = ISSUE_ANCHORS[v]["max_seq"]
         return row
 

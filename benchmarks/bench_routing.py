@@ -69,6 +69,9 @@ OPEN_ABOVE = ("rms_norm", "layer_norm", "glu", "gelu", "rope", "qlora_linear")
 # logits (fp32: 4 GiB at 8K tokens x 128K vocabulary, 190 GiB at 393K). Above their grid the kernel runs
 # whatever the top points measured: being slower there is not the risk, running out of memory is.
 KERNEL_ABOVE = ("fused_loss",)
+# Ops whose smallest grid point speaks for everything below it: a smaller step of the fused loss is only more
+# host-bound, so below the grid the first point's choice holds (not "outside the grid: stock").
+BELOW_FROM_FIRST = ("fused_loss",)
 
 
 def family_rules(op: str, fixed: dict[str, Any], sweep: str, points: list[tuple[int, float]], source: str,
@@ -90,7 +93,11 @@ def family_rules(op: str, fixed: dict[str, Any], sweep: str, points: list[tuple[
         (x0, r0), (x1, r1) = points[-2:]
         rules.append({"match": {**fixed, sweep: [x1, None]}, "choice": "kernel", "ratio": round(min(r0, r1), 3),
                       "source": f"{source} (above the grid: the top two points won)"})
-    elif op in KERNEL_ABOVE and points:
+    if op in BELOW_FROM_FIRST and points and points[0][0] > 0:
+        x0, r0 = points[0]
+        rules.append({"match": {**fixed, sweep: [0, x0]}, "choice": "kernel" if r0 >= margin else "stock",
+                      "ratio": round(r0, 3), "source": f"{source} (below the grid: its smallest point's choice)"})
+    if op in KERNEL_ABOVE and points:
         # the first rule that matches wins: the top point keeps its own measured rule; above it, the kernel
         rules.append({"match": {**fixed, sweep: [points[-1][0], None]}, "choice": "kernel", "ratio": None,
                       "source": f"{source} (above the grid: the stock side's memory grows without bound)"})
@@ -209,7 +216,8 @@ def _decode_fixed(d: int, q_lens: tuple[int, ...]) -> dict:
 
 def rules_from_rows(rows: list[dict], source: str) -> dict[str, list[dict]]:
     """Rules per family from measured rows: a point's ratio is its worst variant's (out of memory counts as a
-    loss); a case measured more than once (several runs) counts with its worst measurement."""
+    loss, or as a kernel win for ``KERNEL_ABOVE`` ops); a case measured more than once (several runs) counts with
+    its worst measurement."""
     fams: dict[tuple[str, str, str], dict[int, dict[str, float]]] = {}
     fixed_of: dict[tuple[str, str, str], dict] = {}
     for r in rows:
@@ -217,8 +225,9 @@ def rules_from_rows(rows: list[dict], source: str) -> dict[str, list[dict]]:
         key = (r["op"], json.dumps(fixed, sort_keys=True), sweep)
         fixed_of[key] = fixed
         case = json.dumps({k: v for k, v in r.items() if k in ("b", "h", "hk", "d", "sq", "sk", "window",
-                                                                "softcap", "t", "n")}, sort_keys=True)
-        ratio = 0.0 if "error" in r else float(r["ratio"])
+                                                                "softcap", "t", "n", "v")}, sort_keys=True)
+        oom_ratio = float("inf") if r["op"] in KERNEL_ABOVE else 0.0  # (as measure() counts it)
+        ratio = oom_ratio if "error" in r else float(r["ratio"])
         cases = fams.setdefault(key, {}).setdefault(x, {})
         cases[case] = min(ratio, cases.get(case, ratio))
     rules: dict[str, list[dict]] = {}
@@ -472,20 +481,26 @@ def qlora_available() -> str:
     return f"{', '.join(missing)} not installed" if missing else ""
 
 
+def logits_mib(tokens: int, vocab: int) -> int:
+    """The ``fused_loss`` case key, as the patched forward computes it: the stock loss's fp32 logits in MiB."""
+    return (tokens * vocab * 4) >> 20
+
+
 def loss_grid(quick: bool, smoke: bool) -> list[tuple[str, dict, str, list]]:
     """The training loss of a patched causal LM (op ``fused_loss``), swept over the fp32 logits the stock loss
-    would make (MiB): each point is one or two (tokens, vocab, hidden) cases of about that size, Llama-3.2-1B's
-    head (32000 x 2048 here, a Llama-2-sized vocabulary) and Llama-3-8B's (128256 x 4096); the worse ratio
-    decides the point."""
+    would make (MiB, the call site's key): (tokens, vocab, hidden) cases at a 32000 x 2048 head (TinyLlama-1.1B)
+    and a 128256 x 4096 one (Llama-3-8B); cases with the same key form one point, the worse ratio deciding."""
     small, big = (32000, 2048), (128256, 4096)
-    pts = [(16, [(128, *small)]), (62, [(512, *small), (128, *big)]), (250, [(2048, *small), (512, *big)]),
-           (1000, [(8192, *small), (2048, *big)]), (4008, [(8192, *big)])]
+    cases = [(128, *small), (512, *small), (128, *big), (2048, *small), (512, *big), (8192, *small), (2048, *big),
+             (8192, *big)]
     if quick:
-        pts = pts[:4]
+        cases = [c for c in cases if logits_mib(c[0], c[1]) <= 1024]
     if smoke:
-        pts = [(0, [(4, 96, 16)]), (1, [(16, 128, 16)])]
-    return [("fused_loss", {"grad": grad}, "logits_mib",
-             [(x, [dict(t=t, v=v, h=h) for t, v, h in cases]) for x, cases in pts]) for grad in (True, False)]
+        cases = [(4, 96, 16), (64, 4096, 16)]  # 0 and 1 MiB
+    pts: dict[int, list[dict]] = {}
+    for t, v, h in cases:
+        pts.setdefault(logits_mib(t, v), []).append(dict(t=t, v=v, h=h))
+    return [("fused_loss", {"grad": grad}, "logits_mib", sorted(pts.items())) for grad in (True, False)]
 
 
 def _loss_fn(t: int, v: int, h: int, grad: bool, dev: str):
@@ -542,7 +557,10 @@ def measure(quick: bool, smoke: bool, log: Callable[[str], None] = print, parts:
                     torch.cuda.empty_cache()
                     rows.append({"op": op, **fixed, sweep: x, **kw, "error": "out of memory", "timing": "loop_ms",
                                  "family": {"fixed": fixed, "sweep": sweep, "x": x}})
-                    worst = 0.0
+                    # the side that runs out: the kernel's, except where the stock side holds the growing
+                    # memory (the stock loss's logits), which the kernel never allocates
+                    oom = float("inf") if op in KERNEL_ABOVE else 0.0
+                    worst = oom if worst is None else min(worst, oom)
                     continue
                 ratio = t[routing.STOCK] / t[routing.KERNEL]
                 rows.append({"op": op, **{k: v for k, v in fixed.items() if not isinstance(v, list)}, sweep: x,

@@ -34,6 +34,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from hf_fastkern.benchmarks import harness, registry
+from hf_fastkern.kernels import cross_entropy as ce_kernels
 from hf_fastkern.kernels import dispatch, routing
 
 # section -> benchmark names, and the sections of "all": both from the registry (one line per benchmark)
@@ -592,17 +593,15 @@ def op_paths(device: str | None = None) -> list[dict]:
 
 def _label_check_line() -> str:
     """How the fused loss checks its labels here (docs/cross_entropy.md)."""
-    from hf_fastkern.kernels import cross_entropy as ce
-
+    try:
+        mode = ce_kernels.label_check_mode()
+    except ValueError as e:
+        return f"{e} (every fused-loss call raises this)"
     if os.environ.get("HF_FASTKERN_SKIP_LABEL_CHECK") == "1":
         return "skipped (HF_FASTKERN_SKIP_LABEL_CHECK=1: a bad label gives a NaN loss)"
-    try:
-        mode = ce.label_check_mode()
-    except ValueError as e:
-        return str(e)
     if mode == "async":
         return ("async (no host sync in the step; a bad batch: NaN loss, zero gradients, ValueError at its "
-                "backward or the next call)")
+                "backward or at most two calls later; torch.compile skips the check)")
     return "sync (one host sync per call; HF_FASTKERN_LABEL_CHECK=async avoids it)"
 
 

@@ -84,12 +84,14 @@ def _flce_inputs(n, hdim, vocab, dtype, bias, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case,opts,bias", [pytest.param(*c, id=c[0]) for c in CASES])
-def test_fused_linear_cross_entropy(case, opts, bias, dtype, device):
+@pytest.mark.parametrize("chunk", [16, None], ids=["chunks", "one_chunk"])
+def test_fused_linear_cross_entropy(case, opts, bias, dtype, device, chunk):
     n, hdim, vocab = 37, 24, 1000
     y = _labels(n, vocab, opts.get("ignore_index", -100)).to(device)
     h, w, b = _flce_inputs(n, hdim, vocab, dtype, bias, device)
-    # chunk 16 does not divide 37 tokens: the last chunk is partial
-    kern = lambda h, w, b=None: fused_linear_cross_entropy(h, w, y, b, chunk_size=16, **opts)
+    # chunk 16 does not divide 37 tokens: the last chunk is partial; None: the default, one chunk of all 37 (the
+    # loop's one-chunk path, on the whole tensors)
+    kern = lambda h, w, b=None: fused_linear_cross_entropy(h, w, y, b, chunk_size=chunk, **opts)
     ref = lambda h, w, b=None: reference.linear_cross_entropy(h, w, y, b, **opts)
     inputs = [h, w] + ([b] if bias else [])
     check_op(kern, ref, inputs, dtype, f"flce[{case}]", baseline_fn=_baseline_linear(y, opts))
@@ -463,6 +465,19 @@ def test_async_label_check_reports_every_bad_batch_and_a_changed_tensor(device, 
     with pytest.raises(ValueError, match=r"a label in \[-7, .*position is unknown"):
         resolve_label_checks()
     assert not ce_mod._PENDING
+
+
+def test_async_label_checks_settle_at_train_end(device, async_labels):
+    """FastKernels (the Trainer callback) reads the last steps' pending checks when training ends."""
+    from hf_fastkern import FastKernels
+    h, w, _ = _flce_inputs(4, 8, 50, torch.float32, False, device)
+    y = _labels(4, 50).to(device)
+    y[3] = 51
+    fused_linear_cross_entropy(h, w, y)
+    ce_mod._PENDING[-1].event = _NeverReady()
+    with pytest.raises(ValueError, match=r"labels\[3\] = 51"):
+        FastKernels(verbose=False).on_train_end(None, None, None)
+    FastKernels(verbose=False).on_train_end(None, None, None)  # nothing pending: nothing raised
 
 
 class _NeverReady:

@@ -698,3 +698,74 @@ def test_ops_routed_late_keep_the_kernel_where_the_table_is_silent(tmp_path, mon
     monkeypatch.setattr(routing, "gpu_class", lambda device=None: "no-such-gpu")
     text = "\n".join(routing.describe("cuda"))
     assert "except rope, fused_loss" in text
+
+
+def test_planner_calibration_runs_the_fused_loss(monkeypatch, tmp_path):
+    """The checkpoint planner's calibration forwards are small, but they measure the memory of a long step, whose
+    loss is fused (above its grid the table always runs the kernel): a table that sends small losses to stock
+    must not make them count the stock loss's logits."""
+    from hf_fastkern import apply_fast_kernels
+    from hf_fastkern.kernels import cross_entropy as ce_mod
+    from hf_fastkern.patches import apply as apply_mod
+    from hf_fastkern.patches import loss as loss_mod
+    _cuda_like(monkeypatch)
+    path = tmp_path / "stock_loss.json"
+    path.write_text(json.dumps(_doc({"fused_loss": [{"match": {"logits_mib": [0, None]}, "choice": "stock"}]})))
+    monkeypatch.setenv(routing.TABLE_ENV, str(path))
+    monkeypatch.delenv(routing.MODE_ENV, raising=False)
+    routing.reset()
+    calls = CallCounter(ce_mod.fused_linear_cross_entropy)
+    monkeypatch.setattr(loss_mod, "fused_linear_cross_entropy", calls)
+    model = _tiny_llama()
+    apply_fast_kernels(model, attention=False, norm=False, mlp=False, rope=False)
+    model.train()
+    ids = torch.randint(0, 64, (1, 8))
+    assert model(input_ids=ids, labels=ids).logits is not None and calls.calls == 0  # routed to stock
+    out = apply_mod._calibration_forward(model, 8)
+    assert calls.calls == 1 and out.logits is None  # the fused loss, as at the planned length
+    assert model(input_ids=ids, labels=ids).logits is not None and calls.calls == 1  # routing again after
+
+
+def test_loss_grid_points_are_the_call_sites_keys_and_speak_below_the_grid():
+    """Each grid point's x is logits_mib as the patched forward computes it, and below the smallest point its
+    choice holds (the smallest steps are the most host-bound)."""
+    for _, _, sweep, pts in bench_routing.loss_grid(quick=False, smoke=False):
+        assert sweep == "logits_mib"
+        for x, cases in pts:
+            assert all(bench_routing.logits_mib(c["t"], c["v"]) == x for c in cases)
+    win = bench_routing.family_rules("fused_loss", {"grad": True}, "logits_mib", [(15, 1.3), (62, 1.2)], "s")
+    t = routing.parse_table(_doc({"fused_loss": win}), "x")
+    assert [t.decide("fused_loss", {"logits_mib": m, "grad": True})[0] for m in (0, 1, 15, 40, 62, 10**5)] == \
+        ["kernel"] * 6
+    lose = bench_routing.family_rules("fused_loss", {"grad": True}, "logits_mib", [(15, 0.7), (62, 1.2)], "s")
+    t = routing.parse_table(_doc({"fused_loss": lose}), "x")
+    assert [t.decide("fused_loss", {"logits_mib": m, "grad": True})[0] for m in (0, 15, 40, 62, 63)] == \
+        ["stock", "stock", "stock", "kernel", "kernel"]
+
+
+def test_report_names_rope_stock_only_for_families_with_rules(monkeypatch, tmp_path):
+    """Rope rules for head_dim 128 only (all stock) say nothing about a head_dim-16 model: no reason to report;
+    a model of the ruled family is reported routed to stock. The report asks with the module's head_dim."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_fastkern.patches import apply as apply_mod
+    rules = [{"match": {"tokens": [1, None], "head_dim": d, "grad": g}, "choice": "stock"}
+             for d in (16, 128) for g in (True, False)]
+    path = tmp_path / "rope.json"
+    path.write_text(json.dumps(_doc({"rope": rules[2:]})))  # head_dim 128 only
+    monkeypatch.setenv(routing.TABLE_ENV, str(path))
+    monkeypatch.delenv(routing.MODE_ENV, raising=False)
+    monkeypatch.setattr(routing, "gpu_class", lambda device=None: "fakegpu")
+    routing.reset()
+    cuda = torch.device("cuda")  # a device object only: nothing is allocated on it
+    assert routing.unrouted_reason("rope", cuda, {"head_dim": 16}) == ""
+    assert "head_dim=128" in routing.unrouted_reason("rope", cuda, {"head_dim": 128})
+    path.write_text(json.dumps(_doc({"rope": rules})))
+    routing.reset()
+    assert "head_dim=16" in routing.unrouted_reason("rope", cuda, {"head_dim": 16})
+    asked = []
+    monkeypatch.setattr(routing, "unrouted_reason", lambda op, dev, family=None: asked.append(family) or "")
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
+    apply_mod._rope_status(LlamaForCausalLM(cfg).model.layers[0].self_attn)
+    assert asked == [{"head_dim": 16}]

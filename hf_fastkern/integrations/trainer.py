@@ -34,6 +34,7 @@ import torch.nn as nn
 from transformers import TrainerCallback
 
 from hf_fastkern.integrations.trl_head import use_fastkern_head
+from hf_fastkern.kernels.cross_entropy import resolve_label_checks
 from hf_fastkern.patches.apply import apply_fast_kernels
 from hf_fastkern.patches.ledger import PatchReport
 
@@ -91,6 +92,10 @@ class FastKernels(TrainerCallback):
                              "FastKernels(patch_ref_model=True).attach(trainer), since callbacks are not handed "
                              "the trainer or its ref_model")
         return getattr(trainer, "ref_model", None)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # HF_FASTKERN_LABEL_CHECK=async: the last steps' label checks, read now (a bad batch raises here)
+        resolve_label_checks()
 
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
         if model is None:

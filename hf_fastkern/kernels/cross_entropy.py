@@ -36,15 +36,17 @@ and its position. That check costs one host sync per call; set ``HF_FASTKERN_SKI
 (it is also skipped while ``torch.compile`` traces). Unchecked out-of-range labels never read out of bounds:
 their loss is NaN.
 ``HF_FASTKERN_LABEL_CHECK=async`` (fused loss, 'mean'/'sum') checks without a sync inside the step: the bad
-batch's loss is NaN and its gradients zero, and the ValueError follows at its backward or the next call
+batch's loss is NaN and its gradients zero, and the ValueError follows at its backward or at most two calls later
 (:func:`check_label_range_async`, docs/cross_entropy.md).
 Limits: the last dimension of logits/hidden/weight must be contiguous (otherwise it is copied once); the
 backward of the scalar reductions runs once (``retain_graph`` double backward is refused). Offsets are int64,
 so tokens x vocab may exceed 2**31.
 """
+import atexit
 import functools
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -633,18 +635,19 @@ class _PendingCheck:
 
 
 _PENDING: list[_PendingCheck] = []
-_ATEXIT: list[bool] = []
+_SETTLE_AT_EXIT = {"registered": False}
 
 
 def _settle_at_exit() -> None:
-    """The last calls' checks, at interpreter exit: a bad label there becomes a warning (nothing can be raised to)."""
-    import warnings
-    try:
-        resolve_label_checks()
-    except ValueError as e:
-        warnings.warn(f"hf_fastkern: {e}", stacklevel=1)
-    except Exception:  # CUDA torn down already: nothing left to read
-        pass
+    """The last calls' checks, at interpreter exit: each bad label there becomes a warning (nothing can be raised
+    to)."""
+    while _PENDING:
+        try:
+            resolve_label_checks()
+        except ValueError as e:
+            warnings.warn(f"hf_fastkern: {e}", stacklevel=1)
+        except Exception:  # CUDA torn down already: nothing left to read
+            return
 
 
 def check_label_range_async(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor | None:
@@ -653,11 +656,12 @@ def check_label_range_async(labels: torch.Tensor, vocab: int, ignore_index: int)
     A sync in the loss's forward makes the host wait for the GPU to finish the forward before it may launch the
     backward: in a host-bound step that head start is lost (stock transformers' loss has no sync). Here the
     [min, max] reduction is copied to pinned host memory behind an event and read when it has arrived: in this
-    loss's backward if it is there by then, else at the next call of the fused loss (which waits only for a
-    check two calls old). Returns a 0-d bool device tensor, False when a label is out of range: the caller
-    makes that call's loss NaN and its gradients zero, so a bad batch never writes NaN into the weights before
-    the ``ValueError`` (the same message as the sync check, saying it was an earlier call) is raised.
-    Returns None when the check is skipped (as :func:`check_label_range`).
+    loss's backward if it is there by then, else at a later call of the fused loss (each call waits only for a
+    check two calls old, so the error comes at the latest two calls later). Returns a 0-d bool device tensor,
+    False when a label is out of range: that call's loss is NaN (the kernel's row loss of a bad label) and
+    ``FLCEFunction``'s backward zeroes its gradients, so a bad batch never writes NaN into the weights before
+    the ``ValueError`` (the sync check's message, saying it may be an earlier call) is raised. Returns None when
+    the check is skipped (as :func:`check_label_range`, also under ``torch.compile``, which checks nothing).
     """
     if torch.compiler.is_compiling():
         return None
@@ -672,10 +676,9 @@ def check_label_range_async(labels: torch.Tensor, vocab: int, ignore_index: int)
         event.record(torch.cuda.current_stream(labels.device))  # the copy's stream (labels may be on cuda:1)
     else:  # no stream to run ahead of: the values are there
         host, event = rng, None
-    if not _PENDING and not _ATEXIT:
-        import atexit
+    if not _SETTLE_AT_EXIT["registered"]:
         atexit.register(_settle_at_exit)
-        _ATEXIT.append(True)
+        _SETTLE_AT_EXIT["registered"] = True
     _PENDING.append(_PendingCheck(host, event, labels, vocab, ignore_index))
     return (rng[0] >= 0) & (rng[1] < vocab)
 

@@ -346,10 +346,11 @@ def use_kernel(op: str, device: torch.device, **case: Any) -> bool:
     return ok
 
 
-def unrouted_reason(op: str, device: torch.device) -> str:
+def unrouted_reason(op: str, device: torch.device, family: dict[str, Any] | None = None) -> str:
     """Why ``op`` cannot take the kernel anywhere on ``device`` ("" when some case may): for the patch report,
     which has no call's case at hand. A CUDA device whose table (if any) holds no ``kernel`` rule for ``op``
-    routes every case to stock."""
+    routes every case to stock. ``family``: what the caller knows of its cases (RoPE's ``head_dim``): for ops
+    routed late, a family without rules (for either ``grad``) keeps the kernel."""
     if device.type != "cuda":
         return "HF_FASTKERN_ROUTING=stock" if mode() == STOCK else ""
     m = mode()
@@ -361,6 +362,13 @@ def unrouted_reason(op: str, device: torch.device) -> str:
         return ""
     if table is None:
         return f"no routing table for GPU class {cls!r}"
+    if op in KERNEL_WITHOUT_RULES and family is not None:
+        for grad in (True, False):
+            cands = table._candidates(op, {**family, "grad": grad})
+            if not cands or any(r.choice == KERNEL for r in cands):
+                return ""
+        return (f"no {op} case of {_fmt_match(family)} measured faster in {os.path.basename(table.path)} "
+                "(benchmarks/bench_routing.py)")
     if not any(r.choice == KERNEL for r in table.rules.get(op, ())):
         also = " (families it has no rule for keep the kernel)" if op in KERNEL_WITHOUT_RULES else ""
         return (f"no {op} case measured faster in {os.path.basename(table.path)} (benchmarks/bench_routing.py)"
@@ -418,7 +426,8 @@ def describe(device: torch.device | str | None = None) -> list[str]:
             if op not in KERNEL_WITHOUT_RULES:
                 lines.append(f"  {op}: no rule: every case runs the stock path")
             continue
-        lines.append(f"  {op}: {len(rules)} rule(s), first match wins, no match -> stock")
+        late = " (a case family without rules -> kernel)" if op in KERNEL_WITHOUT_RULES else ""
+        lines.append(f"  {op}: {len(rules)} rule(s), first match wins, no match -> stock{late}")
         for r in rules:
             ratio = "" if r.ratio is None else f"  stock/kernel {r.ratio:.2f}"
             lines.append(f"    {r.choice:<6} {_fmt_match(r.match)}{ratio}")

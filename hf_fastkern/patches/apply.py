@@ -73,7 +73,12 @@ from hf_fastkern.patches.ledger import (
     new_ledger,
     unwrap,
 )
-from hf_fastkern.patches.loss import disable_fused_loss, enable_fused_loss, fused_loss_status
+from hf_fastkern.patches.loss import (
+    disable_fused_loss,
+    enable_fused_loss,
+    fused_loss_forced,
+    fused_loss_status,
+)
 from hf_fastkern.patches.recipe import RECIPES, ForwardFactory, Recipe
 from hf_fastkern.patches.training_cache import guard_training_cache
 
@@ -175,7 +180,8 @@ def _rope_status(module: nn.Module) -> str:
     weight = next((p for p in module.parameters(recurse=True)), None)
     if weight is None:
         return ""
-    why = routing.unrouted_reason("rope", weight.device)
+    head_dim = getattr(module, "head_dim", None)
+    why = routing.unrouted_reason("rope", weight.device, {"head_dim": head_dim} if isinstance(head_dim, int) else None)
     return f"its rotation runs apply_rotary_pos_emb: routed to stock ({why})" if why else ""
 
 
@@ -389,7 +395,8 @@ def _calibration_forward(base: nn.Module, tokens: int) -> Any:
     p = next(base.parameters())
     ids = torch.randint(0, base.config.vocab_size, (1, tokens), device=p.device)
     kw = {"labels": ids} if "labels" in inspect.signature(type(base).forward).parameters else {}
-    return base(input_ids=ids, **kw)
+    with fused_loss_forced(base):  # a long step's loss, not what the routing table runs at this small size
+        return base(input_ids=ids, **kw)
 
 
 def _calibration_tokens(config: Any) -> tuple[int, int]:

@@ -45,6 +45,7 @@ back to the original forward with a one-time warning.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 
@@ -82,6 +83,7 @@ class _State:
         self.wrapper = None
         self.head_wrapper = None
         self.reverted = False
+        self.force_kernel = False  # the checkpoint planner's calibration: the loss as a long step runs it
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -196,7 +198,7 @@ def _make_forward():
             return _call_with_positional(state, args, labels, kwargs)
         head = self.get_output_embeddings()
         why = "lm_head was replaced after enable_fused_loss" if head is not state.head else _head_problem(head)
-        if not why and not _routed_to_kernel(head, labels):
+        if not why and not state.force_kernel and not _routed_to_kernel(head, labels):
             # the routing table measured the model's own loss faster at this size (a small, host-bound step)
             return _call_with_positional(state, args, labels, kwargs)
         if why:
@@ -222,6 +224,22 @@ def _make_forward():
         fields = {k: v for k, v in out.items() if k not in ("logits", "loss")}
         return type(out)(loss=loss, **fields)
     return forward
+
+
+@contextlib.contextmanager
+def fused_loss_forced(model: nn.Module):
+    """Within: this model's training loss takes the fused path whatever the routing table says (the checkpoint
+    planner's calibration forwards are small, but what they measure is the per-token memory of a long step, where
+    the fused loss runs: a stock loss there would count its ``[tokens, vocab]`` logits)."""
+    state = unwrap(model).__dict__.get(_STATE)
+    if state is None:
+        yield
+        return
+    before, state.force_kernel = state.force_kernel, True
+    try:
+        yield
+    finally:
+        state.force_kernel = before
 
 
 def _routed_to_kernel(head: nn.Module, labels) -> bool:
