@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results.append(r)
         v = r["verdict"]
-        print(f"{arch:6s} {mode} {r['precision']:13s} steps={args.steps}  unpatched final={r['unpatched']['logged'][-1]:.4f} "
+        print(f"{arch:6s} {mode} {r['precision']:13s} steps={args.steps}  "
+              f"unpatched final={r['unpatched']['logged'][-1]:.4f} "
               f"patched final={r['patched']['logged'][-1]:.4f}  final gap={100 * v['final_rel']:.3f}%  "
               f"max curve gap={100 * v['max_curve_rel']:.3f}% (step {v['worst_step']})  "
               f"eval gap={100 * v['eval_rel']:.3f}%  time {r['unpatched']['seconds']:.1f}s / "

@@ -16,7 +16,7 @@ from hf_fastkern.patches.attention import register_fastkern_attention
 from hf_fastkern.patches.ledger import PatchReport
 
 __version__ = "0.1.0"
-__all__ = ["apply_fast_kernels", "resolve_label_checks", "revert_fast_kernels", "report", "PatchReport", "FastKernMetricsCallback",
-           "FastKernels", "register_fastkern_attention", "__version__"]
+__all__ = ["apply_fast_kernels", "revert_fast_kernels", "report", "PatchReport", "FastKernMetricsCallback",
+           "FastKernels", "register_fastkern_attention", "resolve_label_checks", "__version__"]
 
 register_fastkern_attention()

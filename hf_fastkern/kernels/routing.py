@@ -30,8 +30,9 @@ Cases (keys a rule may name, per op):
 - ``rope`` (the fused q+k rotary embedding vs transformers' ``apply_rotary_pos_emb``): ``tokens`` (batch x seq),
   ``head_dim``, ``grad``. At a few hundred tokens both are launch-bound and transformers' ~14 small ops can beat
   one Triton launch whose argument binding costs more host time (issue 21). RoPE joined routing after tables
-  had been measured without it, so a table with **no** rope rule leaves RoPE on the kernel, as before routing
-  (:data:`KERNEL_WITHOUT_RULES`); a table with rope rules decides like any other op (no match: stock).
+  had been measured without it, so where a table has no rope rule for a case's family (``head_dim``, ``grad``)
+  RoPE stays on the kernel, as before routing (:data:`KERNEL_WITHOUT_RULES`); a family with rules decides like
+  any other op (no match: stock).
 - ``fused_loss`` (a patched causal LM's training loss: the fused linear cross-entropy vs the model's own
   ``lm_head`` + transformers' ``ForCausalLMLoss``): ``logits_mib`` (the fp32 logits the stock loss would
   materialise, tokens x vocab x 4 bytes, in MiB: one number for both its cost and its memory), ``grad``. A small
@@ -146,7 +147,8 @@ class RoutingTable:
         candidates = self._candidates(op, case)
         if op in KERNEL_WITHOUT_RULES and not candidates:
             # no rule of this case's family (head_dim, grad ...): the table says nothing about it
-            return KERNEL, f"{os.path.basename(self.path)} has no {op} rule for this case: {KERNEL_WITHOUT_RULES[op]}"
+            name = os.path.basename(self.path)
+            return KERNEL, f"{name} has no {op} rule for this case's family: {KERNEL_WITHOUT_RULES[op]}"
         for rule in candidates:
             if rule.matches(case):
                 ratio = f", stock/kernel time {rule.ratio:.2f}" if rule.ratio is not None else ""

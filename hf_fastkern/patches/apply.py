@@ -181,7 +181,8 @@ def _rope_status(module: nn.Module) -> str:
     if weight is None:
         return ""
     head_dim = getattr(module, "head_dim", None)
-    why = routing.unrouted_reason("rope", weight.device, {"head_dim": head_dim} if isinstance(head_dim, int) else None)
+    family = {"head_dim": head_dim} if isinstance(head_dim, int) else None
+    why = routing.unrouted_reason("rope", weight.device, family)
     return f"its rotation runs apply_rotary_pos_emb: routed to stock ({why})" if why else ""
 
 
