@@ -481,11 +481,6 @@ def qlora_available() -> str:
     return f"{', '.join(missing)} not installed" if missing else ""
 
 
-def logits_mib(tokens: int, vocab: int) -> int:
-    """The ``fused_loss`` case key, as the patched forward computes it: the stock loss's fp32 logits in MiB."""
-    return (tokens * vocab * 4) >> 20
-
-
 def loss_grid(quick: bool, smoke: bool) -> list[tuple[str, dict, str, list]]:
     """The training loss of a patched causal LM (op ``fused_loss``), swept over the fp32 logits the stock loss
     would make (MiB, the call site's key): (tokens, vocab, hidden) cases at a 32000 x 2048 head (TinyLlama-1.1B)
@@ -494,12 +489,12 @@ def loss_grid(quick: bool, smoke: bool) -> list[tuple[str, dict, str, list]]:
     cases = [(128, *small), (512, *small), (128, *big), (2048, *small), (512, *big), (8192, *small), (2048, *big),
              (8192, *big)]
     if quick:
-        cases = [c for c in cases if logits_mib(c[0], c[1]) <= 1024]
+        cases = [c for c in cases if routing.logits_mib(c[0], c[1]) <= 1024]
     if smoke:
         cases = [(4, 96, 16), (64, 4096, 16)]  # 0 and 1 MiB
     pts: dict[int, list[dict]] = {}
     for t, v, h in cases:
-        pts.setdefault(logits_mib(t, v), []).append(dict(t=t, v=v, h=h))
+        pts.setdefault(routing.logits_mib(t, v), []).append(dict(t=t, v=v, h=h))
     return [("fused_loss", {"grad": grad}, "logits_mib", sorted(pts.items())) for grad in (True, False)]
 
 

@@ -732,7 +732,7 @@ def test_loss_grid_points_are_the_call_sites_keys_and_speak_below_the_grid():
     for _, _, sweep, pts in bench_routing.loss_grid(quick=False, smoke=False):
         assert sweep == "logits_mib"
         for x, cases in pts:
-            assert all(bench_routing.logits_mib(c["t"], c["v"]) == x for c in cases)
+            assert all(routing.logits_mib(c["t"], c["v"]) == x for c in cases)
     win = bench_routing.family_rules("fused_loss", {"grad": True}, "logits_mib", [(15, 1.3), (62, 1.2)], "s")
     t = routing.parse_table(_doc({"fused_loss": win}), "x")
     assert [t.decide("fused_loss", {"logits_mib": m, "grad": True})[0] for m in (0, 1, 15, 40, 62, 10**5)] == \

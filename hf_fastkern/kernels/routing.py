@@ -241,6 +241,11 @@ def gpu_class_of_name(name: str) -> str:
 # case keys the call sites compute
 
 
+def logits_mib(tokens: int, vocab: int) -> int:
+    """The ``fused_loss`` case key: the fp32 logits the stock loss would make (tokens x vocab x 4 bytes), in MiB."""
+    return (tokens * vocab * 4) >> 20
+
+
 def leading_rows(x: torch.Tensor) -> int:
     """Product of the leading dimensions (works on fake tensors' symbolic shapes, and for hidden == 0)."""
     return functools.reduce(operator.mul, x.shape[:-1], 1)

@@ -247,7 +247,7 @@ def _routed_to_kernel(head: nn.Module, labels) -> bool:
     weight = head.weight
     if not isinstance(labels, torch.Tensor):
         return True
-    mib = (labels.numel() * weight.shape[0] * 4) >> 20
+    mib = routing.logits_mib(labels.numel(), weight.shape[0])
     return routing.use_kernel("fused_loss", weight.device, logits_mib=mib, grad=torch.is_grad_enabled())
 
 
