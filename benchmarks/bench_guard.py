@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -218,7 +219,6 @@ def _sync_audit(run, device: str) -> dict[str, int]:
     (``torch.cuda.synchronize``, ``Event.synchronize``, the timer's own per-step sync) are not counted."""
     if device != "cuda":
         return {}
-    import warnings
     counts: dict[str, int] = {}
     before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
@@ -250,6 +250,13 @@ def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, pro
     reports: dict[str, str] = {}
     saved: dict[str, str | None] = {}
     n_steps = min(steps, 3) if c.mode == "generate" else steps
+
+    def switch(m: torch.nn.Module, side: str) -> None:
+        """Unpatched, then this side's environment, then patched unless it is the unpatched side."""
+        revert_fast_kernels(m)
+        _set_env(side_env[side], saved)
+        if side != "sdpa":
+            reports[side] = str(apply_fast_kernels(m))
     try:
         for r in range(rounds):
             # the unpatched side first, then the patched sides in an order that rotates every round (a side
@@ -257,10 +264,7 @@ def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, pro
             patched = sides[1:]
             k = r % len(patched)
             for side in ["sdpa"] + patched[k:] + patched[:k]:
-                revert_fast_kernels(model)
-                _set_env(side_env[side], saved)
-                if side != "sdpa":
-                    reports[side] = str(apply_fast_kernels(model))
+                switch(model, side)
                 # warm-up after every switch, every side alike: the first round's compile/autotune and allocator
                 # growth, and in later rounds the first call after (re)patching, which is not a steady-state step
                 run()
@@ -277,10 +281,7 @@ def measure_case(c: Case, layers: int, device: str, rounds: int, steps: int, pro
         profiles = {}
         if profile:
             for side in sides:
-                revert_fast_kernels(model)
-                _set_env(side_env[side], saved)
-                if side != "sdpa":
-                    apply_fast_kernels(model)
+                switch(model, side)
                 run()  # the first call after a switch is not a steady-state one (as above)
                 profiles[side] = _profile(run, device)
     finally:

@@ -35,11 +35,14 @@ import time
 
 import torch
 
+from .bench_lora import TARGETS as LORA_TARGETS
+from .bench_lora import _plan, quantize_4bit
 from .harness import save
 
 FINAL_RTOL = 0.01  # final loss within 1%
 CURVE_RTOL = 0.02  # every logged point within 2%
 N_SUCCESSORS = 4
+ADAPTER_ARCH = "llama"  # the adapter modes' model (PEFT targets its seven projections)
 ADAPTER_CPU_PRECISION = "bf16-base"  # the CPU's adapter runs: bf16 base, fp32 adapters, no autocast
 ADAPTER_RTOL = 0.01  # issue 23: LoRA / QLoRA curves within 1 % of HF + PEFT at every logged step
 
@@ -101,7 +104,6 @@ def patch(model: torch.nn.Module, **options) -> dict:
 
 
 MODES = ("full", "lora", "lora-auto", "qlora")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _adapters(model: torch.nn.Module, mode: str, device: str) -> tuple[torch.nn.Module, dict]:
@@ -112,7 +114,6 @@ def _adapters(model: torch.nn.Module, mode: str, device: str) -> tuple[torch.nn.
     notes: dict = {"mode": mode}
     model.to(torch.bfloat16)
     if mode == "qlora":
-        from .bench_lora import quantize_4bit
         notes["quant"] = quantize_4bit(model, device)
     if mode == "lora-auto":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -170,7 +171,6 @@ def train(arch: str, size: dict, state: dict, data: torch.Tensor, eval_data: tor
     if device.startswith("cuda"):
         info["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if patched and mode == "lora-auto":
-        from .bench_lora import _plan
         info["plan"] = _plan(model)
     model.eval()
     with torch.no_grad(), autocast:
@@ -187,7 +187,7 @@ def run_pair(arch: str, *, steps: int, device: str, tiny: bool, precision: str =
     fine-tune or one of the adapter modes, whose curves are held to 1 % at every logged point)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode != "full" and arch != "llama":
+    if mode != "full" and arch != ADAPTER_ARCH:
         raise ValueError(f"mode {mode!r} trains Llama adapters; arch {arch!r} has no such run")
     if mode == "qlora" and not device.startswith("cuda"):
         raise ValueError("mode 'qlora' needs a CUDA device (bitsandbytes' 4-bit kernels)")
@@ -270,9 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     precisions = args.precision if args.device.startswith("cuda") else ["fp32"]
     pairs = [(arch, precision, "full") for arch in args.arch for precision in precisions if "full" in args.mode]
     # adapter modes: bf16 base with PEFT's fp32 adapters, under bf16 autocast on a GPU (what LoRA users run);
-    # Llama only (run_pair says so for another arch)
-    pairs += [(arch, "autocast-bf16" if args.device.startswith("cuda") else ADAPTER_CPU_PRECISION, m)
-              for arch in args.arch for m in args.mode if m != "full"]
+    # Llama only: --arch must name it, and the other archs run their full fine-tune alone
+    adapter_modes = [m for m in args.mode if m != "full"]
+    if adapter_modes and ADAPTER_ARCH not in args.arch:
+        p.error(f"--mode {' '.join(adapter_modes)} trains {ADAPTER_ARCH} adapters: add {ADAPTER_ARCH} to --arch")
+    if adapter_modes and len(args.arch) > 1:
+        print(f"adapter modes run for --arch {ADAPTER_ARCH} only (the other archs: the full fine-tune)")
+    pairs += [(ADAPTER_ARCH, "autocast-bf16" if args.device.startswith("cuda") else ADAPTER_CPU_PRECISION, m)
+              for m in adapter_modes]
     for arch, precision, mode in pairs:
         try:
             r = run_pair(arch, steps=args.steps, device=args.device, tiny=args.tiny, precision=precision,
