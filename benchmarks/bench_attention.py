@@ -19,7 +19,9 @@ and 16, GQA 32/8, head_dim 128: the split-KV kernel (``fastkern_decode``, kernel
 FlashAttention-2 kernel (``fastkern_fa2``) beside SDPA as transformers calls it (``sdpa``: no mask at q_len 1,
 the bottom-right causal mask at q_len 16) and, at q_len 1, SDPA's flash and cuDNN backends. Forward only, no
 gradients; ``GB_s`` = bytes of K and V read / time (the traffic a decoding step cannot avoid), ``x_<peer>`` =
-peer ms / fastkern_decode ms. Same correctness gate (one head of the last batch row against fp32).
+peer ms / fastkern_decode ms; on a GPU ``kernel_ms`` and ``launches`` are the profiler's kernel time and launches
+per call, so ``ms`` far above ``kernel_ms`` is host time. Same correctness gate (one head of the last batch row
+against fp32).
 
     python -m benchmarks.bench_attention --parts decode --json $OUT/attention_decode.json
 """
@@ -218,10 +220,15 @@ def run_decode(json_path: str | None = None, quick: bool = False) -> list[dict]:
                     else:
                         row["ms"] = bench_ms(fn)
                         row["GB_s"] = kv_bytes / row["ms"] / 1e6
+                        if gpu:  # the GPU's own share: a call's ms far above it is host time (launch path)
+                            table = harness.kernel_table(fn, [])
+                            row["kernel_ms"] = sum(ms for _, ms, _ in table)
+                            row["launches"] = sum(n for _, _, n in table)
             except Exception as e:  # a peer that does not take this case
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             group.append(row)
             print(f"decode B={b} q={sq} S={sk} {name}: {row.get('ms', float('nan')):.4f} ms "
+                  f"(kernels {row.get('kernel_ms', float('nan')):.4f} ms, {row.get('launches', 0):.0f} launches) "
                   f"{row.get('GB_s', 0):.0f} GB/s {row.get('error', '')}", flush=True)
         ours = next((r for r in group if r["impl"] == "fastkern_decode" and "ms" in r), None)
         if ours:
