@@ -267,6 +267,37 @@ def test_generate_greedy_matches_sdpa(arch, dtype):
     assert torch.equal(a, b), f"{arch} {dtype}: sdpa {a[:, 7:].tolist()} vs fastkern {b[:, 7:].tolist()}"
 
 
+def test_generate_decode_routed_to_stock_skips_own_checks(monkeypatch):
+    """KV-cache steps the routing table sends to stock (one-token steps on an H100) run SDPA as unpatched, decided
+    before any validation of our own: a step's signature changes with the cache length, so a per-signature check
+    would run again in every step. Greedy tokens equal sdpa's, with left padding (the 2-D mask path)."""
+    ref, fast = model_pair("llama")
+    ref, fast = ref.to(torch.bfloat16), fast.to(torch.bfloat16)
+    ids = torch.randint(1, VOCAB, (2, 7))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    a = ref.generate(ids, attention_mask=am, **kw)
+    monkeypatch.setenv(routing.MODE_ENV, "stock")
+    monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "auto")  # conftest pins "triton", which never routes
+    checks, stock_steps = [], []
+    real_validate, real_decode = fk._validate, fk._decode_to_stock
+
+    def decode_to_stock(*args, **kwargs):
+        res = real_decode(*args, **kwargs)
+        stock_steps.append(res is not None)
+        return res
+
+    monkeypatch.setattr(fk, "_validate", lambda *a, **k: checks.append(a[0].shape) or real_validate(*a, **k))
+    monkeypatch.setattr(fk, "_decode_to_stock", decode_to_stock)
+    fk._CHECKED.clear()
+    b = fast.generate(ids, attention_mask=am, **kw)
+    assert torch.equal(a, b), f"sdpa {a[:, 7:].tolist()} vs fastkern {b[:, 7:].tolist()}"
+    layers = fast.config.num_hidden_layers
+    assert stock_steps == [True] * 7 * layers  # every cached step of every layer took the early stock path
+    assert all(s[2] == 7 for s in checks), checks  # only the prefill (q_len 7) was validated
+
+
 def test_generate_static_cache_falls_back():
     """Static caches hand over keys past the written positions: the mask side falls back to SDPA's dense mask."""
     ref, fast = model_pair("llama")

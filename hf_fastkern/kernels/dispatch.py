@@ -12,9 +12,11 @@ passed to ``use_kernel``) and the ``check_*`` helpers below for argument validat
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -51,6 +53,14 @@ def env_get(name: str, default: str | None = None) -> str | None:
         return os.environ.get(name, default)
     value = _ENV_DATA.get(_env_key(name))
     return default if value is None else _ENV_DECODE(value)
+
+
+def raw_env_reader(name: str) -> Callable[[], Any]:
+    """A zero-argument reader of variable ``name``'s raw value (bytes, None when unset; ``os.environ.get``'s str
+    where the backing mapping is missing): one C call, for cache keys and set/unset tests on hot paths."""
+    if _ENV_DATA is None:
+        return functools.partial(os.environ.get, name)
+    return functools.partial(_ENV_DATA.get, _env_key(name))
 
 
 def interpret_mode() -> bool:

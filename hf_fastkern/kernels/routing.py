@@ -43,9 +43,7 @@ Decisions are cached per (GPU class, op, case), so a call pays one dictionary lo
 """
 from __future__ import annotations
 
-import functools
 import json
-import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -54,7 +52,7 @@ from typing import Any, Optional
 
 import torch
 
-from hf_fastkern.kernels.dispatch import env_get
+from hf_fastkern.kernels.dispatch import env_get, raw_env_reader
 
 ROUTING_DIR = Path(__file__).with_name("routing")
 SCHEMA = 1
@@ -248,7 +246,7 @@ def logits_mib(tokens: int, vocab: int) -> int:
 
 def leading_rows(x: torch.Tensor) -> int:
     """Product of the leading dimensions (works on fake tensors' symbolic shapes, and for hidden == 0)."""
-    return functools.reduce(operator.mul, x.shape[:-1], 1)
+    return x.shape[:-1].numel()
 
 
 def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -260,6 +258,8 @@ def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
 _CLASS: dict[int, str] = {}
 _TABLES: dict[tuple[str, str | None], RoutingTable | None] = {}
 _DECISIONS: dict[tuple, bool] = {}
+# the two switches, read raw on every call (a decoding step routes ~5 ops per layer): one C call each
+_MODE_RAW, _TABLE_RAW = raw_env_reader(MODE_ENV), raw_env_reader(TABLE_ENV)
 _MAX_DECISIONS = 1 << 14
 
 
@@ -337,12 +337,13 @@ def use_kernel(op: str, device: torch.device, **case: Any) -> bool:
     if device.type != "cuda":
         m = mode()
         return m != STOCK
-    m = env_get(MODE_ENV)
-    if m == KERNEL:
-        return True
-    if m == STOCK:
-        return False
-    key = (op, device.index, env_get(TABLE_ENV), *case.values())
+    if _MODE_RAW() is not None:  # set (tests pin "kernel"): read it properly
+        m = env_get(MODE_ENV)
+        if m == KERNEL:
+            return True
+        if m == STOCK:
+            return False
+    key = (op, device.index, _TABLE_RAW(), *case.values())
     hit = _DECISIONS.get(key)
     if hit is not None:
         return hit

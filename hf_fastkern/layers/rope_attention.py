@@ -77,8 +77,12 @@ def rope_attention_factory(attention_functions: Mapping[str, Callable],
         qk_norm = isinstance(getattr(module, "q_norm", None), nn.Module)
         # the modeling file's own eager function (read, never assigned), resolved once here, not per call
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        delegate = others + _CACHES  # any of these given (not None): the class forward runs
 
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if not args and any(kwargs.get(n) is not None for n in delegate):
+                # a cached step (generate()): the class forward, before any other work (host time per layer)
+                return cls_forward(self, **kwargs)
             if args:  # the decoder layers pass keywords; anything positional is mapped by the class signature
                 kw = dict(sig.bind(self, *args, **kwargs).arguments)
                 kw.pop("self")
@@ -87,7 +91,7 @@ def rope_attention_factory(attention_functions: Mapping[str, Callable],
                 kw = dict(kwargs)
             x, pe, mask = kw.get("hidden_states"), kw.get("position_embeddings"), kw.get("attention_mask")
             attn = _interface(self, eager, attention_functions)
-            if pe is None or attn is None or any(kw.get(n) is not None for n in others + _CACHES) or \
+            if pe is None or attn is None or any(kw.get(n) is not None for n in delegate) or \
                     not isinstance(x, torch.Tensor):
                 return cls_forward(self, *args, **kwargs)
             for n in _OWN[1:] + others + _CACHES:

@@ -478,6 +478,33 @@ def _stock(module, query, key, value, attention_mask, dropout, scaling, causal, 
                      kwargs)
 
 
+def _options(module, kwargs: dict, sk: int) -> tuple[bool, int | None, float | None]:
+    """(causal, window, softcap) of a call, popped from ``kwargs`` (else read from the module); a window that
+    masks nothing is None."""
+    is_causal = kwargs.pop("is_causal", None)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    window = kwargs.pop("sliding_window", None)
+    if window is None:
+        window = getattr(module, "sliding_window", None)
+    if window is not None and (window <= 0 or (causal and window >= sk)):
+        # Causal: the farthest key a query sees is sk - 1 positions back, so such a window masks nothing.
+        window = None
+    return causal, window, kwargs.pop("softcap", None)
+
+
+def _decode_to_stock(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """The stock path's result for a KV-cache call (q_len < kv_len, causal) the routing table sends there, else
+    None (``kwargs`` is not changed)."""
+    kw = dict(kwargs)
+    sq, sk = query.shape[2], key.shape[2]
+    causal, window, softcap = _options(module, kw, sk)
+    if not causal or not _route_to_stock(query, "decode", causal, sq, sk, window, softcap):
+        return None
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(query.shape[-1])
+    return _stock(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, kw)
+
+
 def _segments_from_cu(cu: torch.Tensor, total: int) -> torch.Tensor:
     """cu_seqlens [n + 1] -> [1, total] int32 segment ids (no host read)."""
     pos = torch.arange(total, device=cu.device)
@@ -509,6 +536,16 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if torch.is_autocast_enabled(dev_type) and torch.float32 in (query.dtype, key.dtype, value.dtype):
         dt = torch.get_autocast_dtype(dev_type)
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    if (query.dim() == 4 and key.dim() == 4 and query.shape[2] < key.shape[2]
+            and (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.dtype == torch.bool))
+            and kwargs.get("s_aux") is None and kwargs.get("position_bias") is None
+            and not torch.compiler.is_compiling()):
+        # A KV-cache step (generate()): its cache length, and so its call signature, changes every step. Where the
+        # routing table sends it to the stock path (SDPA, as unpatched), that is decided here, before any check
+        # of our own (SDPA checks its inputs), so a routed step costs what unpatched costs plus one lookup.
+        res = _decode_to_stock(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        if res is not None:
+            return res
     # validation and the kernel check, once per call signature (every layer of a forward shares one)
     sig = dispatch.entry_key(query, key, value, attention_mask)
     sig = None if sig is None else (sig, dropout)
@@ -520,19 +557,11 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"attn_implementation='{NAME}' does not support attention sinks (s_aux); "
                          "use attn_implementation='eager'")
-    is_causal = kwargs.pop("is_causal", None)
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    window = kwargs.pop("sliding_window", None)
-    if window is None:
-        window = getattr(module, "sliding_window", None)
-    softcap = kwargs.pop("softcap", None)
-    if scaling is None:
-        scaling = 1.0 / math.sqrt(query.shape[-1])
     b, h, sq, d = query.shape
     sk = key.shape[2]
-    if window is not None and (window <= 0 or (causal and window >= sk)):
-        # Causal: the farthest key a query sees is sk - 1 positions back, so such a window masks nothing.
-        window = None
+    causal, window, softcap = _options(module, kwargs, sk)
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(d)
 
     def fallback(reason: str):
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap,
