@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from hf_fastkern.kernels import attention as _kernels
 from hf_fastkern.kernels import decode_attention as _decode
 from hf_fastkern.kernels import dispatch, routing
+from hf_fastkern.patches import training_cache
 
 NAME = "fastkern"
 # head_dims the kernel is built for (the kernel's own ``attention_supported`` is the authority once it exists).
@@ -615,11 +616,13 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
 
     pos = kwargs.get("position_ids")
     if (attention_mask is None and pos is not None and b == 1 and sq == sk and sq > 1 and pos.numel() == sq
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not training_cache.packing_checked_upstream()):
         # Packed sequences that the mask side could not see (transformers only looks for packing without a
         # cache, and forward() makes an empty one when use_cache=True): the same detection as its masks, from
-        # position_ids that restart. One host read per forward, cached across layers on the position_ids object.
+        # position_ids that restart. Host reads once per forward, cached across layers on the position_ids object.
         # Not while compiling (it would break the graph in every layer); SDPA does not detect this case either.
+        # Not inside a decoder forward that runs without a cache (a patched training forward): transformers has
+        # looked there, and a packed batch reached us as segment ids.
         meta = _cached(pos, ("pos",), lambda: _segment_meta(_segments_from_positions(pos.reshape(1, -1))))
         if meta.cu_q.numel() > 2:
             if (res := stock("packed", lambda: _segments_from_cu(meta.cu_q, sq))) is not None:

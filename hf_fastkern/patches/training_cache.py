@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import types
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -24,6 +25,17 @@ from hf_fastkern.patches.ledger import Change, Ledger
 
 # decoder attribute: (position of use_cache in forward(*args) without self, the forward that was there before)
 _GUARD_ATTR = "_hf_fastkern_cache_guard"
+
+# True while a guarded decoder forward runs without any cache (forced here, or use_cache=False passed with no cache
+# object). transformers' mask builder then looks for packed sequences in position_ids itself
+# (``masking_utils._preprocess_mask_arguments``: no cache and no 2-D mask), so the attention function need not
+# look again: its own look costs three host reads per forward (issue 21: B1 training steps are host-bound).
+_NO_CACHE_FORWARD: ContextVar[bool] = ContextVar("hf_fastkern_no_cache_forward", default=False)
+
+
+def packing_checked_upstream() -> bool:
+    """Is a guarded decoder forward without a cache running (transformers has looked for packed sequences)?"""
+    return _NO_CACHE_FORWARD.get()
 
 
 def _no_training_cache(self: nn.Module, pos: int, args: tuple, kwargs: dict) -> bool:
@@ -44,7 +56,13 @@ def _decoder_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     pos, own, active = self.__dict__[_GUARD_ATTR]
     if active and _no_training_cache(self, pos, args, kwargs):
         kwargs["use_cache"] = False
-    return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
+    no_cache = (active and len(args) <= pos and kwargs.get("use_cache") is False
+                and all(kwargs.get(k) is None for k in ("cache", "past_key_values")))
+    token = _NO_CACHE_FORWARD.set(no_cache)
+    try:
+        return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
+    finally:
+        _NO_CACHE_FORWARD.reset(token)
 
 
 def _forget(decoder: nn.Module) -> None:
