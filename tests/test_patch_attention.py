@@ -277,6 +277,64 @@ def test_packed_training_forward_detects_once(monkeypatch):
     assert looks == [1]
 
 
+def test_masks_see_position_ids_from_source():
+    """The guard trusts transformers' packing look only in decoders whose mask builders get position_ids."""
+    from transformers import BioGptModel, GemmaModel, LlamaModel, MistralModel, Qwen3Model
+
+    from hf_fastkern.patches.training_cache import _masks_see_position_ids
+
+    assert all(_masks_see_position_ids(c) for c in (LlamaModel, MistralModel, Qwen3Model, GemmaModel))
+    assert not _masks_see_position_ids(BioGptModel)  # builds its mask without position_ids
+
+
+@pytest.mark.parametrize("bad", ["dropout", "key_batch", "mask_shape"])
+def test_decode_early_path_declines(bad, monkeypatch):
+    """A cached call with dropout, or with shapes the kernel path's checks reject, does not take the early stock
+    path: dropout reaches the path that applies it, and bad input raises ValueError as on every other path."""
+    monkeypatch.setenv(routing.MODE_ENV, "stock")
+    monkeypatch.setenv(fk.ATTENTION_BACKEND_ENV, "auto")
+    monkeypatch.setattr(fk, "_decode_to_stock", lambda *a, **k: pytest.fail("early path taken"))
+    mod = torch.nn.Module()
+    mod.is_causal = True
+    q = torch.randn(2, 4, 1, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 8, 16, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    if bad == "dropout":
+        out, _ = fk.fastkern_attention_forward(mod, q, k, v, None, dropout=0.5)
+        assert out.shape == (2, 1, 4, 16)
+    elif bad == "key_batch":
+        with pytest.raises(ValueError):
+            fk.fastkern_attention_forward(mod, q, k[:1], v[:1], None)
+    else:
+        with pytest.raises(ValueError):
+            fk.fastkern_attention_forward(mod, q, k, v, torch.ones(1, 8, dtype=torch.bool))
+
+
+def test_packed_training_forward_with_mask_still_looks(monkeypatch):
+    """With an attention mask (all ones) transformers does not look for packing, so in a training forward the
+    attention function still does: packed sequences keep to themselves."""
+    from hf_fastkern import apply_fast_kernels
+
+    ref, fast = model_pair("llama")
+    apply_fast_kernels(fast)
+    looks = []
+    real = fk._segments_from_positions
+    monkeypatch.setattr(fk, "_segments_from_positions", lambda pos: looks.append(1) or real(pos))
+    feats, batch = _packed_batch([5, 9, 4])
+    fm = copy.deepcopy(fast).to(torch.bfloat16).train()
+    ids = batch["input_ids"]
+    packed = fm(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=batch["position_ids"]).logits[0]
+    assert looks == [1]
+    start = 0
+    for f in feats:
+        one = torch.tensor([f["input_ids"]])
+        n = one.shape[1]
+        oracle = copy.deepcopy(ref).double()(one).logits[0]
+        base = copy.deepcopy(ref).to(torch.bfloat16)(one).logits[0]
+        assert_close(packed[start:start + n].float(), oracle, base, torch.bfloat16, "output", f"packed seq at {start}")
+        start += n
+
+
 # ----------------------------------------------------------------------------------------------------------
 # generate
 
@@ -325,7 +383,7 @@ def test_generate_decode_routed_to_stock_skips_own_checks(monkeypatch):
     assert torch.equal(a, b), f"sdpa {a[:, 7:].tolist()} vs fastkern {b[:, 7:].tolist()}"
     layers = fast.config.num_hidden_layers
     assert stock_steps == [True] * 7 * layers  # every cached step of every layer took the early stock path
-    assert all(s[2] == 7 for s in checks), checks  # only the prefill (q_len 7) was validated
+    assert checks and all(s[2] == 7 for s in checks), checks  # only the prefill (q_len 7) was validated
 
 
 def test_generate_static_cache_falls_back():

@@ -44,6 +44,7 @@ Decisions are cached per (GPU class, op, case), so a call pays one dictionary lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -246,7 +247,7 @@ def logits_mib(tokens: int, vocab: int) -> int:
 
 def leading_rows(x: torch.Tensor) -> int:
     """Product of the leading dimensions (works on fake tensors' symbolic shapes, and for hidden == 0)."""
-    return x.shape[:-1].numel()
+    return math.prod(x.shape[:-1])  # not Size.numel(): outside dynamo (fake kernels) it specializes symbolic sizes
 
 
 def records_grad(*tensors: Optional[torch.Tensor]) -> bool:

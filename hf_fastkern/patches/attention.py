@@ -537,13 +537,18 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if torch.is_autocast_enabled(dev_type) and torch.float32 in (query.dtype, key.dtype, value.dtype):
         dt = torch.get_autocast_dtype(dev_type)
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
-    if (query.dim() == 4 and key.dim() == 4 and query.shape[2] < key.shape[2]
-            and (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.dtype == torch.bool))
+    if (query.dim() == 4 and key.dim() == 4 and query.shape[2] < key.shape[2] and not dropout
+            and key.shape[0] == query.shape[0] and value.shape[:3] == key.shape[:3]
+            and query.dtype == key.dtype == value.dtype
+            and (attention_mask is None or (attention_mask.dtype == torch.bool
+                                            and attention_mask.shape == (query.shape[0], key.shape[2])))
             and kwargs.get("s_aux") is None and kwargs.get("position_bias") is None
-            and not torch.compiler.is_compiling()):
+            and kwargs.get("cu_seq_lens_q") is None and not torch.compiler.is_compiling()):
         # A KV-cache step (generate()): its cache length, and so its call signature, changes every step. Where the
-        # routing table sends it to the stock path (SDPA, as unpatched), that is decided here, before any check
-        # of our own (SDPA checks its inputs), so a routed step costs what unpatched costs plus one lookup.
+        # routing table sends it to the stock path (SDPA, as unpatched), that is decided here, before the checks
+        # cached per signature, so a routed step costs what unpatched costs plus one lookup. The shape and dtype
+        # relations above are the checks that matter for this path (anything else goes the long way, which
+        # validates and raises ValueError); SDPA checks the rest.
         res = _decode_to_stock(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         if res is not None:
             return res

@@ -13,7 +13,9 @@ that is followed by backward, so none is built. Eval, no-grad forwards (generati
 """
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 import types
 from contextvars import ContextVar
 from typing import Any
@@ -23,14 +25,50 @@ import torch.nn as nn
 
 from hf_fastkern.patches.ledger import Change, Ledger
 
-# decoder attribute: (position of use_cache in forward(*args) without self, the forward that was there before)
+# decoder attribute: (position of use_cache in forward(*args) without self, the forward that was there before,
+# active, does the forward hand position_ids to every mask builder it calls (:func:`_masks_see_position_ids`))
 _GUARD_ATTR = "_hf_fastkern_cache_guard"
 
 # True while a guarded decoder forward runs without any cache (forced here, or use_cache=False passed with no cache
-# object). transformers' mask builder then looks for packed sequences in position_ids itself
-# (``masking_utils._preprocess_mask_arguments``: no cache and no 2-D mask), so the attention function need not
-# look again: its own look costs three host reads per forward (issue 21: B1 training steps are host-bound).
+# object) and without an attention mask, in a decoder whose mask builders get position_ids. transformers' mask
+# builder then looks for packed sequences in position_ids itself (``masking_utils._preprocess_mask_arguments``:
+# no cache and no 2-D mask), so the attention function need not look again: its own look costs three host reads
+# per forward (issue 21: B1 training steps are host-bound). Not set while torch.compile traces (dynamo cannot
+# trace ContextVar.set; the attention does not look there anyway). A checkpointed layer's recompute runs after the
+# forward, with the flag unset: it looks again (same answer as transformers', so the same path).
 _NO_CACHE_FORWARD: ContextVar[bool] = ContextVar("hf_fastkern_no_cache_forward", default=False)
+
+
+def _call_name(func: ast.expr) -> str:
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+
+
+def _masks_see_position_ids(cls: type) -> bool:
+    """Does ``cls.forward`` pass ``position_ids`` to every mask builder it calls (a call whose name holds
+    "mask" and that takes ``inputs_embeds``, by keyword or through a ``**dict`` literal built in the forward)?
+    Llama, Mistral, Qwen, Gemma and GPT-2 do; BioGPT and others build their masks without, so transformers
+    cannot look for packing there. Read from the source once, when the guard is installed; False when unsure."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return False
+    dicts: dict[str, set] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            keys = {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    dicts[t.id] = keys
+    builders = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and "mask" in _call_name(node.func):
+            names = {k.arg for k in node.keywords if k.arg}
+            for k in node.keywords:
+                if k.arg is None and isinstance(k.value, ast.Name):
+                    names |= dicts.get(k.value.id, set())
+            if "inputs_embeds" in names:
+                builders.append(names)
+    return bool(builders) and all("position_ids" in names for names in builders)
 
 
 def packing_checked_upstream() -> bool:
@@ -53,10 +91,14 @@ def _decoder_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The decoder's forward with ``use_cache=False`` in a training forward that asked for no cache (see the
     module docstring of ``hf_fastkern.patches.training_cache``)."""
     # found through self, so a deepcopy of the model calls its own decoder
-    pos, own, active = self.__dict__[_GUARD_ATTR]
+    pos, own, active, sees_pos = self.__dict__[_GUARD_ATTR]
     if active and _no_training_cache(self, pos, args, kwargs):
         kwargs["use_cache"] = False
-    no_cache = (active and len(args) <= pos and kwargs.get("use_cache") is False
+    if torch.compiler.is_compiling():
+        return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
+    # only input_ids may come positionally: an attention mask passed as the second argument is not seen here
+    no_cache = (active and sees_pos and len(args) <= 1 and kwargs.get("use_cache") is False
+                and kwargs.get("attention_mask") is None
                 and all(kwargs.get(k) is None for k in ("cache", "past_key_values")))
     token = _NO_CACHE_FORWARD.set(no_cache)
     try:
@@ -75,7 +117,7 @@ def _forget(decoder: nn.Module) -> None:
         return
     still_called = fwd is not None and state[1] is not fwd
     if still_called:
-        decoder.__dict__[_GUARD_ATTR] = (state[0], state[1], False)
+        decoder.__dict__[_GUARD_ATTR] = (state[0], state[1], False, state[3])
     else:
         decoder.__dict__.pop(_GUARD_ATTR, None)
 
@@ -94,7 +136,7 @@ def guard_training_cache(base: nn.Module, ledger: Ledger) -> bool:
     if "use_cache" not in sig.parameters:
         return False
     decoder.__dict__[_GUARD_ATTR] = (list(sig.parameters).index("use_cache") - 1, decoder.__dict__.get("forward"),
-                                     True)
+                                     True, _masks_see_position_ids(type(decoder)))
     ledger.record(Change("training_cache_state", _forget, decoder, shown=False))
     # a fresh function object per model, to carry that model's signature: callers that inspect the decoder's
     # forward (Trainer, PEFT) see the original one
