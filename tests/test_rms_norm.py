@@ -226,6 +226,21 @@ def test_rms_norm_one_autograd_node(shape, device):
     assert leaves == ["AccumulateGrad", "AccumulateGrad"], f"{type(y.grad_fn).__name__} -> {leaves}"
 
 
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+def test_norm_without_autograd_skips_the_node(norm, device):
+    """No graph to record (generate(), eval): the launcher runs without an autograd node, with the output the
+    Function path gives, bitwise; with a graph, the node is there."""
+    x = torch.randn(3, 5, 64, device=device, dtype=torch.bfloat16)
+    w = torch.randn(64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    fn = (lambda: rms_norm(x, w)) if norm == "rms_norm" else (lambda: layer_norm(x, w, b))
+    with torch.no_grad():
+        y0 = fn()
+    y1 = fn()
+    assert y0.grad_fn is None and y1.grad_fn is not None
+    assert torch.equal(y0, y1.detach())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: real sizes
 

@@ -319,4 +319,6 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     # x keeps its leading dimensions: the launchers flatten them (one autograd node, no views; see rms_norm)
     if torch.compiler.is_compiling():
         return layer_norm_fwd(x, weight, bias, float(eps))[0]
+    if not records_grad(x, weight, bias):  # generate(), eval: the launcher alone (as rms_norm)
+        return _layer_norm_fwd_impl(x, weight, bias, float(eps))[0]
     return LayerNormFunction.apply(x, weight, bias, float(eps))
