@@ -279,11 +279,12 @@ def test_packed_training_forward_detects_once(monkeypatch):
 
 def test_masks_see_position_ids_from_source():
     """The guard trusts transformers' packing look only in decoders whose mask builders get position_ids."""
-    from transformers import BioGptModel, GemmaModel, LlamaModel, MistralModel, Qwen3Model
+    from transformers import BioGptModel, GemmaModel, GPT2Model, LlamaModel, MistralModel, Qwen3Model
 
     from hf_fastkern.patches.training_cache import _masks_see_position_ids
 
-    assert all(_masks_see_position_ids(c) for c in (LlamaModel, MistralModel, Qwen3Model, GemmaModel))
+    # GPT-2's cross-attention mask builder (encoder_hidden_states) takes no position_ids and does not count
+    assert all(_masks_see_position_ids(c) for c in (LlamaModel, MistralModel, Qwen3Model, GemmaModel, GPT2Model))
     assert not _masks_see_position_ids(BioGptModel)  # builds its mask without position_ids
 
 

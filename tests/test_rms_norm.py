@@ -227,18 +227,31 @@ def test_rms_norm_one_autograd_node(shape, device):
 
 
 @pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
-def test_norm_without_autograd_skips_the_node(norm, device):
-    """No graph to record (generate(), eval): the launcher runs without an autograd node, with the output the
-    Function path gives, bitwise; with a graph, the node is there."""
+def test_norm_without_autograd_skips_the_node(norm, device, monkeypatch):
+    """No graph to record (generate(), eval): the launcher runs without the autograd.Function, with the output
+    the Function path gives, bitwise; with a graph, or under forward-mode AD (dual tensors do not require grad),
+    the Function runs."""
+    import hf_fastkern.kernels.layer_norm as ln_mod
+
     x = torch.randn(3, 5, 64, device=device, dtype=torch.bfloat16)
     w = torch.randn(64, device=device, dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(64, device=device, dtype=torch.bfloat16, requires_grad=True)
     fn = (lambda: rms_norm(x, w)) if norm == "rms_norm" else (lambda: layer_norm(x, w, b))
+    func = rms_mod.RMSNormFunction if norm == "rms_norm" else ln_mod.LayerNormFunction
+    applied = []
+    real_apply = func.apply
+    monkeypatch.setattr(func, "apply", lambda *a: applied.append(1) or real_apply(*a))
     with torch.no_grad():
         y0 = fn()
+    assert applied == []
     y1 = fn()
-    assert y0.grad_fn is None and y1.grad_fn is not None
+    assert applied == [1] and y1.grad_fn is not None
     assert torch.equal(y0, y1.detach())
+    import torch.autograd.forward_ad as fwad
+    with torch.no_grad(), fwad.dual_level():
+        x = fwad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):  # the Function says it has no jvp: loud, not a lost tangent
+            fn()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from hf_fastkern.kernels.rms_norm import (
     rows_view,
     sum_partials,
 )
-from hf_fastkern.kernels.routing import leading_rows, records_grad
+from hf_fastkern.kernels.routing import forward_ad_active, leading_rows, records_grad
 
 # ----------------------------------------------------------------------------------------------------------
 # kernels
@@ -319,6 +319,6 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     # x keeps its leading dimensions: the launchers flatten them (one autograd node, no views; see rms_norm)
     if torch.compiler.is_compiling():
         return layer_norm_fwd(x, weight, bias, float(eps))[0]
-    if not records_grad(x, weight, bias):  # generate(), eval: the launcher alone (as rms_norm)
-        return _layer_norm_fwd_impl(x, weight, bias, float(eps))[0]
+    if not records_grad(x, weight, bias) and not forward_ad_active():
+        return _layer_norm_fwd_impl(x, weight, bias, float(eps))[0]  # generate(), eval: as rms_norm
     return LayerNormFunction.apply(x, weight, bias, float(eps))

@@ -52,7 +52,7 @@ from hf_fastkern.kernels.dispatch import (
     entry_key,
     use_kernel,
 )
-from hf_fastkern.kernels.routing import leading_rows, records_grad
+from hf_fastkern.kernels.routing import forward_ad_active, leading_rows, records_grad
 
 # Widest row kept entirely in registers (fp32: 64 KiB per row across up to 32 warps).
 MAX_FUSED_HIDDEN = 65536
@@ -422,6 +422,6 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
     args = (x, weight, float(eps), float(offset), bool(cast_before_weight), bool(save_rstd_only))
     if torch.compiler.is_compiling():
         return rms_norm_fwd(*args)[0]
-    if not records_grad(x, weight):  # generate(), eval: the launcher alone, no autograd node's host time
-        return _rms_norm_fwd_impl(*args)[0]
+    if not records_grad(x, weight) and not forward_ad_active():
+        return _rms_norm_fwd_impl(*args)[0]  # generate(), eval: the launcher alone, no autograd node's host time
     return RMSNormFunction.apply(*args)

@@ -250,6 +250,13 @@ def leading_rows(x: torch.Tensor) -> int:
     return math.prod(x.shape[:-1])  # not Size.numel(): outside dynamo (fake kernels) it specializes symbolic sizes
 
 
+def forward_ad_active() -> bool:
+    """Is a ``torch.autograd.forward_ad.dual_level`` open? Dual tensors have ``requires_grad=False``, so a path
+    that skips the autograd.Function when :func:`records_grad` is False must not skip it then (the Function
+    raises for a missing jvp; a bare launcher would drop the tangent). Unknown (private attribute gone): True."""
+    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+
+
 def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
     """Will autograd record this call (the routing table keeps forward-only and training cases apart)?"""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

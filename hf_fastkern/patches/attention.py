@@ -538,7 +538,8 @@ def fastkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         dt = torch.get_autocast_dtype(dev_type)
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
     if (query.dim() == 4 and key.dim() == 4 and query.shape[2] < key.shape[2] and not dropout
-            and key.shape[0] == query.shape[0] and value.shape[:3] == key.shape[:3]
+            and value.dim() == 4 and key.shape[0] == query.shape[0] and value.shape[:3] == key.shape[:3]
+            and key.shape[3] == query.shape[3]
             and query.dtype == key.dtype == value.dtype
             and (attention_mask is None or (attention_mask.dtype == torch.bool
                                             and attention_mask.shape == (query.shape[0], key.shape[2])))

@@ -44,9 +44,10 @@ def _call_name(func: ast.expr) -> str:
 
 
 def _masks_see_position_ids(cls: type) -> bool:
-    """Does ``cls.forward`` pass ``position_ids`` to every mask builder it calls (a call whose name holds
-    "mask" and that takes ``inputs_embeds``, by keyword or through a ``**dict`` literal built in the forward)?
-    Llama, Mistral, Qwen, Gemma and GPT-2 do; BioGPT and others build their masks without, so transformers
+    """Does ``cls.forward`` pass ``position_ids`` to every self-attention mask builder it calls (a call whose
+    name holds "mask" and that takes ``inputs_embeds``, by keyword or through a ``**dict`` literal built in the
+    forward; cross-attention builders, which take ``encoder_hidden_states``, do not matter here)? Llama,
+    Mistral, Qwen, Gemma, GPT-2 and GPT-NeoX do; BioGPT and others build their masks without, so transformers
     cannot look for packing there. Read from the source once, when the guard is installed; False when unsure."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
@@ -66,7 +67,7 @@ def _masks_see_position_ids(cls: type) -> bool:
             for k in node.keywords:
                 if k.arg is None and isinstance(k.value, ast.Name):
                     names |= dicts.get(k.value.id, set())
-            if "inputs_embeds" in names:
+            if "inputs_embeds" in names and "encoder_hidden_states" not in names:
                 builders.append(names)
     return bool(builders) and all("position_ids" in names for names in builders)
 
