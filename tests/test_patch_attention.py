@@ -229,16 +229,34 @@ def test_packed_sequences_match_separate(arch, route, monkeypatch):
     if route == "mask":
         kw["use_cache"] = False
     fm = copy.deepcopy(fast).to(torch.bfloat16)
-    packed = fm(input_ids=batch["input_ids"], **kw).logits[0]
+    _assert_matches_separate(fm(input_ids=batch["input_ids"], **kw).logits[0], feats, ref)
+    assert calls.varlen > 0 and calls.dense == 0
+
+
+def _assert_matches_separate(packed, feats, ref):
+    """packed [total, vocab] logits of a packed row vs each sequence run on its own by ``ref`` (fp64 oracle,
+    bf16 baseline)."""
     start = 0
     for f in feats:
         ids = torch.tensor([f["input_ids"]])
         n = ids.shape[1]
         oracle = copy.deepcopy(ref).double()(ids).logits[0]
         base = copy.deepcopy(ref).to(torch.bfloat16)(ids).logits[0]
-        assert_close(packed[start:start + n], oracle, base, torch.bfloat16, "output", f"packed seq at {start}")
+        assert_close(packed[start:start + n].float(), oracle, base, torch.bfloat16, "output", f"packed seq at {start}")
         start += n
-    assert calls.varlen > 0 and calls.dense == 0
+
+
+def _patched_counting_looks(monkeypatch):
+    """(sdpa model, the same model patched by apply_fast_kernels, list that grows by one per look of the attention
+    function for packed sequences in position_ids)."""
+    from hf_fastkern import apply_fast_kernels
+
+    ref, fast = model_pair("llama")
+    apply_fast_kernels(fast)
+    looks = []
+    real = fk._segments_from_positions
+    monkeypatch.setattr(fk, "_segments_from_positions", lambda pos: looks.append(1) or real(pos))
+    return ref, fast, looks
 
 
 def test_packed_sequences_gradients():
@@ -255,13 +273,7 @@ def test_packed_training_forward_detects_once(monkeypatch):
     for packing in position_ids itself; the attention function does not look again (its look reads the device
     three times per forward: issue 21's host-bound B1 steps). Packed and plain batches stay exact, and a forward
     with a cache (transformers does not look there) still finds the packing itself."""
-    from hf_fastkern import apply_fast_kernels
-
-    ref, fast = model_pair("llama")
-    apply_fast_kernels(fast)
-    looks = []
-    real = fk._segments_from_positions
-    monkeypatch.setattr(fk, "_segments_from_positions", lambda pos: looks.append(1) or real(pos))
+    ref, fast, looks = _patched_counting_looks(monkeypatch)
     _, batch = _packed_batch([5, 3, 4])
     ids, pos = batch["input_ids"], batch["position_ids"]
     ref.train()
@@ -314,26 +326,13 @@ def test_decode_early_path_declines(bad, monkeypatch):
 def test_packed_training_forward_with_mask_still_looks(monkeypatch):
     """With an attention mask (all ones) transformers does not look for packing, so in a training forward the
     attention function still does: packed sequences keep to themselves."""
-    from hf_fastkern import apply_fast_kernels
-
-    ref, fast = model_pair("llama")
-    apply_fast_kernels(fast)
-    looks = []
-    real = fk._segments_from_positions
-    monkeypatch.setattr(fk, "_segments_from_positions", lambda pos: looks.append(1) or real(pos))
+    ref, fast, looks = _patched_counting_looks(monkeypatch)
     feats, batch = _packed_batch([5, 9, 4])
     fm = copy.deepcopy(fast).to(torch.bfloat16).train()
     ids = batch["input_ids"]
     packed = fm(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=batch["position_ids"]).logits[0]
     assert looks == [1]
-    start = 0
-    for f in feats:
-        one = torch.tensor([f["input_ids"]])
-        n = one.shape[1]
-        oracle = copy.deepcopy(ref).double()(one).logits[0]
-        base = copy.deepcopy(ref).to(torch.bfloat16)(one).logits[0]
-        assert_close(packed[start:start + n].float(), oracle, base, torch.bfloat16, "output", f"packed seq at {start}")
-        start += n
+    _assert_matches_separate(packed, feats, ref)
 
 
 # ----------------------------------------------------------------------------------------------------------
