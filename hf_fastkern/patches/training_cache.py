@@ -85,7 +85,17 @@ def _no_training_cache(self: nn.Module, pos: int, args: tuple, kwargs: dict) -> 
         return False
     if len(args) > pos:
         return False  # use_cache (or an argument after it) passed positionally: the caller's choice
-    return all(kwargs.get(k) is None for k in ("use_cache", "cache", "past_key_values"))
+    return kwargs.get("use_cache") is None and _no_cache_object(kwargs)
+
+
+def _no_cache_object(kwargs: dict) -> bool:
+    """No cache passed by keyword (the name differs between transformers releases)."""
+    return all(kwargs.get(k) is None for k in ("cache", "past_key_values"))
+
+
+def _call_own(self: nn.Module, own, args: tuple, kwargs: dict) -> Any:
+    """The forward the guard sits over: an earlier instance-level one, else the class's."""
+    return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
 
 
 def _decoder_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -96,14 +106,13 @@ def _decoder_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if active and _no_training_cache(self, pos, args, kwargs):
         kwargs["use_cache"] = False
     if torch.compiler.is_compiling():
-        return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
+        return _call_own(self, own, args, kwargs)
     # only input_ids may come positionally: an attention mask passed as the second argument is not seen here
     no_cache = (active and sees_pos and len(args) <= 1 and kwargs.get("use_cache") is False
-                and kwargs.get("attention_mask") is None
-                and all(kwargs.get(k) is None for k in ("cache", "past_key_values")))
+                and kwargs.get("attention_mask") is None and _no_cache_object(kwargs))
     token = _NO_CACHE_FORWARD.set(no_cache)
     try:
-        return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
+        return _call_own(self, own, args, kwargs)
     finally:
         _NO_CACHE_FORWARD.reset(token)
 
