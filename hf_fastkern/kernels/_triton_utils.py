@@ -8,14 +8,18 @@ Every kernel also upcasts bf16 loads to fp32 before any elementwise arithmetic, 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
+import weakref
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from hf_fastkern.kernels.dispatch import raw_env_reader
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under pytest the autotune lists shrink to their quick configs (GPU tests check correctness, not speed).
@@ -116,6 +120,150 @@ def round_to(x, dtype: tl.constexpr):
 MAX_PROGS_PER_SM = 8
 
 
+def _direct_launch_available() -> bool:
+    """Can :class:`DirectLaunch` replay a compiled kernel? On a GPU build of Triton whose ``JITFunction.run``
+    launches with the call form the replay uses (Triton 3.3-3.9 do: ``kernel.run(grid_0, grid_1, grid_2, stream,
+    kernel.function, kernel.packed_metadata, launch_metadata, enter_hook, exit_hook, *bound_args.values())``),
+    Any other Triton keeps its own launch path. ``HF_FASTKERN_DIRECT_LAUNCH=0`` turns replay off at any time
+    (read per launch, one C call)."""
+    if INTERPRET:
+        return False
+    try:
+        from triton.runtime.jit import JITFunction
+
+        src = inspect.getsource(JITFunction.run)
+    except (ImportError, OSError, TypeError):
+        return False
+    return ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,"
+            in src and "*bound_args.values())" in src and "knobs.runtime.launch_enter_hook" in src)
+
+
+DIRECT_LAUNCH = _direct_launch_available()
+_DIRECT_SWITCH = raw_env_reader("HF_FASTKERN_DIRECT_LAUNCH")
+_OFF = ("0", b"0")
+_I32_MIN, _I32_MAX, _I64_MAX = -(2 ** 31), 2 ** 31 - 1, 2 ** 63 - 1
+# Compiled kernels one DirectLaunch keeps (keys are specialization classes, not values: a handful per kernel).
+_DIRECT_CACHE_MAX = 256
+
+
+def _spec_expr(i: int, t: type) -> str:
+    """The key expression of positional argument ``a{i}`` of type t: at least as fine as Triton's specialization
+    (triton.runtime.jit: a tensor by dtype and 16-byte alignment, an int by == 1, divisibility by 16 and
+    i32/i64/u64 range, a float or bool by type, None as a constant), so one key never covers two compiled
+    kernels (tests/test_launch.py checks this against Triton's own specialization)."""
+    a = f"a{i}"
+    if issubclass(t, torch.Tensor):
+        return f"{a}.dtype, {a}.data_ptr() & 15"
+    if t is int:
+        return f"{a} == 1, {a} & 15, {_I32_MIN} <= {a} <= {_I32_MAX}, {a} > {_I64_MAX}"
+    if t in (float, bool) or t is type(None):
+        return "0"
+    raise TypeError(t)
+
+
+class DirectLaunch:
+    """A ``@triton.jit`` kernel launched without Triton's per-call argument binding, once a launch of the same
+    specialization has gone through Triton.
+
+    ``JITFunction.run`` binds and specializes every argument on every launch (one native call per argument),
+    turns the specialization into a string key, looks it up, re-checks the kernel's globals and reads several
+    knobs; for a kernel of ~35 arguments that is tens of microseconds of host time, more than the GPU time of a
+    one-token decoding step or a one-row norm. Here the first launch of a key goes through ``JITFunction.run``,
+    which compiles (or loads) and launches, and returns the ``CompiledKernel``; it is kept under a key computed by
+    a small generated function of the argument types at that call site (see :func:`_spec_expr`), and later
+    launches with that key call the compiled kernel's launcher exactly as ``JITFunction.run`` does.
+
+    What falls back to ``JITFunction.run`` every time: the interpreter (``TRITON_INTERPRET=1``, where ``fn`` is
+    an ``InterpretedFunction``), a Triton whose launch form differs (:func:`_direct_launch_available`), a grid
+    given as a function, launch hooks installed (a profiler such as proton), the kernel's ``pre_run_hooks``, an
+    argument of a type the key does not know. Call with every non-constexpr argument positional and every
+    constexpr and launch option (``num_warps``, ``num_stages``) by keyword.
+    """
+
+    def __init__(self, fn) -> None:
+        self.jit = fn
+        self._direct = DIRECT_LAUNCH and type(fn).__name__ == "JITFunction"
+        self._params = list(inspect.signature(fn.fn).parameters.values()) if self._direct else []
+        self._keyfns: dict = {}
+        self._kernels: dict = {}
+        _LAUNCHERS.add(self)
+
+    def _keyfn(self, types: tuple):
+        fn = self._keyfns.get(types)
+        if fn is None:
+            names = ", ".join(f"a{i}" for i in range(len(types)))
+            exprs = ", ".join(_spec_expr(i, t) for i, t in enumerate(types))
+            scope: dict = {}
+            exec(f"def key({names}):\n    return ({exprs},)\n", scope)  # noqa: S102 - built from types only
+            fn = self._keyfns[types] = scope["key"]
+        return fn
+
+    def _tail(self, n_args: int, kw: dict) -> tuple:
+        """The values ``JITFunction.run`` passes after the positional ones: every later parameter in signature
+        order (constexprs included), from the keywords or the defaults."""
+        out = []
+        for p in self._params[n_args:]:
+            if p.name in kw:
+                out.append(kw[p.name])
+            elif p.default is not inspect.Parameter.empty:
+                out.append(p.default)
+            else:
+                raise TypeError(f"{self.jit.fn.__name__}: missing argument {p.name!r}")
+        return tuple(out)
+
+    def __call__(self, grid, *args, **kw) -> None:
+        if not self._direct or callable(grid) or _DIRECT_SWITCH() in _OFF:
+            self.jit.run(*args, grid=grid, warmup=False, **kw)
+            return
+        try:
+            types = tuple(map(type, args))
+            key = (torch.cuda.current_device(), types, self._keyfn(types)(*args), tuple(kw.items()))
+            hit = self._kernels.get(key)
+        except TypeError:  # an argument type the key does not cover, or an unhashable constexpr
+            key = hit = None
+        knobs = triton.knobs.runtime
+        if hit is None or _hook_on(knobs.launch_enter_hook) or _hook_on(knobs.launch_exit_hook) \
+                or self.jit.pre_run_hooks:
+            kernel = self.jit.run(*args, grid=grid, warmup=False, **kw)
+            if key is not None and kernel is not None and hasattr(kernel, "packed_metadata"):
+                if len(self._kernels) >= _DIRECT_CACHE_MAX:
+                    self._kernels.clear()
+                self._kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata,
+                                      self._tail(len(args), kw))
+            return
+        run, function, metadata, tail = hit
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _current_stream(key[0]), function,
+            metadata, None, None, None, *args, *tail)
+
+
+_LAUNCHERS: "weakref.WeakSet[DirectLaunch]" = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def triton_launches():
+    """Inside: every DirectLaunch launches through ``JITFunction.run`` (benchmarks/bench_launch.py compares the
+    two paths in one process)."""
+    saved = [(lc, lc._direct) for lc in list(_LAUNCHERS)]
+    for lc, _ in saved:
+        lc._direct = False
+    try:
+        yield
+    finally:
+        for lc, was in saved:
+            lc._direct = was
+
+
+def _hook_on(hook) -> bool:
+    """Is a launch hook installed? Triton 3.6 keeps None when there is none, later versions an empty HookChain."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _current_stream(device: int) -> int:
+    """The stream Triton's driver launches on (``driver.active.get_current_stream``)."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
 class TunedLaunch:
     """An ``@triton.autotune`` kernel launched with less host time per call.
 
@@ -132,6 +280,7 @@ class TunedLaunch:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self.jit = kernel.fn  # JITFunction on the GPU, InterpretedFunction under TRITON_INTERPRET=1
+        self._launch = DirectLaunch(self.jit)
         self._chosen: dict = {}
 
     def chosen(self, key) -> Optional[dict]:
@@ -143,7 +292,7 @@ class TunedLaunch:
         """Launch ``kernel[grid](*args, **constexprs)``; returns the config kwargs it ran with."""
         cfg = self._chosen.get(key)
         if cfg is not None:
-            self.jit.run(*args, grid=grid, warmup=False, **constexprs, **cfg)
+            self._launch(grid, *args, **constexprs, **cfg)
             return cfg
         self.kernel[grid](*args, **constexprs)
         cfg = self._chosen[key] = self.kernel.best_config.all_kwargs()

@@ -46,6 +46,7 @@ from hf_fastkern.kernels import dispatch, reference
 from hf_fastkern.kernels._triton_utils import (
     INTERPRET,
     UNDER_PYTEST,
+    DirectLaunch,
     TunedLaunch,
     autotune,
     cdiv,
@@ -626,6 +627,7 @@ def _flags(d: int, causal: bool, window: int, softcap: float, varlen: bool) -> d
 # the autotuner's own: TUNE_KEY's values (d determines HEAD_DIM_PAD) and the dtype of every tensor argument
 # (q/k/v/out/dq.. share q's dtype, dO has its own, lse/delta are fp32, cu_seqlens int32 or q when dense).
 _FWD = TunedLaunch(_attn_fwd_kernel)
+_PRE = DirectLaunch(_attn_bwd_preprocess)
 _DKDV = TunedLaunch(_attn_bwd_dkdv_kernel)
 _DQ = TunedLaunch(_attn_bwd_dq_kernel)
 _PRE_BLOCK = 64 if not INTERPRET else 16
@@ -676,7 +678,7 @@ def _bwd_impl(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     delta = torch.empty_like(lse)
     lse_strides = _lse_strides(lse, varlen)
     flags = _flags(d, causal, window, softcap, varlen)
-    _attn_bwd_preprocess[(cdiv(seqlen_q, _PRE_BLOCK), batch * heads)](
+    _PRE((cdiv(seqlen_q, _PRE_BLOCK), batch * heads),
         out, do, delta, cu_q, *_strides3(out, varlen), *_strides3(do, varlen), *lse_strides, seqlen_q, heads,
         HEAD_DIM=d, HEAD_DIM_PAD=flags["HEAD_DIM_PAD"], IS_VARLEN=varlen, BLOCK_M=_PRE_BLOCK,
     )

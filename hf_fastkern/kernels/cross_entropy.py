@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels._triton_utils import cdiv
+from hf_fastkern.kernels._triton_utils import DirectLaunch, cdiv
 from hf_fastkern.kernels.dispatch import (
     check_floating,
     check_same_device,
@@ -203,13 +203,17 @@ def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
 # launchers (plain functions on validated, 2-D, last-dim-contiguous tensors)
 
 
+_CE_FWD = DirectLaunch(_ce_fwd_kernel)
+_CE_BWD = DirectLaunch(_ce_bwd_kernel)
+
+
 def _launch_fwd(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, lse: torch.Tensor,
                 ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> None:
     rows, n_cols = logits.shape
     if rows == 0:
         return
     block, warps = _row_launch(n_cols)
-    _ce_fwd_kernel[(rows,)](logits, logits.stride(0), labels, loss, lse, n_cols, ignore_index,
+    _CE_FWD((rows,), logits, logits.stride(0), labels, loss, lse, n_cols, ignore_index,
                             label_smoothing, z_loss, softcap, HAS_SOFTCAP=softcap > 0,
                             HAS_SMOOTHING=label_smoothing > 0, BLOCK_V=block, num_warps=warps)
 
@@ -222,7 +226,7 @@ def _launch_bwd(logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, 
         return
     block, warps = _row_launch(n_cols)
     gstride = 0 if gscale.numel() == 1 else gscale.stride(0)
-    _ce_bwd_kernel[(rows,)](logits, logits.stride(0), grad, grad.stride(0), labels, lse, gscale, gstride,
+    _CE_BWD((rows,), logits, logits.stride(0), grad, grad.stride(0), labels, lse, gscale, gstride,
                             n_cols, ignore_index, label_smoothing, z_loss, softcap,
                             HAS_SOFTCAP=softcap > 0, BLOCK_V=block, num_warps=warps)
 
@@ -439,12 +443,15 @@ def _(grad_rows, hidden, weight, bias, labels, lse, ignore_index, label_smoothin
 _SCALE_BLOCK = 4096
 
 
+_SCALE = DirectLaunch(_scale_kernel)
+
+
 def _scale_launch(x: torch.Tensor, g1: torch.Tensor) -> None:
     """x *= g1 in place; g1: [1] fp32 contiguous (prepared once for the several tensors of one backward)."""
     n = x.numel()
     if n == 0:
         return
-    _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](x, g1, n, BLOCK=_SCALE_BLOCK, num_warps=8)
+    _SCALE((cdiv(n, _SCALE_BLOCK),), x, g1, n, BLOCK=_SCALE_BLOCK, num_warps=8)
 
 
 def _scale_impl(x: torch.Tensor, g: torch.Tensor) -> None:

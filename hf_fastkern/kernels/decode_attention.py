@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fastkern.kernels._triton_utils import INTERPRET, cdiv, device_props, mma
+from hf_fastkern.kernels._triton_utils import INTERPRET, DirectLaunch, cdiv, device_props, mma
 from hf_fastkern.kernels.attention import (
     LOG2E,
     _norm_opts,
@@ -194,6 +194,9 @@ def _decode_combine_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # host side
 
+_SPLIT = DirectLaunch(_decode_split_kernel)
+_COMBINE = DirectLaunch(_decode_combine_kernel)
+
 
 def _block_n(d: int) -> int:
     """Keys per loop step: 64 (a 64 x 128 bf16 K tile and V tile, 32 KiB, two stages in shared memory), 32 at
@@ -279,7 +282,7 @@ def flash_decode_heads_first(query: torch.Tensor, key: torch.Tensor, value: torc
     flags = dict(HEAD_DIM=d, HEAD_DIM_PAD=triton.next_power_of_2(d), CAUSAL=bool(causal),
                  HAS_WINDOW=window > 0, HAS_SOFTCAP=cap > 0.0, HAS_KMASK=key_mask is not None, SPLIT=split,
                  BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"])
-    _decode_split_kernel[(p["splits"], b * hk, p["m_tiles"])](
+    _SPLIT((p["splits"], b * hk, p["m_tiles"]),
         q, k, v, km, o_part, l_part, out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -291,7 +294,7 @@ def flash_decode_heads_first(query: torch.Tensor, key: torch.Tensor, value: torc
         scale, cap, window,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES, **flags)
     if split:
-        _decode_combine_kernel[(b * h * sq,)](
+        _COMBINE((b * h * sq,),
             o_part, l_part, out, *ps, *ls, out.stride(0), out.stride(1), out.stride(2),
             h, sq, p["splits"],
             HEAD_DIM=d, HEAD_DIM_PAD=triton.next_power_of_2(d),

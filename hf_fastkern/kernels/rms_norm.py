@@ -35,6 +35,7 @@ import triton.language as tl
 
 from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels._triton_utils import (
+    DirectLaunch,
     TunedLaunch,
     autotune,
     cdiv,
@@ -213,6 +214,9 @@ def _sum_partials_kernel(P, OUT, P2, OUT2, n_part, n_cols, HAS_2: tl.constexpr,
         tl.store(OUT2 + cols, round_to(tl.sum(acc2, axis=0), OUT2.dtype.element_ty), mask=cmask)
 
 
+_SUM_PARTIALS = DirectLaunch(_sum_partials_kernel)
+
+
 def sum_partials(part: torch.Tensor, n_part: int, out: torch.Tensor, part2: Optional[torch.Tensor] = None,
                  out2: Optional[torch.Tensor] = None) -> None:
     """out[:] = part[:n_part].sum(0) (and out2 from part2) in one launch, replacing torch's slice + sum + cast.
@@ -224,7 +228,7 @@ def sum_partials(part: torch.Tensor, n_part: int, out: torch.Tensor, part2: Opti
     hidden = out.shape[0]
     block_p, block_n, warps, programs = partials_tile(hidden, n_part)
     has_2 = part2 is not None
-    _sum_partials_kernel[(programs,)](
+    _SUM_PARTIALS((programs,),
         part, out, part2 if has_2 else part, out2 if has_2 else out, n_part, hidden, HAS_2=has_2,
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
 

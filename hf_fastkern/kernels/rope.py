@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference, routing
-from hf_fastkern.kernels._triton_utils import INTERPRET, cdiv, round_to
+from hf_fastkern.kernels._triton_utils import INTERPRET, DirectLaunch, cdiv, round_to
 from hf_fastkern.kernels.dispatch import device_check, use_kernel
 
 # Elements of one program's tile (tokens x heads x half the head): a Llama-3-8B q row (32 heads x 64) is 2048.
@@ -89,6 +89,9 @@ def _rope_kernel(X, Y, COS, SIN, OX, OY, T, HX, HY, NXB, S, HALF,
     tl.store(OUT + oo + HALF, round_to(o2, OUT.dtype.element_ty), mask=mask)
 
 
+_ROPE = DirectLaunch(_rope_kernel)
+
+
 def _rope_pair(x: torch.Tensor, y: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate x and y (q and k: [B, H, S, D] each, head counts may differ, last stride 1, one dtype) in one
@@ -106,7 +109,7 @@ def _rope_pair(x: torch.Tensor, y: torch.Tensor | None, cos: torch.Tensor, sin: 
     sb = sin.stride(0) if sin.shape[0] > 1 else 0
     yy, oyy = (y, oy) if y is not None else (x, ox)
     grid = (cdiv(B * S, block_t), nxb + nyb)
-    _rope_kernel[grid](x, yy, cos, sin, ox, oyy, B * S, HX, HY, nxb, S, half,
+    _ROPE(grid, x, yy, cos, sin, ox, oyy, B * S, HX, HY, nxb, S, half,
                        x.stride(0), x.stride(1), x.stride(2), yy.stride(0), yy.stride(1), yy.stride(2),
                        ox.stride(0), ox.stride(1), ox.stride(2), oyy.stride(0), oyy.stride(1), oyy.stride(2),
                        cb, cos.stride(1), sb, sin.stride(1),
