@@ -19,8 +19,7 @@ embedding and head are the full vocabulary's). Issue 21's four rows are cases ``
 in-process A/B of two patched paths: two runs of one case have differed by 0.2 in ratio on one machine);
 ``--sync-audit`` counts the synchronizing calls of one unit of work per side and the lines that made them.
 
-To register with ``hf-fastkern bench``: the module exposes ``main(argv)`` and ``run_cases(...)``; the registry
-entry is ``guard`` -> ``benchmarks/bench_guard.py`` (``--quick`` maps to the registry's quick mode).
+``hf-fastkern bench guard [--quick]`` runs :func:`run` (registry entry ``guard``, not part of ``all``).
 """
 from __future__ import annotations
 
@@ -428,6 +427,21 @@ def run_cases(cases: list[Case], layers: int, device: str, rounds: int, steps: i
         if flush is not None:
             flush(rows)
     return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+    """``hf-fastkern bench guard``: the full case list (``quick``: issue 21's rows and one training step and one
+    ``generate()`` per architecture) on a GPU; the toy cases when Triton runs in its CPU interpreter."""
+    from hf_fastkern.kernels.dispatch import interpret_mode
+
+    from .harness import cannot_run_here
+
+    if torch.cuda.is_available():
+        cases = quick_cases() if quick else all_cases()
+        return run_cases(cases, 2 if quick else 4, "cuda", 2 if quick else 3, 3 if quick else 5)
+    if interpret_mode():
+        return run_cases([replace(c, autocast=False) for c in smoke_cases()], 1, "cpu", 1, 1)
+    return cannot_run_here("guard", "needs a CUDA GPU, or TRITON_INTERPRET=1 for the toy cases")
 
 
 def summary(rows: list[dict]) -> dict:

@@ -83,7 +83,7 @@ def _same(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def run(calls: int, reps: int) -> list[dict]:
+def run(quick: bool = False, calls: int = 500, reps: int = 7) -> list[dict]:
     from hf_fastkern.kernels._triton_utils import DIRECT_LAUNCH, triton_launches
 
     if not torch.cuda.is_available():
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
-    rows = run(args.calls, args.reps)
+    rows = run(calls=args.calls, reps=args.reps)
     print_table(rows, COLS)
     save(args.json, rows, {"env": environment()})
 

@@ -41,6 +41,10 @@ BENCHMARKS: dict[str, Bench] = {
     "lora": Bench("bench_lora", "lora", 240.0, in_all=False),
     # SFTTrainer padded / packed, HF / Liger / fastkern, one subprocess per variant (issue 24)
     "sft": Bench("bench_sft", "sft", 240.0, in_all=False),
+    # never-slower guard (issue 21): every recipe architecture patched vs unpatched, one model per case
+    "guard": Bench("bench_guard", "guard", 900.0, in_all=False),
+    # host time per launch: Triton's launch path vs DirectLaunch vs the stock op (GPU only)
+    "launch": Bench("bench_launch", "launch", 30.0, in_all=False),
 }
 
 
