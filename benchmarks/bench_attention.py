@@ -24,6 +24,10 @@ per call, so ``ms`` far above ``kernel_ms`` is host time. Same correctness gate 
 against fp32).
 
     python -m benchmarks.bench_attention --parts decode --json $OUT/attention_decode.json
+
+``--parts decode-configs``: the split kernel's launch configuration (``decode_attention.LAUNCH``: key block,
+warps, stages, programs per SM) swept at one-token steps, GPU time from CUDA-graph replays beside SDPA's flash
+and cuDNN backends timed the same way.
 """
 from __future__ import annotations
 
@@ -243,6 +247,88 @@ def run_decode(json_path: str | None = None, quick: bool = False) -> list[dict]:
     return rows
 
 
+# decode-configs: one-token steps (the case SDPA still wins), (B, cache, head_dim); GQA 4:1 as above
+CONFIG_CASES = [(1, 4096, 128), (1, 32768, 128), (1, 131072, 128), (16, 4096, 128), (16, 32768, 128),
+                (1, 32768, 64), (1, 131072, 64)]
+CONFIG_GRID = [dict(block_n=bn, num_warps=w, num_stages=st, progs_per_sm=pp)
+               for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4) for pp in (1, 2, 4)]
+
+
+def _graph_us(fn) -> float:
+    """GPU time per call in us from CUDA-graph replays (no host launch time in it)."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=30) * 1e3
+
+
+def run_decode_configs(json_path: str | None = None, quick: bool = False) -> list[dict]:
+    """``--parts decode-configs``: the split kernel's launch configuration (decode_attention.LAUNCH) swept at
+    one-token steps, GPU time per call from CUDA-graph replays beside SDPA's flash and cuDNN backends timed the
+    same way; every config gated on correctness. Rows: one per (case, config); ``x_best_sdpa`` = the faster SDPA
+    backend's time / ours."""
+    if harness.device() != "cuda":
+        return harness.cannot_run_here("attention_decode_configs", "needs a CUDA GPU (CUDA-graph timing)")
+    rows = []
+    for b, sk, d in CONFIG_CASES[:3] if quick else CONFIG_CASES:
+        rows += _decode_config_case(b, sk, d, CONFIG_GRID[:6] if quick else CONFIG_GRID)
+        torch.cuda.empty_cache()
+        save(json_path, rows)
+    return rows
+
+
+def _decode_config_case(b: int, sk: int, d: int, grid: list[dict]) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hf_fastkern.kernels import decode_attention as dec
+
+    torch.manual_seed(0)
+    hq = 32 if d == 128 else 16
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, hq // 4, sk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).float()
+    peers = {}
+    for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def f(be=be):
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        try:
+            peers[name] = _graph_us(f)
+        except Exception as e:  # a backend that does not take this shape
+            print(f"decode-configs B={b} S={sk} D={d} {name}: {type(e).__name__}: {str(e)[:120]}")
+    best_peer = min(peers.values()) if peers else float("nan")
+    default = dict(dec.LAUNCH, block_n=dec.LAUNCH["block_n"] or dec._block_n(d))
+
+    def ours():
+        return dec.flash_decode_heads_first(q, k, v, causal=True)
+    group = []
+    for cfg in grid:
+        row = dict(bench="attention_decode_configs", B=b, S=sk, H=hq, HK=hq // 4, D=d, q_len=1, **cfg,
+                   default=cfg == default, **{f"{n}_us": t for n, t in peers.items()})
+        saved = dict(dec.LAUNCH)
+        dec.LAUNCH.update(cfg)
+        try:
+            err = (ours().float() - want).abs().max().item()
+            if not math.isfinite(err) or err > GATE:
+                row["error"] = f"correctness gate failed: max error {err:.3g} > {GATE}"
+            else:
+                row["us"] = _graph_us(ours)
+                row["x_best_sdpa"] = best_peer / row["us"]
+        except Exception as e:  # out of shared memory and the like
+            row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        finally:
+            dec.LAUNCH.clear()
+            dec.LAUNCH.update(saved)
+        group.append(row)
+    ok = sorted((r for r in group if "us" in r), key=lambda r: r["us"])
+    dflt = next((r["us"] for r in group if r["default"] and "us" in r), float("nan"))
+    if ok:
+        top = ok[0]
+        print(f"decode-configs B={b} S={sk} D={d}: best {top['us']:.1f} us (bn {top['block_n']} w {top['num_warps']} "
+              f"st {top['num_stages']} pp {top['progs_per_sm']}), default {dflt:.1f} us, SDPA {peers}", flush=True)
+    return group
+
+
 def _run_case(case: dict, device: str) -> list[dict]:
     b, s, hq, hk, d = case["B"], case["S"], case["H"], case["HK"], case["D"]
     torch.manual_seed(0)
@@ -324,11 +410,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="write rows + environment here")
     ap.add_argument("--quick", action="store_true", help="two shapes only (decode: four cases)")
-    ap.add_argument("--parts", default="dense", help="comma-separated: dense (training shapes), decode")
+    ap.add_argument("--parts", default="dense",
+                    help="comma-separated: dense (training shapes), decode, decode-configs (launch sweep)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    if not parts <= {"dense", "decode"}:
-        ap.error(f"--parts takes dense and/or decode, got {args.parts!r}")
+    if not parts <= {"dense", "decode", "decode-configs"}:
+        ap.error(f"--parts takes dense, decode and/or decode-configs, got {args.parts!r}")
+    if "decode-configs" in parts:
+        if len(parts) > 1:
+            ap.error("--parts decode-configs runs alone (its rows are one file)")
+        rows = run_decode_configs(args.json, quick=args.quick)
+        ok = [r for r in rows if "us" in r]
+        print_table(sorted(ok, key=lambda r: (r["B"], r["S"], r["D"], r["us"])),
+                    ["B", "S", "D", "block_n", "num_warps", "num_stages", "progs_per_sm", "us", "x_best_sdpa", "default"])
+        return
     if "decode" in parts:
         json_decode = args.json
         if args.json and "dense" in parts:  # both parts: the decode rows go beside the dense file

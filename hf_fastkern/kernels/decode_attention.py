@@ -48,9 +48,11 @@ MAX_Q_LEN = 16
 MAX_BLOCK_M = 64 if not INTERPRET else 16
 # Chunks the combine kernel reads per step: 16 x head_dim 256 fp32 is 32 values per thread at 4 warps.
 COMBINE_BLOCK_S = 16
-# Launch shape of the split kernel: a decoding step is memory-bound (K/V read once); 4 warps and a 2-stage
-# pipeline are FlashAttention's decoding defaults. Not tuned yet (next: bench_attention --parts decode).
-NUM_WARPS, NUM_STAGES = 4, 2
+# Launch configuration of the split kernel (plan() reads it): keys per loop step (None: _block_n), warps,
+# pipeline stages and programs per SM the chunking aims at. A decoding step is memory-bound (K/V read once); 4
+# warps and a 2-stage pipeline are FlashAttention's decoding defaults. ``bench_attention --parts decode-configs``
+# sweeps these on the GPU (GPU time from CUDA-graph replays).
+LAUNCH = {"block_n": None, "num_warps": 4, "num_stages": 2, "progs_per_sm": 2}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,15 +211,15 @@ def _block_n(d: int) -> int:
 def plan(batch: int, kv_heads: int, group: int, q_len: int, k_len: int, d: int, window: int,
          device: torch.device) -> dict:
     """The launch geometry: row tile, key block, first key block, chunk length (a multiple of the key block)
-    and the number of chunks. Chunks are chosen so that about two programs run per SM."""
-    block_n = _block_n(d)
+    and the number of chunks. Chunks are chosen so that about ``LAUNCH["progs_per_sm"]`` programs run per SM."""
+    block_n = LAUNCH["block_n"] or _block_n(d)
     block_m = max(16, min(MAX_BLOCK_M, triton.next_power_of_2(group * q_len)))
     m_tiles = cdiv(group * q_len, block_m)
     first = max(0, k_len - q_len - window + 1) if window > 0 else 0
     k_base = (first // block_n) * block_n
     blocks = max(1, cdiv(k_len - k_base, block_n))
     progs = batch * kv_heads * m_tiles
-    want = max(1, cdiv(2 * device_props(device)["sms"], progs))
+    want = max(1, cdiv(LAUNCH["progs_per_sm"] * device_props(device)["sms"], progs))
     per_chunk = cdiv(blocks, min(blocks, want))
     chunk = per_chunk * block_n
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, m_tiles=m_tiles, k_base=k_base, chunk=chunk,
@@ -292,7 +294,7 @@ def flash_decode_heads_first(query: torch.Tensor, key: torch.Tensor, value: torc
         out.stride(0), out.stride(1), out.stride(2),
         sq, sk, hk, group, p["k_base"], p["chunk"],
         scale, cap, window,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **flags)
+        num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"], **flags)
     if split:
         _COMBINE((b * h * sq,),
             o_part, l_part, out, *ps, *ls, out.stride(0), out.stride(1), out.stride(2),
