@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference, routing
-from hf_fastkern.kernels._triton_utils import TunedLaunch, autotune, cdiv, round_to, tune_configs
+from hf_fastkern.kernels._triton_utils import TunedLaunch, autotune, cdiv, next_pow2, round_to, tune_configs
 from hf_fastkern.kernels.dispatch import (
     PerShape,
     check_floating,
@@ -44,7 +44,7 @@ def size_class(n: int) -> int:
 def prune_blocks(configs, named_args, **kwargs):
     """Drop blocks larger than what one tile spans (the tensor, or a row when strided): masked-off lanes."""
     n = named_args["n_elements"] if kwargs.get("CONTIG", True) else named_args["n_cols"]
-    kept = [c for c in configs if c.kwargs["BLOCK"] <= max(triton.next_power_of_2(n), 1024)]
+    kept = [c for c in configs if c.kwargs["BLOCK"] <= max(next_pow2(n), 1024)]
     return kept or configs[:1]
 
 

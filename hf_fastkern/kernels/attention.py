@@ -51,6 +51,7 @@ from hf_fastkern.kernels._triton_utils import (
     autotune,
     cdiv,
     mma,
+    next_pow2,
     tune_configs,
 )
 
@@ -65,7 +66,7 @@ LN2 = 0.6931471805599453
 
 def _seq_bucket(n: int) -> int:
     """Autotune key for sequence length: powers of two, so nearby lengths share a tuned config."""
-    return triton.next_power_of_2(max(int(n), 16))
+    return next_pow2(max(int(n), 16))
 
 
 def _smem_ok(bm: int, bn: int, d: int, stages: int, tiles_per_stage: int) -> bool:
@@ -619,7 +620,7 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def _flags(d: int, causal: bool, window: int, softcap: float, varlen: bool) -> dict:
     """The kernels' constexpr flags, cached per combination (read-only: callers only unpack it)."""
-    return dict(HEAD_DIM=d, HEAD_DIM_PAD=triton.next_power_of_2(d), CAUSAL=bool(causal),
+    return dict(HEAD_DIM=d, HEAD_DIM_PAD=next_pow2(d), CAUSAL=bool(causal),
                 HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0.0, IS_VARLEN=varlen)
 
 

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference
-from hf_fastkern.kernels._triton_utils import DirectLaunch, cdiv
+from hf_fastkern.kernels._triton_utils import DirectLaunch, cdiv, next_pow2
 from hf_fastkern.kernels.dispatch import (
     check_floating,
     check_same_device,
@@ -80,7 +80,7 @@ def _row_launch(n_cols: int) -> tuple[int, int]:
     keep enough loads in flight per SM with one to four rows resident, and fewer, larger blocks are also what
     keeps the CPU interpreter fast. Narrow vocabularies use one block of the next power of two.
     """
-    block = min(triton.next_power_of_2(max(n_cols, 16)), 8192)
+    block = min(next_pow2(max(n_cols, 16)), 8192)
     return block, (16 if block >= 8192 else 8 if block >= 2048 else 4)
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fastkern.kernels._triton_utils import INTERPRET, DirectLaunch, cdiv, device_props, mma
+from hf_fastkern.kernels._triton_utils import INTERPRET, DirectLaunch, cdiv, device_props, mma, next_pow2
 from hf_fastkern.kernels.attention import (
     LOG2E,
     _norm_opts,
@@ -213,7 +213,7 @@ def plan(batch: int, kv_heads: int, group: int, q_len: int, k_len: int, d: int, 
     """The launch geometry: row tile, key block, first key block, chunk length (a multiple of the key block)
     and the number of chunks. Chunks are chosen so that about ``LAUNCH["progs_per_sm"]`` programs run per SM."""
     block_n = LAUNCH["block_n"] or _block_n(d)
-    block_m = max(16, min(MAX_BLOCK_M, triton.next_power_of_2(group * q_len)))
+    block_m = max(16, min(MAX_BLOCK_M, next_pow2(group * q_len)))
     m_tiles = cdiv(group * q_len, block_m)
     first = max(0, k_len - q_len - window + 1) if window > 0 else 0
     k_base = (first // block_n) * block_n
@@ -281,7 +281,7 @@ def flash_decode_heads_first(query: torch.Tensor, key: torch.Tensor, value: torc
         km_stride = km.stride(0)
     else:
         km, km_stride = q, 0
-    flags = dict(HEAD_DIM=d, HEAD_DIM_PAD=triton.next_power_of_2(d), CAUSAL=bool(causal),
+    flags = dict(HEAD_DIM=d, HEAD_DIM_PAD=next_pow2(d), CAUSAL=bool(causal),
                  HAS_WINDOW=window > 0, HAS_SOFTCAP=cap > 0.0, HAS_KMASK=key_mask is not None, SPLIT=split,
                  BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"])
     _SPLIT((p["splits"], b * hk, p["m_tiles"]),
@@ -299,6 +299,6 @@ def flash_decode_heads_first(query: torch.Tensor, key: torch.Tensor, value: torc
         _COMBINE((b * h * sq,),
             o_part, l_part, out, *ps, *ls, out.stride(0), out.stride(1), out.stride(2),
             h, sq, p["splits"],
-            HEAD_DIM=d, HEAD_DIM_PAD=triton.next_power_of_2(d),
-            BLOCK_S=min(COMBINE_BLOCK_S, max(2, triton.next_power_of_2(p["splits"]))), num_warps=4)
+            HEAD_DIM=d, HEAD_DIM_PAD=next_pow2(d),
+            BLOCK_S=min(COMBINE_BLOCK_S, max(2, next_pow2(p["splits"]))), num_warps=4)
     return out

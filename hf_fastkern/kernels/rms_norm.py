@@ -40,6 +40,7 @@ from hf_fastkern.kernels._triton_utils import (
     autotune,
     cdiv,
     device_props,
+    next_pow2,
     persistent_grid,
     round_to,
     tune_configs,
@@ -67,7 +68,7 @@ MAX_FUSED_HIDDEN = 65536
 def row_tile(hidden: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for a row-wise norm: the whole row padded to a power of two, and enough rows per
     tile that a program moves >= 4096 elements (narrow rows would otherwise launch tiny programs)."""
-    block_n = triton.next_power_of_2(max(hidden, 1))
+    block_n = next_pow2(max(hidden, 1))
     block_m = max(1, min(16, 4096 // block_n))
     return block_m, block_n
 
@@ -83,8 +84,8 @@ def partials_tile(hidden: int, n_part: int) -> tuple[int, int, int, int]:
     follows n_part (a power of two, at most 4096 / BLOCK_N) so a handful of partial rows do not drag masked
     tiles; the summation order depends only on (hidden, n_part), so dW stays deterministic.
     """
-    block_n = max(16, min(64, triton.next_power_of_2(max(hidden // 128, 1))))
-    block_p = min(4096 // block_n, triton.next_power_of_2(max(n_part, 1)))
+    block_n = max(16, min(64, next_pow2(max(hidden // 128, 1))))
+    block_p = min(4096 // block_n, next_pow2(max(n_part, 1)))
     warps = max(1, min(8, block_p * block_n // 512))
     return block_p, block_n, warps, cdiv(hidden, block_n)
 

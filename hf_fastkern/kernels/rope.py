@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from hf_fastkern.kernels import reference, routing
-from hf_fastkern.kernels._triton_utils import INTERPRET, DirectLaunch, cdiv, round_to
+from hf_fastkern.kernels._triton_utils import INTERPRET, DirectLaunch, cdiv, next_pow2, round_to
 from hf_fastkern.kernels.dispatch import device_check, use_kernel
 
 # Elements of one program's tile (tokens x heads x half the head): a Llama-3-8B q row (32 heads x 64) is 2048.
@@ -41,9 +41,9 @@ def launch_config(tokens: int, heads: int, half: int) -> tuple[int, int, int]:
     as many tokens as fill TILE: a test model's RoPE launch is 1 program instead of batch x seq (it was 70% of
     the interpreter's time in the training tests, issue 20). tests/test_rope.py runs both under the interpreter.
     """
-    block_d = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(heads), TILE // block_d))
-    block_t = max(1, min(triton.next_power_of_2(tokens), TILE // (block_h * block_d))) if INTERPRET else 1
+    block_d = next_pow2(half)
+    block_h = max(1, min(next_pow2(heads), TILE // block_d))
+    block_t = max(1, min(next_pow2(tokens), TILE // (block_h * block_d))) if INTERPRET else 1
     return block_t, block_h, block_d
 
 
