@@ -239,3 +239,30 @@ def test_rope_gpu_llama8b(cos_fp32):
     q = torch.randn(b, s, hq, d, device="cuda").bfloat16()
     k = torch.randn(b, s, hk, d, device="cuda").bfloat16()
     check_op(kernel, ref, [q, k], torch.bfloat16, f"rope gpu cos_fp32={cos_fp32}")
+
+
+def test_rope_without_autograd_skips_the_node(monkeypatch):
+    """No graph to record (generate(), eval): the launcher runs without RopeQKFunction, with the outputs the
+    Function path gives, bitwise; with a graph, or under forward-mode AD (dual tensors do not require grad), the
+    Function runs. The checks run once per call signature: a second call of a signature does not repeat them."""
+    import torch.autograd.forward_ad as fwad
+
+    q = torch.randn(2, 5, 4, 8).bfloat16().transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 5, 2, 8).bfloat16().transpose(1, 2)
+    cos, sin = _cos_sin(2, 5, 8, False, torch.bfloat16, "cpu")
+    applied, checked = [], []
+    real_apply, real_check = rope_mod.RopeQKFunction.apply, rope_mod._unsupported
+    monkeypatch.setattr(rope_mod.RopeQKFunction, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    monkeypatch.setattr(rope_mod, "_unsupported", lambda *a: checked.append(1) or real_check(*a))
+    with torch.no_grad():
+        q0, k0 = rope_mod.apply_rope(q, k, cos, sin)
+        rope_mod.apply_rope(q, k, cos, sin)
+    assert applied == [] and len(checked) == 1
+    q1, k1 = rope_mod.apply_rope(q, k, cos, sin)
+    assert applied == [1] and q1.grad_fn is not None and len(checked) == 2  # grad mode is part of the signature
+    assert torch.equal(q0, q1.detach()) and torch.equal(k0, k1)
+    with torch.no_grad(), fwad.dual_level():
+        qd = fwad.make_dual(q.detach(), torch.ones_like(q))
+        with pytest.raises(RuntimeError, match="jvp"):  # the Function says it has no jvp: loud, not a lost tangent
+            rope_mod.apply_rope(qd, k, cos, sin)
+

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from hf_fastkern.kernels import reference, routing
 from hf_fastkern.kernels._triton_utils import INTERPRET, DirectLaunch, cdiv, next_pow2, round_to
-from hf_fastkern.kernels.dispatch import device_check, use_kernel
+from hf_fastkern.kernels.dispatch import PerShape, device_check, entry_key, use_kernel
 
 # Elements of one program's tile (tokens x heads x half the head): a Llama-3-8B q row (32 heads x 64) is 2048.
 TILE = 4096
@@ -206,16 +206,27 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     q [B, Hq, S, D], k [B, Hk, S, D] (any strides), cos/sin [B or 1, S, D]. Triton on CUDA (or the interpreter);
     the reference expression elsewhere or for what the kernel does not take (one warning naming why).
     """
-    why = _unsupported(q, k, cos, sin, unsqueeze_dim)
-    if not use_kernel("rope", (False, why) if why else device_check((q, k, cos, sin))):
+    key = entry_key(q, k, cos, sin)
+    key = key if key is None else (key, unsqueeze_dim)
+    kernel = _ENTRY.get(key)
+    if kernel is None:  # first call with this signature: the checks, the warning if any, and the table's choice
+        why = _unsupported(q, k, cos, sin, unsqueeze_dim)
+        # (routing: False when the table measured stock faster here)
+        kernel = use_kernel("rope", (False, why) if why else device_check((q, k, cos, sin))) and routing.use_kernel(
+            "rope", q.device, tokens=q.shape[0] * q.shape[2], head_dim=q.shape[-1], grad=routing.records_grad(q, k))
+        _ENTRY.put(key, kernel)
+    if not kernel:
         return reference.rope(q, k, cos, sin, unsqueeze_dim)
-    if not routing.use_kernel("rope", q.device, tokens=q.shape[0] * q.shape[2], head_dim=q.shape[-1],
-                              grad=routing.records_grad(q, k)):
-        return reference.rope(q, k, cos, sin, unsqueeze_dim)  # the table measured stock faster here
     cos, sin = _rows_unit(cos), _rows_unit(sin)
     q, k = _rows_unit(q), _rows_unit(k)
     dt = torch.promote_types(q.dtype, cos.dtype)  # result_type of two tensors (traceable by dynamo)
     if torch.compiler.is_compiling() or k.dtype != q.dtype:
         # per tensor (the custom op torch.compile traces; q and k of different dtypes, never seen in a model)
         return rope_op(q, cos, sin, False, dt), rope_op(k, cos, sin, False, torch.promote_types(k.dtype, cos.dtype))
+    if not routing.records_grad(q, k) and not routing.forward_ad_active():
+        return _rope_pair(q, k, cos, sin, False, dt)  # generate(), eval: the launcher alone, no autograd node
     return RopeQKFunction.apply(q, k, cos, sin, dt)
+
+
+# the checks and the kernel/reference decision, once per call signature (dispatch.entry_key)
+_ENTRY = PerShape()
