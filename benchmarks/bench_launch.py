@@ -4,7 +4,7 @@ Why: a one-token decoding step or one-row norm does microseconds of GPU work, so
 path. ``JITFunction.run`` binds and specializes every argument on every launch; DirectLaunch
 (hf_fastkern/kernels/_triton_utils.py) replays the compiled kernel once a launch of the same specialization has
 gone through Triton. This script times the same calls both ways in one process, beside the op PyTorch runs
-unpatched.
+unpatched (it sets ``HF_FASTKERN_DIRECT_LAUNCH=1`` for the direct side: replay is opt-in until measured).
 
 Rows (bf16, batch 1, one token unless stated): the split-KV decoding call (Llama-3-8B heads: 32 query heads, 8 kv
 heads, head_dim 128; caches 4K and 32K; the stock op is SDPA as transformers calls it for a one-token step), the
@@ -19,6 +19,7 @@ host-bound rate, which is what a small step sees), ``us_stock``, ``x_stock`` = u
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -91,17 +92,29 @@ def run(quick: bool = False, calls: int = 500, reps: int = 7) -> list[dict]:
     if not DIRECT_LAUNCH:
         return cannot_run_here("launch", "this Triton's JITFunction.run has another launch form (DirectLaunch off)")
     rows = []
-    for op, shape, ours, stock in _cases("cuda"):
-        with triton_launches():
-            want = ours()
-            us_triton = per_call_us(ours, calls, reps)
-        got = ours()
-        us_direct = per_call_us(ours, calls, reps)
-        us_stock = per_call_us(stock, calls, reps)
-        rows.append(dict(op=op, shape=shape, us_triton=us_triton, us_direct=us_direct, us_stock=us_stock,
-                         x_stock=us_stock / us_direct, saved_us=us_triton - us_direct, direct_exact=_same(got, want)))
-        print_table(rows[-1:], COLS)
+    switch = os.environ.get("HF_FASTKERN_DIRECT_LAUNCH")
+    os.environ["HF_FASTKERN_DIRECT_LAUNCH"] = "1"  # opt-in until measured: this script is the measurement
+    try:
+        for op, shape, ours, stock in _cases("cuda"):
+            rows.append(_row(op, shape, ours, stock, calls, reps, triton_launches))
+            print_table(rows[-1:], COLS)
+    finally:
+        if switch is None:
+            os.environ.pop("HF_FASTKERN_DIRECT_LAUNCH")
+        else:
+            os.environ["HF_FASTKERN_DIRECT_LAUNCH"] = switch
     return rows
+
+
+def _row(op, shape, ours, stock, calls, reps, triton_launches) -> dict:
+    with triton_launches():
+        want = ours()
+        us_triton = per_call_us(ours, calls, reps)
+    got = ours()
+    us_direct = per_call_us(ours, calls, reps)
+    us_stock = per_call_us(stock, calls, reps)
+    return dict(op=op, shape=shape, us_triton=us_triton, us_direct=us_direct, us_stock=us_stock,
+                x_stock=us_stock / us_direct, saved_us=us_triton - us_direct, direct_exact=_same(got, want))
 
 
 def main() -> None:

@@ -87,6 +87,7 @@ def _kernel(X, Y, n, scale, STRIDE, BLOCK: tl.constexpr, FLAG: tl.constexpr = Fa
 @pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setattr(tu, "DIRECT_LAUNCH", True)
+    monkeypatch.setenv("HF_FASTKERN_DIRECT_LAUNCH", "1")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(tu, "_current_stream", lambda device: 7)
     jit = JITFunction(_kernel)
@@ -150,6 +151,7 @@ def test_falls_back_when_it_cannot_replay(fake, monkeypatch):
     assert (len(jit.slow), len(jit.fast)) == (3, 1)
     monkeypatch.undo()
     monkeypatch.setattr(tu, "DIRECT_LAUNCH", True)
+    monkeypatch.setenv("HF_FASTKERN_DIRECT_LAUNCH", "1")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(tu, "_current_stream", lambda device: 7)
     jit.pre_run_hooks.append(lambda *a, **k: None)
@@ -160,16 +162,20 @@ def test_falls_back_when_it_cannot_replay(fake, monkeypatch):
     assert (len(jit.slow), len(jit.fast)) == (5, 1)
 
 
-def test_switch_turns_replay_off_at_run_time(fake, monkeypatch):
+def test_switch_turns_replay_on_and_off_at_run_time(fake, monkeypatch):
+    """Opt-in until measured on a GPU: unset or anything but 1 launches through Triton."""
     jit, launch = fake
     x = torch.zeros(16)
     launch((1,), x, x, 16, 1.0, 16, BLOCK=16)
-    monkeypatch.setenv("HF_FASTKERN_DIRECT_LAUNCH", "0")
+    for value in ("0", ""):
+        monkeypatch.setenv("HF_FASTKERN_DIRECT_LAUNCH", value)
+        launch((1,), x, x, 16, 1.0, 16, BLOCK=16)
+    monkeypatch.delenv("HF_FASTKERN_DIRECT_LAUNCH")
     launch((1,), x, x, 16, 1.0, 16, BLOCK=16)
-    assert (len(jit.slow), len(jit.fast)) == (2, 0)
+    assert (len(jit.slow), len(jit.fast)) == (4, 0)
     monkeypatch.setenv("HF_FASTKERN_DIRECT_LAUNCH", "1")
     launch((1,), x, x, 16, 1.0, 16, BLOCK=16)
-    assert (len(jit.slow), len(jit.fast)) == (2, 1)
+    assert (len(jit.slow), len(jit.fast)) == (4, 1)
 
 
 def test_other_devices_have_their_own_kernels(fake, monkeypatch):
@@ -207,6 +213,7 @@ def test_gpu_replay_is_bitwise_triton_launch(monkeypatch):
     from hf_fastkern.kernels import rope as rope_mod
 
     assert tu.DIRECT_LAUNCH, "this Triton's JITFunction.run has another launch form: DirectLaunch is off"
+    monkeypatch.setenv("HF_FASTKERN_DIRECT_LAUNCH", "1")
     torch.manual_seed(0)
     dev = "cuda"
     q = torch.randn(2, 32, 1, 128, device=dev, dtype=torch.bfloat16)
@@ -219,17 +226,8 @@ def test_gpu_replay_is_bitwise_triton_launch(monkeypatch):
         return dec.flash_decode_heads_first(q, kk, vv, key_mask=mask)
 
     def slow_only(fn, *args):
-        monkeypatch.setattr(tu, "DIRECT_LAUNCH", False)
-        launchers = [dec._SPLIT, dec._COMBINE, rope_mod._ROPE, rn._FWD._launch]
-        saved = [lc._direct for lc in launchers]
-        for lc in launchers:
-            lc._direct = False
-        try:
+        with tu.triton_launches():
             return fn(*args)
-        finally:
-            for lc, s in zip(launchers, saved):
-                lc._direct = s
-            monkeypatch.setattr(tu, "DIRECT_LAUNCH", True)
 
     want = slow_only(decode, k, v)
     decode(k, v)  # first direct-path launch of this key: through Triton
