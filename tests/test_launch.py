@@ -107,7 +107,7 @@ def test_replays_with_triton_call_form(fake):
 
 
 @pytest.mark.parametrize("change", ["int_one", "int_residue", "int_range", "misaligned", "dtype", "constexpr",
-                                    "option", "type"])
+                                    "constexpr_type", "option", "type"])
 def test_new_specialization_goes_through_triton(fake, change):
     jit, launch = fake
     x, y = torch.zeros(64), torch.zeros(64)
@@ -128,6 +128,8 @@ def test_new_specialization_goes_through_triton(fake, change):
         args[1] = y.bfloat16()
     elif change == "constexpr":
         kw["BLOCK"] = 128
+    elif change == "constexpr_type":  # 64.0 == 64 and hashes alike; Triton compiles a float constexpr apart
+        kw["BLOCK"] = 64.0
     elif change == "option":
         kw["num_warps"] = 8
     else:
@@ -160,6 +162,20 @@ def test_falls_back_when_it_cannot_replay(fake, monkeypatch):
     jit.pre_run_hooks.clear()
     launch((1,), x, x, 16, 1.0, 16, BLOCK=16, FLAG=[1])  # an unhashable constexpr: no key
     assert (len(jit.slow), len(jit.fast)) == (5, 1)
+
+
+@pytest.mark.parametrize("how", ["runtime_by_keyword", "constexpr_positional"])
+def test_calls_outside_the_convention_never_replay(fake, how):
+    """A runtime argument by keyword would be replayed from the first call, a positional constexpr keyed by its
+    class only: such call sites keep Triton's launch on every call."""
+    jit, launch = fake
+    x = torch.zeros(16)
+    for _ in range(3):
+        if how == "runtime_by_keyword":
+            launch((1,), x, x, 16, 1.0, STRIDE=16, BLOCK=16)
+        else:
+            launch((1,), x, x, 16, 1.0, 16, 16)
+    assert (len(jit.slow), len(jit.fast)) == (3, 0)
 
 
 def test_switch_turns_replay_on_and_off_at_run_time(fake, monkeypatch):
@@ -243,9 +259,11 @@ def test_gpu_replay_is_bitwise_triton_launch(monkeypatch):
     k2, v2 = kv2[:, :, :4096, 0], kv2[:, :, :4096, 1]
     assert k2.data_ptr() % 16
     got2 = decode(k2, v2)
-    assert len(slow) == 2  # split and combine, once each
-    assert torch.equal(got2, slow_only(decode, k2, v2))
-    assert torch.equal(decode(k2, v2), got2) and len(slow) == 2
+    assert len(slow) == 1  # the split kernel's key changed; the combine kernel's arguments did not
+    n = len(slow)
+    want2 = slow_only(decode, k2, v2)  # (Triton's launch path, through the counted run)
+    assert torch.equal(got2, want2)
+    assert torch.equal(decode(k2, v2), got2) and len(slow) == n + 2  # replayed: only slow_only's two launches
 
     x = torch.randn(3, 7, 4096, device=dev, dtype=torch.bfloat16)
     w = torch.randn(4096, device=dev, dtype=torch.bfloat16)

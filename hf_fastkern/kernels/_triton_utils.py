@@ -132,7 +132,9 @@ def _direct_launch_available() -> bool:
     kernel.function, kernel.packed_metadata, launch_metadata, enter_hook, exit_hook, *bound_args.values())``),
     Any other Triton keeps its own launch path. Replay itself is opt-in (``HF_FASTKERN_DIRECT_LAUNCH=1``, read
     per launch, one C call) until the device has measured it: see :data:`_DIRECT_SWITCH`."""
-    if INTERPRET:
+    if INTERPRET or torch.version.hip is not None:
+        # ROCm: Triton's HIP backend also specializes a tensor on its storage fitting 2 GiB (buffer ops), which
+        # the key below does not hold
         return False
     try:
         from triton.runtime.jit import JITFunction
@@ -184,16 +186,21 @@ class DirectLaunch:
     launches with that key call the compiled kernel's launcher exactly as ``JITFunction.run`` does.
 
     What falls back to ``JITFunction.run`` every time: the interpreter (``TRITON_INTERPRET=1``, where ``fn`` is
-    an ``InterpretedFunction``), a Triton whose launch form differs (:func:`_direct_launch_available`), a grid
-    given as a function, launch hooks installed (a profiler such as proton), the kernel's ``pre_run_hooks``, an
-    argument of a type the key does not know. Call with every non-constexpr argument positional and every
-    constexpr and launch option (``num_warps``, ``num_stages``) by keyword.
+    an ``InterpretedFunction``), ROCm, a Triton whose launch form differs (:func:`_direct_launch_available`), a
+    grid given as a function, launch hooks installed (a profiler such as proton), the kernel's
+    ``pre_run_hooks``, an argument of a type the key does not know, a call that passes a runtime argument by
+    keyword or a constexpr positionally. Call with every non-constexpr argument positional and every constexpr
+    and launch option (``num_warps``, ``num_stages``) by keyword.
+    Not re-checked on a replay (``JITFunction.run`` checks them on every launch): a changed global of the
+    kernel's source (Triton raises there) and Triton's runtime knobs ``debug``, ``instrumentation_mode`` and
+    the stage-inspection hook; set those before the first launch.
     """
 
     def __init__(self, fn) -> None:
         self.jit = fn
         self._direct = DIRECT_LAUNCH and type(fn).__name__ == "JITFunction"
         self._params = list(inspect.signature(fn.fn).parameters.values()) if self._direct else []
+        self._constexpr = {p.name for p in self._params if "constexpr" in str(p.annotation)}
         self._keyfns: dict = {}
         self._kernels: dict = {}
         _LAUNCHERS.add(self)
@@ -207,6 +214,12 @@ class DirectLaunch:
             exec(f"def key({names}):\n    return ({exprs},)\n", scope)  # noqa: S102 - built from types only
             fn = self._keyfns[types] = scope["key"]
         return fn
+
+    def _replayable(self, n_args: int, kw: dict) -> bool:
+        """Only constexprs by keyword and only runtime arguments positionally: a keyword runtime argument would
+        be replayed from the first call, a positional constexpr keyed by its class, not its value."""
+        return (not any(p.name in self._constexpr for p in self._params[:n_args])
+                and all(name in self._constexpr for name in kw if name in {p.name for p in self._params}))
 
     def _tail(self, n_args: int, kw: dict) -> tuple:
         """The values ``JITFunction.run`` passes after the positional ones: every later parameter in signature
@@ -227,7 +240,9 @@ class DirectLaunch:
             return
         try:
             types = tuple(map(type, args))
-            key = (torch.cuda.current_device(), types, self._keyfn(types)(*args), tuple(kw.items()))
+            # keyword values with their types: True == 1 == 1.0 hash alike, Triton compiles each apart
+            key = (torch.cuda.current_device(), types, self._keyfn(types)(*args), tuple(kw.items()),
+                   tuple(map(type, kw.values())))
             hit = self._kernels.get(key)
         except TypeError:  # an argument type the key does not cover, or an unhashable constexpr
             key = hit = None
@@ -235,13 +250,15 @@ class DirectLaunch:
         if hit is None or _hook_on(knobs.launch_enter_hook) or _hook_on(knobs.launch_exit_hook) \
                 or self.jit.pre_run_hooks:
             kernel = self.jit.run(*args, grid=grid, warmup=False, **kw)
-            if key is not None and kernel is not None and hasattr(kernel, "packed_metadata"):
+            if key is not None and kernel is not None and hasattr(kernel, "packed_metadata") \
+                    and self._replayable(len(args), kw):
                 if len(self._kernels) >= _DIRECT_CACHE_MAX:
                     self._kernels.clear()
+                # the CompiledKernel is kept too: its module stays loaded while the function handle is in use
                 self._kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata,
-                                      self._tail(len(args), kw))
+                                      self._tail(len(args), kw), kernel)
             return
-        run, function, metadata, tail = hit
+        run, function, metadata, tail, _ = hit
         n = len(grid)
         run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _current_stream(key[0]), function,
             metadata, None, None, None, *args, *tail)

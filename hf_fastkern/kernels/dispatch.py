@@ -106,6 +106,11 @@ def warn_once(key: str, message: str) -> None:
 def reset_warnings() -> None:
     """Forget which fallbacks were already reported, and the per-shape decisions that carry them (tests)."""
     _warned.clear()
+    clear_per_shape()
+
+
+def clear_per_shape() -> None:
+    """Forget every entry point's per-signature decisions (:class:`PerShape`)."""
     for cache in _PER_SHAPE:
         cache.clear()
 

@@ -53,7 +53,7 @@ from typing import Any, Optional
 
 import torch
 
-from hf_fastkern.kernels.dispatch import env_get, raw_env_reader
+from hf_fastkern.kernels.dispatch import clear_per_shape, env_get, raw_env_reader
 
 ROUTING_DIR = Path(__file__).with_name("routing")
 SCHEMA = 1
@@ -308,9 +308,11 @@ def load_table(cls: str) -> RoutingTable | None:
 
 
 def reset() -> None:
-    """Forget loaded tables and cached decisions (tests; after replacing a table file)."""
+    """Forget loaded tables and cached decisions, the entry points' per-signature ones included (tests; after
+    replacing a table file)."""
     _TABLES.clear()
     _DECISIONS.clear()
+    clear_per_shape()
 
 
 def mode() -> str:
