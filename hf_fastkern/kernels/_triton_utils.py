@@ -129,7 +129,7 @@ MAX_PROGS_PER_SM = 8
 def _direct_launch_available() -> bool:
     """Can :class:`DirectLaunch` replay a compiled kernel? On a GPU build of Triton whose ``JITFunction.run``
     launches with the call form the replay uses (Triton 3.3-3.9 do: ``kernel.run(grid_0, grid_1, grid_2, stream,
-    kernel.function, kernel.packed_metadata, launch_metadata, enter_hook, exit_hook, *bound_args.values())``),
+    kernel.function, kernel.packed_metadata, launch_metadata, enter_hook, exit_hook, *bound_args.values())``).
     Any other Triton keeps its own launch path. Replay itself is opt-in (``HF_FASTKERN_DIRECT_LAUNCH=1``, read
     per launch, one C call) until the device has measured it: see :data:`_DIRECT_SWITCH`."""
     if INTERPRET or torch.version.hip is not None:
@@ -200,6 +200,7 @@ class DirectLaunch:
         self.jit = fn
         self._direct = DIRECT_LAUNCH and type(fn).__name__ == "JITFunction"
         self._params = list(inspect.signature(fn.fn).parameters.values()) if self._direct else []
+        self._names = {p.name for p in self._params}
         self._constexpr = {p.name for p in self._params if "constexpr" in str(p.annotation)}
         self._keyfns: dict = {}
         self._kernels: dict = {}
@@ -219,7 +220,7 @@ class DirectLaunch:
         """Only constexprs by keyword and only runtime arguments positionally: a keyword runtime argument would
         be replayed from the first call, a positional constexpr keyed by its class, not its value."""
         return (not any(p.name in self._constexpr for p in self._params[:n_args])
-                and all(name in self._constexpr for name in kw if name in {p.name for p in self._params}))
+                and all(name in self._constexpr for name in kw if name in self._names))
 
     def _tail(self, n_args: int, kw: dict) -> tuple:
         """The values ``JITFunction.run`` passes after the positional ones: every later parameter in signature
