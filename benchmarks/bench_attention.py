@@ -269,8 +269,8 @@ def run_decode_configs(json_path: str | None = None, quick: bool = False) -> lis
     if harness.device() != "cuda":
         return harness.cannot_run_here("attention_decode_configs", "needs a CUDA GPU (CUDA-graph timing)")
     rows = []
+    grid = [c for c in CONFIG_GRID if c["num_stages"] == 2 and c["progs_per_sm"] == 2] if quick else CONFIG_GRID
     for b, sk, d in CONFIG_CASES[:3] if quick else CONFIG_CASES:
-        grid = [c for c in CONFIG_GRID if c["num_stages"] == 2 and c["progs_per_sm"] == 2] if quick else CONFIG_GRID
         rows += _decode_config_case(b, sk, d, grid)
         torch.cuda.empty_cache()
         save(json_path, rows)

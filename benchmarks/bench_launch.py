@@ -10,38 +10,23 @@ Rows (bf16, batch 1, one token unless stated): the split-KV decoding call (Llama
 heads, head_dim 128; caches 4K and 32K; the stock op is SDPA as transformers calls it for a one-token step), the
 RMSNorm forward (hidden 4096; stock: LlamaRMSNorm's six ops), RoPE of q and k (stock: apply_rotary_pos_emb's
 formula), SwiGLU's activation product (intermediate 14336; stock: ``silu(gate) * up``). Columns: ``us_triton``
-and ``us_direct`` per call (best of ``--reps`` loops of ``--calls`` calls, one synchronize per loop: the
-host-bound rate, which is what a small step sees), ``us_stock``, ``x_stock`` = us_stock / us_direct and
+and ``us_direct`` per call (``harness.loop_ms``: calls back to back, one synchronize per loop, the median loop:
+the host-bound rate, which is what a small step sees), ``us_stock``, ``x_stock`` = us_stock / us_direct and
 ``saved_us`` = us_triton - us_direct. GPU only (host time without the GPU launch is in host_overhead.py).
 
-    python -m benchmarks.bench_launch [--json launch.json] [--calls 500] [--reps 7]
+    python -m benchmarks.bench_launch [--json launch.json]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
-from .harness import cannot_run_here, environment, print_table, save
+from .harness import cannot_run_here, environment, loop_ms, print_table, save
 
 COLS = ["op", "shape", "us_triton", "us_direct", "us_stock", "x_stock", "saved_us", "direct_exact"]
-
-
-def per_call_us(fn, calls: int, reps: int) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-    return best
 
 
 def _cases(dev: str):
@@ -84,7 +69,7 @@ def _same(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def run(quick: bool = False, calls: int = 500, reps: int = 7) -> list[dict]:
+def run(quick: bool = False) -> list[dict]:
     from hf_fastkern.kernels._triton_utils import DIRECT_LAUNCH, triton_launches
 
     if not torch.cuda.is_available():
@@ -96,7 +81,7 @@ def run(quick: bool = False, calls: int = 500, reps: int = 7) -> list[dict]:
     os.environ["HF_FASTKERN_DIRECT_LAUNCH"] = "1"  # opt-in until measured: this script is the measurement
     try:
         for op, shape, ours, stock in _cases("cuda"):
-            rows.append(_row(op, shape, ours, stock, calls, reps, triton_launches))
+            rows.append(_row(op, shape, ours, stock, triton_launches))
             print_table(rows[-1:], COLS)
     finally:
         if switch is None:
@@ -106,14 +91,14 @@ def run(quick: bool = False, calls: int = 500, reps: int = 7) -> list[dict]:
     return rows
 
 
-def _row(op, shape, ours, stock, calls, reps, triton_launches) -> dict:
+def _row(op, shape, ours, stock, triton_launches) -> dict:
     with triton_launches():
         want = ours()
-        us_triton = per_call_us(ours, calls, reps)
+        us_triton = loop_ms(ours) * 1e3
     ours()  # the first launch of the key goes through Triton; the next one is a replay
     got = ours()
-    us_direct = per_call_us(ours, calls, reps)
-    us_stock = per_call_us(stock, calls, reps)
+    us_direct = loop_ms(ours) * 1e3
+    us_stock = loop_ms(stock) * 1e3
     return dict(op=op, shape=shape, us_triton=us_triton, us_direct=us_direct, us_stock=us_stock,
                 x_stock=us_stock / us_direct, saved_us=us_triton - us_direct, direct_exact=_same(got, want))
 
@@ -121,10 +106,8 @@ def _row(op, shape, ours, stock, calls, reps, triton_launches) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
-    ap.add_argument("--calls", type=int, default=500)
-    ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
-    rows = run(calls=args.calls, reps=args.reps)
+    rows = run()
     print_table(rows, COLS)
     save(args.json, rows, {"env": environment()})
 
